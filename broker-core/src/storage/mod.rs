@@ -1,0 +1,252 @@
+//! The storage traits: what the broker needs from a database, and nothing of MQTT.
+//!
+//! They mirror Mosca's three MongoDB collections:
+//! - [`PacketStore`] (`packets`): per-session ordered queues of QoS 1/2 messages,
+//!   including those in flight, plus incoming QoS 2 state;
+//! - [`SubscriptionStore`] (`subscriptions`): persistent sessions and their subscriptions;
+//! - [`RetainedStore`] (`retained`): one retained message per topic.
+//!
+//! # The contract every backend keeps
+//! - A queue is read in [`Seq`] order and only in that order; the core assigns
+//!   sequence numbers, backends never reorder (see `LESSONS` in the design docs).
+//! - [`PacketStore::write`] applies a batch of [`PacketOp`]s atomically and in
+//!   order, and returns only once they are as durable as the backend promises.
+//!   The broker acknowledges a QoS 1/2 publish only after that.
+//! - A message body is stored once however many sessions it is queued for,
+//!   and dropped when the last reference to it is removed.
+//! - Batches exist so that a backend can commit many operations per round trip
+//!   (group commit): concurrent callers may be merged into one transaction.
+//!
+//! Adapters implement these traits and run the conformance suite
+//! (`broker_core::testkit`, feature `testkit`) in their own tests.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::message::{Message, MessageId, QoS, Seq};
+use crate::subscription::SubscriptionOptions;
+
+/// A client identifier, shared cheaply.
+pub type ClientId = Arc<str>;
+
+/// Errors a storage backend reports.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The database cannot be reached or refused the operation; retrying later may work.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data could not be understood.
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    /// Any other backend failure.
+    #[error("storage error: {0}")]
+    Backend(String),
+}
+
+/// Result of a storage operation.
+pub type StorageResult<T> = Result<T, StorageError>;
+
+/// One session a message is queued for, at the session's own sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueTarget {
+    /// The session.
+    pub client: ClientId,
+    /// The session's sequence number for this message.
+    pub seq: Seq,
+    /// QoS of the delivery to this session: min(publish QoS, granted QoS).
+    pub qos: QoS,
+    /// Retain flag to deliver with.
+    pub retain: bool,
+}
+
+/// Delivery state of a queued packet that survives a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacketState {
+    /// Not yet acknowledged by the subscriber (maybe sent, maybe not).
+    Queued,
+    /// QoS 2: the subscriber sent PUBREC; PUBREL (with this packet id) is owed.
+    Released {
+        /// The packet id PUBREL must carry.
+        packet_id: u16,
+    },
+}
+
+/// One operation on the packet store. A batch is applied atomically and in order.
+#[derive(Debug, Clone)]
+pub enum PacketOp {
+    /// Store `message` once and queue it for each target.
+    Enqueue {
+        /// The body, stored once.
+        message: Arc<Message>,
+        /// The sessions it is queued for.
+        targets: Vec<QueueTarget>,
+    },
+    /// Remove one queue entry (acknowledged, expired or dropped by the queue limit).
+    Remove {
+        /// The session.
+        client: ClientId,
+        /// The entry.
+        seq: Seq,
+    },
+    /// Change the delivery state of one entry in place (never by moving it).
+    SetState {
+        /// The session.
+        client: ClientId,
+        /// The entry.
+        seq: Seq,
+        /// The new state.
+        state: PacketState,
+    },
+    /// Remove every queue entry and incoming QoS 2 state of a session.
+    Purge {
+        /// The session.
+        client: ClientId,
+    },
+    /// Incoming QoS 2: the session published with this packet id and got PUBREC;
+    /// a resent PUBLISH with the same id must not be routed again.
+    IncomingQos2Received {
+        /// The publishing session.
+        client: ClientId,
+        /// The publisher's packet id.
+        packet_id: u16,
+    },
+    /// Incoming QoS 2: PUBREL arrived; the packet id is free again.
+    IncomingQos2Released {
+        /// The publishing session.
+        client: ClientId,
+        /// The publisher's packet id.
+        packet_id: u16,
+    },
+}
+
+/// A queue entry as read back from the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedPacket {
+    /// Position in the session's queue.
+    pub seq: Seq,
+    /// The body (shared with other sessions' entries).
+    pub message: Arc<Message>,
+    /// Delivery QoS for this session.
+    pub qos: QoS,
+    /// Retain flag to deliver with.
+    pub retain: bool,
+    /// Delivery state.
+    pub state: PacketState,
+}
+
+/// Per-session queues of QoS 1/2 messages (Mosca's `packets` collection).
+#[async_trait]
+pub trait PacketStore: Send + Sync + 'static {
+    /// Apply `ops` atomically and in order; return once durable.
+    async fn write(&self, ops: Vec<PacketOp>) -> StorageResult<()>;
+
+    /// Up to `limit` entries of `client`'s queue with a sequence number greater
+    /// than `after` (all when `None`), in ascending sequence order.
+    async fn read_queue(
+        &self,
+        client: &str,
+        after: Option<Seq>,
+        limit: usize,
+    ) -> StorageResult<Vec<QueuedPacket>>;
+
+    /// Packet ids of incoming QoS 2 messages of `client` awaiting PUBREL.
+    async fn incoming_qos2(&self, client: &str) -> StorageResult<Vec<u16>>;
+
+    /// The greatest message id ever stored (0 for an empty store), so that ids
+    /// assigned after a restart never collide with stored bodies.
+    async fn last_message_id(&self) -> StorageResult<MessageId>;
+}
+
+/// A persistent session's metadata (Mosca's `subscriptions` collection holds
+/// it together with the subscriptions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// The client identifier.
+    pub client_id: String,
+    /// Seconds the session outlives its connection; `None` means never expires.
+    pub expiry_secs: Option<u32>,
+    /// When the last connection ended (ms since the Unix epoch); `None` while
+    /// connected. Expiry counts from here, never from the last SUBSCRIBE.
+    pub disconnected_at_ms: Option<u64>,
+}
+
+/// One stored subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionRecord {
+    /// The topic filter.
+    pub filter: String,
+    /// Options granted.
+    pub options: SubscriptionOptions,
+}
+
+/// A session and its subscriptions, as loaded at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSession {
+    /// Metadata.
+    pub record: SessionRecord,
+    /// Subscriptions, in no particular order.
+    pub subscriptions: Vec<SubscriptionRecord>,
+}
+
+/// Persistent sessions and their subscriptions (Mosca's `subscriptions` collection).
+#[async_trait]
+pub trait SubscriptionStore: Send + Sync + 'static {
+    /// Insert or replace a session's metadata.
+    async fn save_session(&self, record: &SessionRecord) -> StorageResult<()>;
+
+    /// Delete a session and all its subscriptions. Deleting an unknown session is not an error.
+    async fn delete_session(&self, client: &str) -> StorageResult<()>;
+
+    /// Insert or replace subscriptions of a session (keyed by filter).
+    async fn add_subscriptions(
+        &self,
+        client: &str,
+        subscriptions: &[SubscriptionRecord],
+    ) -> StorageResult<()>;
+
+    /// Remove subscriptions of a session by filter; unknown filters are ignored.
+    async fn remove_subscriptions(&self, client: &str, filters: &[String]) -> StorageResult<()>;
+
+    /// Every stored session with its subscriptions.
+    async fn load_sessions(&self) -> StorageResult<Vec<StoredSession>>;
+}
+
+/// Retained messages, one per topic (Mosca's `retained` collection).
+#[async_trait]
+pub trait RetainedStore: Send + Sync + 'static {
+    /// Store `message` as the retained message of its topic, replacing any other.
+    async fn set_retained(&self, message: Arc<Message>) -> StorageResult<()>;
+
+    /// Delete the retained message of `topic`, if any.
+    async fn delete_retained(&self, topic: &str) -> StorageResult<()>;
+
+    /// Retained messages whose topic matches `filter` (wildcards allowed, with
+    /// MQTT's rule that `+`/`#` at the first level do not match `$` topics).
+    async fn lookup_retained(&self, filter: &str) -> StorageResult<Vec<Arc<Message>>>;
+}
+
+/// The three stores a broker runs on.
+#[derive(Clone)]
+pub struct Storage {
+    /// Session queues.
+    pub packets: Arc<dyn PacketStore>,
+    /// Sessions and subscriptions.
+    pub subscriptions: Arc<dyn SubscriptionStore>,
+    /// Retained messages.
+    pub retained: Arc<dyn RetainedStore>,
+}
+
+impl Storage {
+    /// One backend object implementing all three traits.
+    pub fn from_backend<B>(backend: Arc<B>) -> Self
+    where
+        B: PacketStore + SubscriptionStore + RetainedStore,
+    {
+        Storage {
+            packets: backend.clone(),
+            subscriptions: backend.clone(),
+            retained: backend,
+        }
+    }
+}
