@@ -19,5 +19,12 @@ pub mod storage;
 pub mod subscription;
 pub mod topic;
 
+pub mod broker;
+pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod server;
+pub mod session;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod trie;

@@ -1,1 +1,90 @@
-fn main() {}
+//! The `broker` binary: reads settings (flags over a TOML file over defaults),
+//! opens the storage named by a URL, serves MQTT, and shuts down gracefully on
+//! SIGINT/SIGTERM.
+//!
+//! It knows the concrete storage crates (one Cargo feature each) so that the
+//! core does not have to.
+
+mod settings;
+mod storage_url;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use broker_core::broker::Broker;
+use broker_core::server::Server;
+use clap::Parser;
+use tracing::{error, info};
+
+use crate::settings::{Cli, Settings};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::load(cli)?;
+    let storage = storage_url::open(&settings.storage)
+        .await
+        .with_context(|| format!("cannot open storage `{}`", settings.storage))?;
+    let broker = Broker::start(settings.broker.clone(), storage)
+        .await
+        .context("cannot restore sessions from storage")?;
+
+    let mut servers = Vec::new();
+    for addr in &settings.listen {
+        let server = Server::bind(broker.clone(), addr.as_str())
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        info!("listening on {}", server.local_addr()?);
+        servers.push(tokio::spawn(server.run()));
+    }
+
+    wait_for_signal().await?;
+    info!("shutting down: closing connections and flushing storage");
+    broker.shutdown().await;
+    for s in servers {
+        let _ = s.await;
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("cannot handle SIGINT")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot handle Ctrl-C")?;
+    Ok(())
+}

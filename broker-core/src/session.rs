@@ -1,0 +1,561 @@
+//! A client's session: its ordered queue, in-flight window and packet ids.
+//!
+//! # Ordering
+//! Every message accepted for a session gets the next [`Seq`] under the
+//! session's lock, and the queue is kept in `Seq` order. The outbound path sends
+//! strictly from the front of that queue: it stops at the first entry whose
+//! storage write has not committed yet ([`EntryState::Pending`]), so a message
+//! is never sent before an older one, whether the older one came from the
+//! store after a restart, from a backlog built while offline, or from a slower
+//! commit. That single rule gives drain-before-live and in-order delivery with
+//! an in-flight window larger than one, including retransmissions.
+//!
+//! Packet ids are per-connection in-flight state mapped to sequence numbers;
+//! they are never used to find a stored message.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BrokerConfig, OverflowPolicy};
+use crate::message::{now_ms, Message, QoS, Seq};
+use crate::storage::{ClientId, PacketOp, PacketState, QueuedPacket};
+use crate::subscription::SubscriptionOptions;
+
+/// Delivery state of one queue entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryState {
+    /// Accepted, but its storage write has not committed: not sendable yet,
+    /// and nothing behind it is sent either.
+    Pending,
+    /// Ready to send.
+    Ready,
+    /// Sent with `packet_id`, awaiting PUBACK (QoS 1) or PUBREC (QoS 2).
+    /// `sent == false` means it must be (re)sent, with DUP=1, on this connection.
+    InFlight {
+        /// Packet id on the wire.
+        packet_id: u16,
+        /// Sent on the current connection.
+        sent: bool,
+    },
+    /// QoS 2: PUBREC received, PUBREL owed (or sent), awaiting PUBCOMP.
+    Released {
+        /// Packet id on the wire.
+        packet_id: u16,
+        /// PUBREL sent on the current connection.
+        sent: bool,
+    },
+}
+
+/// One message queued for a session.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Position in the session's order.
+    pub seq: Seq,
+    /// The message body (shared).
+    pub message: Arc<Message>,
+    /// Delivery QoS.
+    pub qos: QoS,
+    /// Retain flag to deliver with.
+    pub retain: bool,
+    /// Whether the entry is in the packet store (so acknowledging it removes it there).
+    pub stored: bool,
+    /// Whether it was ever put on the wire (for the DUP flag).
+    pub ever_sent: bool,
+    /// Delivery state.
+    pub state: EntryState,
+}
+
+/// Something the outbound path must write, in this order.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// A PUBLISH.
+    Publish {
+        /// Packet id (QoS 1/2).
+        packet_id: Option<u16>,
+        /// DUP flag.
+        dup: bool,
+        /// Delivery QoS.
+        qos: QoS,
+        /// Retain flag.
+        retain: bool,
+        /// The message.
+        message: Arc<Message>,
+    },
+    /// A PUBREL for an outgoing QoS 2 delivery.
+    PubRel {
+        /// Packet id.
+        packet_id: u16,
+    },
+}
+
+/// The connection currently attached to a session.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    /// Unique per connection.
+    pub connection_id: u64,
+    /// Cancelled to make that connection close (session takeover, shutdown).
+    pub kick: CancellationToken,
+    /// Cancelled by that connection once it has fully detached.
+    pub detached: CancellationToken,
+}
+
+/// Outcome of offering a message to a session.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Queued at this sequence number.
+    Queued(Seq),
+    /// Refused by the queue limit (policy `drop-new`).
+    Dropped,
+    /// Not queued: QoS 0 for an offline session.
+    Skipped,
+}
+
+/// Mutable state of a session, behind its lock.
+#[derive(Debug)]
+pub struct SessionState {
+    /// Survives disconnect (clean_session = 0).
+    pub persistent: bool,
+    /// Session expiry after disconnect, in seconds (`None`: never).
+    pub expiry_secs: Option<u64>,
+    /// When the last connection ended (ms since epoch), `None` while connected.
+    pub disconnected_at_ms: Option<u64>,
+    /// Subscriptions by filter.
+    pub subscriptions: HashMap<String, SubscriptionOptions>,
+    /// Incoming QoS 2 packet ids awaiting PUBREL.
+    pub incoming_qos2: HashSet<u16>,
+    /// The connection attached, if online.
+    pub connection: Option<Attachment>,
+    /// Messages refused or evicted by the queue limit since the session began.
+    pub dropped: u64,
+    next_seq: Seq,
+    queue: VecDeque<Entry>,
+    in_flight: usize,
+    packet_ids: HashMap<u16, Seq>,
+    next_packet_id: u16,
+}
+
+/// A client's session. Shared by the router (which queues into it) and the
+/// connection attached to it (which drains it).
+#[derive(Debug)]
+pub struct Session {
+    /// The client identifier.
+    pub client_id: ClientId,
+    state: Mutex<SessionState>,
+    /// Wakes the attached connection's writer when there is something to send.
+    pub wake: Notify,
+}
+
+impl Session {
+    /// A new, empty session.
+    pub fn new(client_id: ClientId, persistent: bool, expiry_secs: Option<u64>) -> Self {
+        Session {
+            client_id,
+            state: Mutex::new(SessionState {
+                persistent,
+                expiry_secs,
+                disconnected_at_ms: None,
+                subscriptions: HashMap::new(),
+                incoming_qos2: HashSet::new(),
+                connection: None,
+                dropped: 0,
+                next_seq: 1,
+                queue: VecDeque::new(),
+                in_flight: 0,
+                packet_ids: HashMap::new(),
+                next_packet_id: 1,
+            }),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Lock the state.
+    pub fn lock(&self) -> parking_lot::MutexGuard<'_, SessionState> {
+        self.state.lock()
+    }
+}
+
+impl SessionState {
+    /// Number of queued entries (in flight included).
+    pub fn queue_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Entries currently in flight (sent or owed, unacknowledged).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Whether a connection is attached.
+    pub fn is_online(&self) -> bool {
+        self.connection.is_some()
+    }
+
+    /// Restore an entry read from the packet store (at start). Entries must come in `Seq` order.
+    pub fn restore_entry(&mut self, p: QueuedPacket) {
+        let state = match p.state {
+            PacketState::Queued => EntryState::Ready,
+            PacketState::Released { packet_id } => {
+                self.in_flight += 1;
+                self.packet_ids.insert(packet_id, p.seq);
+                EntryState::Released {
+                    packet_id,
+                    sent: false,
+                }
+            }
+        };
+        self.next_seq = self.next_seq.max(p.seq + 1);
+        self.queue.push_back(Entry {
+            seq: p.seq,
+            message: p.message,
+            qos: p.qos,
+            retain: p.retain,
+            stored: true,
+            // It may have been sent before the restart: retransmit with DUP=1.
+            ever_sent: true,
+            state,
+        });
+    }
+
+    /// Offer a message to this session. `store` says whether the entry will be
+    /// written to the packet store (it then starts [`EntryState::Pending`]).
+    /// Evictions by the `drop-oldest` policy are pushed to `ops`.
+    pub fn enqueue(
+        &mut self,
+        message: Arc<Message>,
+        qos: QoS,
+        retain: bool,
+        store: bool,
+        config: &BrokerConfig,
+        ops: &mut Vec<PacketOp>,
+        client: &ClientId,
+    ) -> Enqueued {
+        if qos == QoS::AtMostOnce && !self.is_online() && !config.queue_qos0_offline {
+            return Enqueued::Skipped;
+        }
+        if self.queue.len() >= config.max_queued_messages {
+            match config.overflow_policy {
+                OverflowPolicy::DropNew => {
+                    self.dropped += 1;
+                    return Enqueued::Dropped;
+                }
+                OverflowPolicy::DropOldest => {
+                    // Entries in flight stay: the client may be acting on them.
+                    let victim = self.queue.iter().position(|e| {
+                        matches!(e.state, EntryState::Ready | EntryState::Pending)
+                            && !(e.state == EntryState::Pending && e.stored)
+                    });
+                    match victim.and_then(|i| self.queue.remove(i)) {
+                        Some(e) => {
+                            self.dropped += 1;
+                            if e.stored {
+                                ops.push(PacketOp::Remove {
+                                    client: client.clone(),
+                                    seq: e.seq,
+                                });
+                            }
+                        }
+                        None => {
+                            self.dropped += 1;
+                            return Enqueued::Dropped;
+                        }
+                    }
+                }
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.queue.push_back(Entry {
+            seq,
+            message,
+            qos,
+            retain,
+            stored: store,
+            ever_sent: false,
+            state: if store {
+                EntryState::Pending
+            } else {
+                EntryState::Ready
+            },
+        });
+        Enqueued::Queued(seq)
+    }
+
+    fn index_of(&self, seq: Seq) -> Option<usize> {
+        self.queue.binary_search_by_key(&seq, |e| e.seq).ok()
+    }
+
+    /// The storage write of `seq` committed: it may be sent.
+    pub fn mark_ready(&mut self, seq: Seq) {
+        if let Some(i) = self.index_of(seq) {
+            if self.queue[i].state == EntryState::Pending {
+                self.queue[i].state = EntryState::Ready;
+            }
+        }
+    }
+
+    /// The storage write of `seq` failed: the publish is not acknowledged, so
+    /// the entry is withdrawn (it was never sent).
+    pub fn withdraw(&mut self, seq: Seq) {
+        if let Some(i) = self.index_of(seq) {
+            if self.queue[i].state == EntryState::Pending {
+                self.queue.remove(i);
+            }
+        }
+    }
+
+    /// Collect what may be written now, in order, respecting the in-flight
+    /// window. Expired messages are removed (their removal pushed to `ops`).
+    pub fn next_outgoing(
+        &mut self,
+        max_inflight: usize,
+        out: &mut Vec<Outgoing>,
+        ops: &mut Vec<PacketOp>,
+        client: &ClientId,
+    ) {
+        let now = now_ms();
+        let mut i = 0;
+        while i < self.queue.len() {
+            let e = &mut self.queue[i];
+            match e.state {
+                EntryState::Pending => break,
+                EntryState::InFlight {
+                    packet_id,
+                    sent: false,
+                } => {
+                    e.state = EntryState::InFlight {
+                        packet_id,
+                        sent: true,
+                    };
+                    out.push(Outgoing::Publish {
+                        packet_id: Some(packet_id),
+                        dup: true,
+                        qos: e.qos,
+                        retain: e.retain,
+                        message: e.message.clone(),
+                    });
+                }
+                EntryState::Released {
+                    packet_id,
+                    sent: false,
+                } => {
+                    e.state = EntryState::Released {
+                        packet_id,
+                        sent: true,
+                    };
+                    out.push(Outgoing::PubRel { packet_id });
+                }
+                EntryState::InFlight { .. } | EntryState::Released { .. } => {}
+                EntryState::Ready => {
+                    if e.message.is_expired(now) {
+                        if e.stored {
+                            ops.push(PacketOp::Remove {
+                                client: client.clone(),
+                                seq: e.seq,
+                            });
+                        }
+                        self.queue.remove(i);
+                        continue;
+                    }
+                    if e.qos == QoS::AtMostOnce {
+                        let e = self.queue.remove(i).expect("index checked above");
+                        out.push(Outgoing::Publish {
+                            packet_id: None,
+                            dup: false,
+                            qos: QoS::AtMostOnce,
+                            retain: e.retain,
+                            message: e.message,
+                        });
+                        continue;
+                    }
+                    if self.in_flight >= max_inflight {
+                        break;
+                    }
+                    let (dup, seq) = (e.ever_sent, e.seq);
+                    let packet_id = self.allocate_packet_id(seq);
+                    let e = &mut self.queue[i];
+                    e.state = EntryState::InFlight {
+                        packet_id,
+                        sent: true,
+                    };
+                    e.ever_sent = true;
+                    self.in_flight += 1;
+                    out.push(Outgoing::Publish {
+                        packet_id: Some(packet_id),
+                        dup,
+                        qos: e.qos,
+                        retain: e.retain,
+                        message: e.message.clone(),
+                    });
+                }
+            }
+            i += 1;
+        }
+    }
+
+    fn allocate_packet_id(&mut self, seq: Seq) -> u16 {
+        // The window is at most 65,535, so a free id always exists.
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if let std::collections::hash_map::Entry::Vacant(v) = self.packet_ids.entry(id) {
+                v.insert(seq);
+                return id;
+            }
+        }
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (QoS 2 after PUBREL): the delivery is done.
+    /// Returns the store removal if the entry was stored. Unknown ids are ignored
+    /// (a late duplicate acknowledgement is harmless).
+    pub fn complete(&mut self, packet_id: u16, qos2: bool, client: &ClientId) -> Option<PacketOp> {
+        let seq = *self.packet_ids.get(&packet_id)?;
+        let i = self.index_of(seq)?;
+        let expected = match self.queue[i].state {
+            EntryState::InFlight { .. } => !qos2 && self.queue[i].qos == QoS::AtLeastOnce,
+            EntryState::Released { .. } => qos2,
+            _ => false,
+        };
+        if !expected {
+            return None;
+        }
+        self.packet_ids.remove(&packet_id);
+        self.in_flight -= 1;
+        let e = self.queue.remove(i)?;
+        e.stored.then(|| PacketOp::Remove {
+            client: client.clone(),
+            seq: e.seq,
+        })
+    }
+
+    /// PUBREC for an outgoing QoS 2 delivery: PUBREL is now owed. Returns the
+    /// state change to store if the entry is stored.
+    pub fn received(&mut self, packet_id: u16, client: &ClientId) -> Option<PacketOp> {
+        let seq = *self.packet_ids.get(&packet_id)?;
+        let i = self.index_of(seq)?;
+        let e = &mut self.queue[i];
+        match e.state {
+            EntryState::InFlight { .. } if e.qos == QoS::ExactlyOnce => {
+                e.state = EntryState::Released {
+                    packet_id,
+                    sent: false,
+                };
+                e.stored.then(|| PacketOp::SetState {
+                    client: client.clone(),
+                    seq,
+                    state: PacketState::Released { packet_id },
+                })
+            }
+            // PUBREC for a PUBREL already owed: resend the PUBREL.
+            EntryState::Released { .. } => {
+                e.state = EntryState::Released {
+                    packet_id,
+                    sent: false,
+                };
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// The connection went away: whatever was in flight must be resent on the
+    /// next one, with the same packet ids and in the same order.
+    pub fn reset_in_flight(&mut self) {
+        for e in self.queue.iter_mut() {
+            match e.state {
+                EntryState::InFlight { packet_id, .. } => {
+                    e.state = EntryState::InFlight {
+                        packet_id,
+                        sent: false,
+                    }
+                }
+                EntryState::Released { packet_id, .. } => {
+                    e.state = EntryState::Released {
+                        packet_id,
+                        sent: false,
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Drop every entry (the session is being discarded).
+    pub fn clear(&mut self) {
+        self.queue.clear();
+        self.packet_ids.clear();
+        self.in_flight = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(n: u32) -> Arc<Message> {
+        Arc::new(Message::new("t", n.to_string(), QoS::AtLeastOnce, false))
+    }
+
+    fn payloads(out: &[Outgoing]) -> Vec<String> {
+        out.iter()
+            .filter_map(|o| match o {
+                Outgoing::Publish { message, .. } => {
+                    Some(String::from_utf8_lossy(&message.payload).into_owned())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pending_entry_blocks_newer_ones() {
+        let cfg = BrokerConfig::default();
+        let id: ClientId = "c".into();
+        let s = Session::new(id.clone(), true, None);
+        let mut st = s.lock();
+        let mut ops = vec![];
+        let Enqueued::Queued(a) =
+            st.enqueue(msg(1), QoS::AtLeastOnce, false, true, &cfg, &mut ops, &id)
+        else {
+            panic!("not queued")
+        };
+        st.enqueue(msg(2), QoS::AtLeastOnce, false, false, &cfg, &mut ops, &id);
+        let mut out = vec![];
+        st.next_outgoing(32, &mut out, &mut ops, &id);
+        assert!(out.is_empty(), "nothing may overtake a pending entry");
+        st.mark_ready(a);
+        st.next_outgoing(32, &mut out, &mut ops, &id);
+        assert_eq!(payloads(&out), vec!["1", "2"]);
+    }
+
+    #[test]
+    fn window_and_resend_keep_order_and_ids() {
+        let cfg = BrokerConfig::default();
+        let id: ClientId = "c".into();
+        let s = Session::new(id.clone(), true, None);
+        let mut st = s.lock();
+        let mut ops = vec![];
+        for n in 0..5 {
+            st.enqueue(msg(n), QoS::AtLeastOnce, false, false, &cfg, &mut ops, &id);
+        }
+        let mut out = vec![];
+        st.next_outgoing(2, &mut out, &mut ops, &id);
+        assert_eq!(payloads(&out), vec!["0", "1"]);
+        st.reset_in_flight();
+        out.clear();
+        st.next_outgoing(3, &mut out, &mut ops, &id);
+        assert_eq!(payloads(&out), vec!["0", "1", "2"]);
+        match &out[0] {
+            Outgoing::Publish { dup, packet_id, .. } => {
+                assert!(*dup);
+                assert_eq!(*packet_id, Some(1));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(st.complete(1, false, &id).is_none());
+        assert_eq!(st.in_flight(), 2);
+    }
+}
