@@ -1,0 +1,137 @@
+//! The compiled `broker` binary: startup, a real client round trip, graceful
+//! shutdown on SIGTERM, and clear errors for bad settings.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+
+const BIN: &str = env!("CARGO_BIN_EXE_broker");
+
+/// Start the binary and wait for its `listening on ADDR` line.
+fn spawn(args: &[&str]) -> (Child, String, mpsc::Receiver<String>) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("broker binary starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("broker prints `listening on`");
+        if let Some((_, addr)) = line.split_once("listening on ") {
+            return (child, addr.trim().to_string(), rx);
+        }
+    }
+}
+
+/// Run the binary expecting it to fail; returns its stderr.
+fn run_failing(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("broker binary runs");
+    assert!(!out.status.success(), "expected failure for {args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn serves_clients_and_stops_gracefully_on_sigterm() {
+    let (mut child, addr, lines) = spawn(&["--listen", "127.0.0.1:0", "--storage", "memory://"]);
+    let port: u16 = addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+
+    let mut opts = MqttOptions::new("bin-test", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut ev) = AsyncClient::new(opts, 10);
+    client
+        .subscribe("hello", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    client
+        .publish("hello", QoS::AtLeastOnce, false, "world")
+        .await
+        .expect("publish");
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(Event::Incoming(Incoming::Publish(p))) = ev.poll().await {
+                return p.payload;
+            }
+        }
+    })
+    .await
+    .expect("message delivered through the binary");
+    assert_eq!(&got[..], b"world");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "broker did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "graceful exit, got {exit:?}");
+    let log: Vec<String> = lines.try_iter().collect();
+    assert!(log.iter().any(|l| l.contains("shutting down")), "{log:?}");
+}
+
+#[test]
+fn bad_config_file_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("broker-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "[broker]\nmax_inflihgt = 3\n").expect("write");
+    let err = run_failing(&["--config", path.to_str().expect("utf-8 path")]);
+    assert!(
+        err.contains("invalid config file") && err.contains("max_inflihgt"),
+        "{err}"
+    );
+    let err = run_failing(&["--config", "/nonexistent/broker.toml"]);
+    assert!(err.contains("cannot read config file"), "{err}");
+}
+
+#[test]
+fn address_in_use_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let err = run_failing(&["--listen", &addr]);
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+}
+
+#[test]
+fn storage_url_errors_name_the_feature() {
+    let err = run_failing(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--storage",
+        "mongodb://127.0.0.1/x",
+    ]);
+    assert!(err.contains("`mongo` Cargo feature"), "{err}");
+    let err = run_failing(&["--listen", "127.0.0.1:0", "--storage", "ftp://x"]);
+    assert!(err.contains("unknown storage URL scheme"), "{err}");
+}
