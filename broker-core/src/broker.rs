@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::BrokerConfig;
 use crate::message::{now_ms, Message, QoS, Seq};
-use crate::session::{Attachment, Enqueued, Session};
+use crate::session::{Attachment, Enqueued, NewEntry, Session};
 use crate::storage::{
     ClientId, PacketOp, QueueTarget, SessionRecord, Storage, StorageError, StorageResult,
     SubscriptionRecord,
@@ -476,10 +476,12 @@ impl Broker {
             let store = st.persistent && qos != QoS::AtMostOnce;
             let dropped_before = st.dropped;
             let outcome = st.enqueue(
-                message.clone(),
-                qos,
-                false,
-                store,
+                NewEntry {
+                    message: message.clone(),
+                    qos,
+                    retain: false,
+                    store,
+                },
                 &self.config,
                 &mut routed.ops,
                 &client,
@@ -622,19 +624,17 @@ impl Broker {
                 if m.is_expired(now) {
                     continue;
                 }
-                let q = qos.min(m.qos);
+                let m_qos = m.qos;
                 // Retained deliveries are kept in memory only: a new SUBSCRIBE
                 // fetches them again from the retained store.
                 let dropped_before = st.dropped;
-                st.enqueue(
-                    m,
-                    q,
-                    true,
-                    false,
-                    &self.config,
-                    &mut ops,
-                    &session.client_id,
-                );
+                let entry = NewEntry {
+                    message: m,
+                    qos: qos.min(m_qos),
+                    retain: true,
+                    store: false,
+                };
+                st.enqueue(entry, &self.config, &mut ops, &session.client_id);
                 if st.dropped > dropped_before {
                     self.note_drop(&session.client_id, st.dropped);
                 }

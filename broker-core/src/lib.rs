@@ -8,7 +8,7 @@
 //! - [`connection`]: one client connection on tokio, from CONNECT to close;
 //! - [`server`]: listeners and graceful shutdown;
 //! - [`storage`]: the traits a storage adapter implements, and nothing of MQTT;
-//! - [`config`]: settings.
+//! - [`config`]: the settings.
 //!
 //! What this crate must not know about: SQL, Redis, MongoDB, or any other
 //! concrete database. Adapters live in their own crates (`storage-memory`,

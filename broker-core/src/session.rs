@@ -103,6 +103,19 @@ pub struct Attachment {
     pub detached: CancellationToken,
 }
 
+/// A message offered to a session.
+#[derive(Debug, Clone)]
+pub struct NewEntry {
+    /// The body.
+    pub message: Arc<Message>,
+    /// Delivery QoS.
+    pub qos: QoS,
+    /// Retain flag to deliver with.
+    pub retain: bool,
+    /// Whether it will be written to the packet store.
+    pub store: bool,
+}
+
 /// Outcome of offering a message to a session.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Enqueued {
@@ -225,10 +238,12 @@ impl SessionState {
     /// Evictions by the `drop-oldest` policy are pushed to `ops`.
     pub fn enqueue(
         &mut self,
-        message: Arc<Message>,
-        qos: QoS,
-        retain: bool,
-        store: bool,
+        NewEntry {
+            message,
+            qos,
+            retain,
+            store,
+        }: NewEntry,
         config: &BrokerConfig,
         ops: &mut Vec<PacketOp>,
         client: &ClientId,
@@ -499,6 +514,15 @@ mod tests {
         Arc::new(Message::new("t", n.to_string(), QoS::AtLeastOnce, false))
     }
 
+    fn entry(n: u32, store: bool) -> NewEntry {
+        NewEntry {
+            message: msg(n),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            store,
+        }
+    }
+
     fn payloads(out: &[Outgoing]) -> Vec<String> {
         out.iter()
             .filter_map(|o| match o {
@@ -517,12 +541,10 @@ mod tests {
         let s = Session::new(id.clone(), true, None);
         let mut st = s.lock();
         let mut ops = vec![];
-        let Enqueued::Queued(a) =
-            st.enqueue(msg(1), QoS::AtLeastOnce, false, true, &cfg, &mut ops, &id)
-        else {
+        let Enqueued::Queued(a) = st.enqueue(entry(1, true), &cfg, &mut ops, &id) else {
             panic!("not queued")
         };
-        st.enqueue(msg(2), QoS::AtLeastOnce, false, false, &cfg, &mut ops, &id);
+        st.enqueue(entry(2, false), &cfg, &mut ops, &id);
         let mut out = vec![];
         st.next_outgoing(32, &mut out, &mut ops, &id);
         assert!(out.is_empty(), "nothing may overtake a pending entry");
@@ -539,7 +561,7 @@ mod tests {
         let mut st = s.lock();
         let mut ops = vec![];
         for n in 0..5 {
-            st.enqueue(msg(n), QoS::AtLeastOnce, false, false, &cfg, &mut ops, &id);
+            st.enqueue(entry(n, false), &cfg, &mut ops, &id);
         }
         let mut out = vec![];
         st.next_outgoing(2, &mut out, &mut ops, &id);

@@ -10,7 +10,8 @@ use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 
 const BIN: &str = env!("CARGO_BIN_EXE_broker");
 
-/// Start the binary and wait for its `listening on ADDR` line.
+/// Start the binary and wait for its `listening on ADDR` line. The caller waits for the child.
+#[allow(clippy::zombie_processes)]
 fn spawn(args: &[&str]) -> (Child, String, mpsc::Receiver<String>) {
     let mut child = Command::new(BIN)
         .args(args)
