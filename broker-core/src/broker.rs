@@ -131,6 +131,19 @@ impl Routed {
     }
 }
 
+/// The stored form of a session's metadata.
+fn session_record(
+    client_id: &str,
+    expiry_secs: Option<u64>,
+    disconnected_at_ms: Option<u64>,
+) -> SessionRecord {
+    SessionRecord {
+        client_id: client_id.to_string(),
+        expiry_secs: expiry_secs.map(|e| e.min(u32::MAX as u64) as u32),
+        disconnected_at_ms,
+    }
+}
+
 impl Broker {
     /// Start a broker on `storage`, restoring every stored session, its
     /// subscriptions and its queue.
@@ -309,7 +322,16 @@ impl Broker {
         let existing = self.session(&client_id);
         let resumable = existing.as_ref().filter(|s| s.lock().persistent).cloned();
         let (session, present) = match (clean, resumable) {
-            (false, Some(s)) => (s, true),
+            (false, Some(s)) => {
+                // Connected again: a crash from now on must not count the
+                // offline time from the previous disconnect.
+                let expiry = s.lock().expiry_secs;
+                self.storage
+                    .subscriptions
+                    .save_session(&session_record(&client_id, expiry, None))
+                    .await?;
+                (s, true)
+            }
             _ => {
                 if let Some(old) = existing {
                     self.discard(&old).await?;
@@ -319,11 +341,7 @@ impl Broker {
                 if !clean {
                     self.storage
                         .subscriptions
-                        .save_session(&SessionRecord {
-                            client_id: client_id.to_string(),
-                            expiry_secs: expiry.map(|e| e.min(u32::MAX as u64) as u32),
-                            disconnected_at_ms: None,
-                        })
+                        .save_session(&session_record(&client_id, expiry, None))
                         .await?;
                 }
                 self.sessions.lock().insert(client_id.clone(), s.clone());
@@ -365,11 +383,7 @@ impl Broker {
         if persistent {
             let record = {
                 let st = session.lock();
-                SessionRecord {
-                    client_id: session.client_id.to_string(),
-                    expiry_secs: st.expiry_secs.map(|e| e.min(u32::MAX as u64) as u32),
-                    disconnected_at_ms: st.disconnected_at_ms,
-                }
+                session_record(&session.client_id, st.expiry_secs, st.disconnected_at_ms)
             };
             if let Err(e) = self.storage.subscriptions.save_session(&record).await {
                 warn!(client = %session.client_id, error = %e, "could not record the disconnect time");

@@ -4,7 +4,7 @@
 //! - the **reader** (this module's [`handle`]) decodes packets and acts on
 //!   them: publishes are routed at once (in packet order) and acknowledged when
 //!   their storage write commits, in the order they arrived;
-//! - the **writer** ([`write_loop`]) owns the socket's write half. It sends
+//! - the **writer** (`write_loop`) owns the socket's write half. It sends
 //!   control packets (CONNACK aside, which is written before it starts) and
 //!   drains the session's queue in sequence order within the in-flight window.
 //!

@@ -16,6 +16,16 @@
 //!   and dropped when the last reference to it is removed.
 //! - Batches exist so that a backend can commit many operations per round trip
 //!   (group commit): concurrent callers may be merged into one transaction.
+//! - Removing what is not there (`Remove`, `SetState`, `Purge`,
+//!   `IncomingQos2Released` on an unknown entry) succeeds and changes nothing:
+//!   acknowledgements can be repeated, and they may reach the store after a purge.
+//! - A message id is never 0 in a batch, and appears in exactly one `Enqueue`
+//!   (the core routes each message once). Retained messages get ids from the
+//!   same counter but live only in the retained store.
+//! - Sequence numbers and message ids stay below 2^53, so stores keyed by
+//!   JSON numbers or Redis scores can hold them exactly.
+//! - [`SubscriptionStore::delete_session`] removes the session's record and
+//!   subscriptions only; the core purges its queue with [`PacketOp::Purge`].
 //!
 //! Adapters implement these traits and run the conformance suite
 //! (`broker_core::testkit`, feature `testkit`) in their own tests.
