@@ -395,18 +395,26 @@ impl Broker {
 
     /// Remove a session: its subscriptions from the trie, its queue and record from the store.
     async fn discard(&self, session: &Arc<Session>) -> StorageResult<()> {
-        let (persistent, filters) = {
-            let mut st = session.lock();
-            let filters: Vec<String> = st.subscriptions.drain().map(|(f, _)| f).collect();
-            st.clear();
-            (st.persistent, filters)
-        };
+        let filters: Vec<String> = session.lock().subscriptions.keys().cloned().collect();
         {
             let mut trie = self.trie.write();
             for f in &filters {
                 trie.remove(f, &session.client_id);
             }
         }
+        // No new message can reach the session now. Let enqueues already being
+        // written land first, so that the purge below cannot be overtaken by
+        // one of them and leave orphan entries in the store.
+        let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
+        while session.lock().has_pending() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let persistent = {
+            let mut st = session.lock();
+            st.subscriptions.clear();
+            st.clear();
+            st.persistent
+        };
         {
             let mut sessions = self.sessions.lock();
             if sessions

@@ -498,6 +498,11 @@ impl SessionState {
         }
     }
 
+    /// Whether some entry still waits for its storage write.
+    pub fn has_pending(&self) -> bool {
+        self.queue.iter().any(|e| e.state == EntryState::Pending)
+    }
+
     /// Drop every entry (the session is being discarded).
     pub fn clear(&mut self) {
         self.queue.clear();
