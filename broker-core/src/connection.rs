@@ -232,6 +232,16 @@ async fn send_connack<W: AsyncWrite + Unpin>(
     w.flush().await
 }
 
+/// Answer a refused CONNECT with `code` (the connection closes next); returns `reason`.
+async fn refuse<W: AsyncWrite + Unpin>(
+    write: &mut W,
+    code: v3::ConnectAckReason,
+    reason: &str,
+) -> String {
+    let _ = send_connack(write, code, false).await;
+    reason.to_string()
+}
+
 /// Read the protocol version and the CONNECT packet, answering refusals.
 async fn read_connect<R, W>(
     broker: &Broker,
@@ -246,26 +256,24 @@ where
     match next_before(framed, deadline).await? {
         Ok((MqttPacket::Version(ProtocolVersion::MQTT3), _)) => {}
         Ok((MqttPacket::Version(ProtocolVersion::MQTT5), _)) => {
-            let _ = send_connack(
+            return Err(refuse(
                 write,
                 v3::ConnectAckReason::UnacceptableProtocolVersion,
-                false,
+                "MQTT 5 is not supported yet",
             )
-            .await;
-            return Err("MQTT 5 is not supported yet".into());
+            .await);
         }
         Ok(_) => return Err("unexpected first frame".into()),
         Err(DecodeError::UnsupportedPacketType) => {
             return Err("first packet was not CONNECT".into())
         }
         Err(DecodeError::InvalidProtocol) => {
-            let _ = send_connack(
+            return Err(refuse(
                 write,
                 v3::ConnectAckReason::UnacceptableProtocolVersion,
-                false,
+                "unknown protocol name or level",
             )
-            .await;
-            return Err("unknown protocol name or level".into());
+            .await);
         }
         Err(e) => return Err(format!("malformed CONNECT: {e}")),
     }
@@ -273,19 +281,18 @@ where
     match next_before(framed, deadline).await? {
         Ok((MqttPacket::V3(v3::Packet::Connect(c)), _)) => Ok(c),
         Ok(_) => Err("first packet was not CONNECT".into()),
-        Err(DecodeError::UnsupportedProtocolLevel) => {
-            let _ = send_connack(
-                write,
-                v3::ConnectAckReason::UnacceptableProtocolVersion,
-                false,
-            )
-            .await;
-            Err("unsupported protocol level".into())
-        }
-        Err(DecodeError::InvalidClientId) => {
-            let _ = send_connack(write, v3::ConnectAckReason::IdentifierRejected, false).await;
-            Err("empty client id with clean session 0".into())
-        }
+        Err(DecodeError::UnsupportedProtocolLevel) => Err(refuse(
+            write,
+            v3::ConnectAckReason::UnacceptableProtocolVersion,
+            "unsupported protocol level",
+        )
+        .await),
+        Err(DecodeError::InvalidClientId) => Err(refuse(
+            write,
+            v3::ConnectAckReason::IdentifierRejected,
+            "empty client id with clean session 0",
+        )
+        .await),
         Err(e) => Err(format!("malformed CONNECT: {e}")),
     }
 }
@@ -503,8 +510,7 @@ impl Reader {
             return Err(Close::Protocol("DUP set on a QoS 0 PUBLISH".into()));
         }
         let packet_id = p.packet_id;
-        let mut message = Message::new(p.topic.as_ref() as &str, p.payload, qos, p.retain);
-        message.retain = p.retain;
+        let message = Message::new(p.topic.as_ref() as &str, p.payload, qos, p.retain);
 
         if qos == QoS::ExactlyOnce {
             let id = packet_id.map(|i| i.get()).unwrap_or(0);
