@@ -1,5 +1,5 @@
-//! The broker's shared state: sessions, the subscription trie, routing,
-//! retained messages, wills and session expiry.
+//! The broker's shared state: sessions, the subscription trie, routing
+//! (shared subscriptions included), retained messages, wills and session expiry.
 //!
 //! The publish path is split in two so that ordering never depends on storage
 //! latency: [`Broker::route`] runs synchronously, in the publisher's packet
@@ -20,14 +20,15 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::BrokerConfig;
+use crate::hooks::Hooks;
 use crate::message::{now_ms, Message, QoS, Seq};
-use crate::session::{Attachment, Enqueued, NewEntry, Session};
+use crate::session::{Attachment, Enqueued, Entry, NewEntry, Session};
 use crate::storage::{
-    ClientId, PacketOp, QueueTarget, SessionRecord, Storage, StorageError, StorageResult,
+    ClientId, Delivery, PacketOp, QueueTarget, SessionRecord, Storage, StorageError, StorageResult,
     SubscriptionRecord,
 };
 use crate::subscription::SubscriptionOptions;
-use crate::topic;
+use crate::topic::{self, SharedFilter};
 use crate::trie::SubscriptionTree;
 
 /// Entries read per page when restoring a queue from the store.
@@ -37,6 +38,16 @@ const LIFECYCLE_STRIPES: usize = 64;
 /// How long a new connection waits for the one it takes over to close.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
+/// Who holds a subscription in the trie: a session, once per filter on its
+/// own and once per shared group it joined with that filter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SubscriberKey {
+    /// The session's client id.
+    pub client: ClientId,
+    /// The full `$share/{group}/{filter}` for a shared subscription.
+    pub share: Option<Arc<str>>,
+}
+
 /// A subscriber as the trie holds it.
 #[derive(Debug, Clone)]
 pub struct Subscriber {
@@ -44,6 +55,83 @@ pub struct Subscriber {
     pub session: Arc<Session>,
     /// What it was granted.
     pub options: SubscriptionOptions,
+    /// The full `$share/{group}/{filter}` for a shared subscription.
+    pub share: Option<Arc<str>>,
+}
+
+/// A client's will, held from CONNECT until its connection ends.
+#[derive(Debug, Clone)]
+pub struct Will {
+    /// The message (its expiry is set when it is published).
+    pub message: Message,
+    /// Message Expiry Interval, counted from publication.
+    pub expiry_secs: Option<u32>,
+    /// Will Delay Interval (MQTT 5); 0 publishes at once.
+    pub delay_secs: u32,
+}
+
+/// How long a session outlives its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionExpiry {
+    /// It ends with the connection (MQTT 3.1.1 clean session, MQTT 5 interval 0).
+    OnDisconnect,
+    /// It ends this many seconds after the connection.
+    After(u64),
+    /// It never expires (MQTT 5 interval 0xFFFFFFFF).
+    Never,
+}
+
+impl SessionExpiry {
+    /// The expiry an MQTT 5 Session Expiry Interval asks for.
+    pub fn from_interval(secs: u32) -> Self {
+        match secs {
+            0 => SessionExpiry::OnDisconnect,
+            u32::MAX => SessionExpiry::Never,
+            s => SessionExpiry::After(u64::from(s)),
+        }
+    }
+
+    /// The seconds the session state keeps (`None`: never expires).
+    pub fn secs(self) -> Option<u64> {
+        match self {
+            SessionExpiry::OnDisconnect => Some(0),
+            SessionExpiry::After(s) => Some(s),
+            SessionExpiry::Never => None,
+        }
+    }
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeRefusal {
+    /// Not a valid filter (or a malformed `$share/` one).
+    InvalidFilter,
+    /// Shared subscriptions are disabled.
+    SharedNotSupported,
+    /// Wildcards are disabled.
+    WildcardsNotSupported,
+}
+
+/// A subscription granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Granted {
+    /// QoS granted (the request, capped by the broker's maximum).
+    pub qos: QoS,
+    /// The session already had a subscription with this filter (replaced).
+    pub existed: bool,
+    /// A `$share/` subscription (no retained messages on subscribe).
+    pub shared: bool,
+}
+
+/// Outcome of unsubscribing one filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsubscribed {
+    /// The subscription was removed.
+    Removed,
+    /// The session had no subscription with this filter.
+    NotSubscribed,
+    /// Not a valid filter.
+    InvalidFilter,
 }
 
 /// Counters for operators (later exported as `$SYS` topics and metrics).
@@ -61,8 +149,11 @@ pub struct Stats {
 pub struct Broker {
     config: BrokerConfig,
     storage: Storage,
+    hooks: Hooks,
     sessions: Mutex<HashMap<ClientId, Arc<Session>>>,
-    trie: RwLock<SubscriptionTree<ClientId, Subscriber>>,
+    trie: RwLock<SubscriptionTree<SubscriberKey, Subscriber>>,
+    /// Round-robin position per shared subscription.
+    share_cursors: Mutex<HashMap<Arc<str>, usize>>,
     lifecycle: Vec<tokio::sync::Mutex<()>>,
     next_message_id: AtomicU64,
     next_connection_id: AtomicU64,
@@ -86,6 +177,8 @@ pub struct Routed {
     ops: Vec<PacketOp>,
     /// Sessions with an entry waiting for this commit.
     pending: Vec<(Arc<Session>, Seq)>,
+    /// Some subscription matched (MQTT 5 PUBACK 0x10 otherwise).
+    matched: bool,
     storage: Storage,
 }
 
@@ -106,6 +199,18 @@ impl Routed {
     /// Whether committing will touch the store.
     pub fn needs_store(&self) -> bool {
         !self.ops.is_empty()
+    }
+
+    /// Whether any subscription matched the message.
+    pub fn matched(&self) -> bool {
+        self.matched
+    }
+
+    /// Append another routed batch, to be committed atomically with this one.
+    fn absorb(&mut self, other: Routed) {
+        self.ops.extend(other.ops);
+        self.pending.extend(other.pending);
+        self.matched |= other.matched;
     }
 
     /// Write the batch; on success release the entries for delivery, on
@@ -148,12 +253,23 @@ impl Broker {
     /// Start a broker on `storage`, restoring every stored session, its
     /// subscriptions and its queue.
     pub async fn start(config: BrokerConfig, storage: Storage) -> StorageResult<Arc<Broker>> {
+        Self::start_with(config, storage, Hooks::default()).await
+    }
+
+    /// [`Broker::start`] with the application's [`Hooks`].
+    pub async fn start_with(
+        config: BrokerConfig,
+        storage: Storage,
+        hooks: Hooks,
+    ) -> StorageResult<Arc<Broker>> {
         let last_id = storage.packets.last_message_id().await?;
         let broker = Arc::new(Broker {
             config,
             storage,
+            hooks,
             sessions: Mutex::new(HashMap::new()),
             trie: RwLock::new(SubscriptionTree::new()),
+            share_cursors: Mutex::new(HashMap::new()),
             lifecycle: (0..LIFECYCLE_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -221,14 +337,19 @@ impl Broker {
                 let mut trie = self.trie.write();
                 let mut st = session.lock();
                 for sub in s.subscriptions {
-                    trie.insert(
-                        &sub.filter,
-                        id.clone(),
-                        Subscriber {
-                            session: session.clone(),
-                            options: sub.options.clone(),
-                        },
-                    );
+                    match topic::parse_shared(&sub.filter) {
+                        Ok(shared) => insert_subscription(
+                            &mut trie,
+                            &sub.filter,
+                            shared,
+                            &session,
+                            &sub.options,
+                        ),
+                        Err(e) => {
+                            warn!(client = %id, filter = %sub.filter, error = %e, "stored subscription ignored");
+                            continue;
+                        }
+                    }
                     st.subscriptions.insert(sub.filter, sub.options);
                 }
             }
@@ -252,6 +373,11 @@ impl Broker {
     /// The storage.
     pub fn storage(&self) -> &Storage {
         &self.storage
+    }
+
+    /// The application's hooks.
+    pub fn hooks(&self) -> &Hooks {
+        &self.hooks
     }
 
     /// Cancelled when the broker shuts down.
@@ -281,11 +407,13 @@ impl Broker {
     }
 
     /// Attach a connection to the session of `client_id`, taking it over from
-    /// another connection if needed; `clean` discards any previous session.
+    /// another connection if needed. `clean_start` discards any previous
+    /// session; `expiry` says how long the session outlives this connection.
     pub async fn connect(
         &self,
         client_id: ClientId,
-        clean: bool,
+        clean_start: bool,
+        expiry: SessionExpiry,
         attachment: Attachment,
     ) -> StorageResult<Connected> {
         let lock = self.lifecycle_lock(&client_id);
@@ -320,15 +448,22 @@ impl Broker {
             }
         }
         let existing = self.session(&client_id);
+        if let Some(s) = &existing {
+            // A new connection before the will delay passed: the will is dropped.
+            if let Some(will) = s.lock().pending_will.take() {
+                will.cancel();
+            }
+        }
         let resumable = existing.as_ref().filter(|s| s.lock().persistent).cloned();
-        let (session, present) = match (clean, resumable) {
+        let (session, present) = match (clean_start, resumable) {
             (false, Some(s)) => {
                 // Connected again: a crash from now on must not count the
-                // offline time from the previous disconnect.
-                let expiry = s.lock().expiry_secs;
+                // offline time from the previous disconnect. The new
+                // connection's expiry replaces the old one.
+                s.lock().expiry_secs = expiry.secs();
                 self.storage
                     .subscriptions
-                    .save_session(&session_record(&client_id, expiry, None))
+                    .save_session(&session_record(&client_id, expiry.secs(), None))
                     .await?;
                 (s, true)
             }
@@ -336,12 +471,12 @@ impl Broker {
                 if let Some(old) = existing {
                     self.discard(&old).await?;
                 }
-                let expiry = self.config.session_expiry_secs;
-                let s = Arc::new(Session::new(client_id.clone(), !clean, expiry));
-                if !clean {
+                let persistent = expiry != SessionExpiry::OnDisconnect;
+                let s = Arc::new(Session::new(client_id.clone(), persistent, expiry.secs()));
+                if persistent {
                     self.storage
                         .subscriptions
-                        .save_session(&session_record(&client_id, expiry, None))
+                        .save_session(&session_record(&client_id, expiry.secs(), None))
                         .await?;
                 }
                 self.sessions.lock().insert(client_id.clone(), s.clone());
@@ -362,11 +497,17 @@ impl Broker {
         })
     }
 
+    /// Change how long a session outlives its connection (MQTT 5 DISCONNECT
+    /// with a Session Expiry Interval); it applies when the connection ends.
+    pub fn set_session_expiry(&self, session: &Session, expiry: SessionExpiry) {
+        session.lock().expiry_secs = expiry.secs();
+    }
+
     /// The connection `connection_id` ended. Persistent sessions stay (their
-    /// expiry starts now); clean sessions are discarded.
+    /// expiry starts now); others are discarded.
     pub async fn disconnect(&self, session: &Arc<Session>, connection_id: u64) {
         let _guard = self.lifecycle_lock(&session.client_id).lock().await;
-        let persistent = {
+        let (persistent, ends_now) = {
             let mut st = session.lock();
             if st
                 .connection
@@ -378,9 +519,9 @@ impl Broker {
             st.connection = None;
             st.reset_in_flight();
             st.disconnected_at_ms = Some(now_ms());
-            st.persistent
+            (st.persistent, st.expiry_secs == Some(0))
         };
-        if persistent {
+        if persistent && !ends_now {
             let record = {
                 let st = session.lock();
                 session_record(&session.client_id, st.expiry_secs, st.disconnected_at_ms)
@@ -388,18 +529,25 @@ impl Broker {
             if let Err(e) = self.storage.subscriptions.save_session(&record).await {
                 warn!(client = %session.client_id, error = %e, "could not record the disconnect time");
             }
+            // Messages a shared subscription chose this session for go to a
+            // member that is online, if the group has one.
+            let online_elsewhere = |share: &str| self.group_has_online_member(share, session);
+            if let Err(e) = self.redistribute(session, online_elsewhere, false).await {
+                warn!(client = %session.client_id, error = %e, "could not hand shared messages to another member");
+            }
         } else if let Err(e) = self.discard(session).await {
             warn!(client = %session.client_id, error = %e, "could not discard the session");
         }
     }
 
-    /// Remove a session: its subscriptions from the trie, its queue and record from the store.
+    /// Remove a session: its subscriptions from the trie, its queue and record
+    /// from the store. What shared subscriptions queued for it goes to other members.
     async fn discard(&self, session: &Arc<Session>) -> StorageResult<()> {
         let filters: Vec<String> = session.lock().subscriptions.keys().cloned().collect();
         {
             let mut trie = self.trie.write();
             for f in &filters {
-                trie.remove(f, &session.client_id);
+                remove_subscription(&mut trie, f, &session.client_id);
             }
         }
         // No new message can reach the session now. Let enqueues already being
@@ -409,6 +557,7 @@ impl Broker {
         while session.lock().has_pending() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        self.redistribute(session, |_| true, true).await?;
         let persistent = {
             let mut st = session.lock();
             st.subscriptions.clear();
@@ -472,58 +621,126 @@ impl Broker {
         }
     }
 
+    /// Publish a will when its delay has passed or the session ends, whichever
+    /// comes first, unless the client connects again before (MQTT 5 section 3.1.3.2.2).
+    pub fn schedule_will(self: &Arc<Self>, session: &Arc<Session>, will: Will) {
+        // A session that ends with its connection has expiry 0: no wait.
+        let delay = u64::from(will.delay_secs);
+        let wait = match session.lock().expiry_secs {
+            Some(e) => delay.min(e),
+            None => delay,
+        };
+        let origin = session.client_id.clone();
+        if wait == 0 {
+            let broker = self.clone();
+            tokio::spawn(async move { broker.publish_will(will, &origin).await });
+            return;
+        }
+        let cancel = CancellationToken::new();
+        if let Some(old) = session.lock().pending_will.replace(cancel.clone()) {
+            old.cancel();
+        }
+        let broker = Arc::downgrade(self);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(wait)) => {
+                    if let Some(b) = broker.upgrade() {
+                        b.publish_will(will, &origin).await;
+                    }
+                }
+                _ = cancel.cancelled() => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+
+    async fn publish_will(&self, will: Will, client: &ClientId) {
+        let mut message = will.message;
+        message.received_at_ms = now_ms();
+        message.properties.expires_at_ms = will
+            .expiry_secs
+            .map(|s| message.received_at_ms + u64::from(s) * 1000);
+        if let Err(e) = self.publish_from(message, Some(client)).await {
+            warn!(%client, error = %e, "will message not published");
+        }
+    }
+
     /// Route `message` to every matching session (synchronously, so sequence
-    /// numbers follow the caller's order). `origin` is the publishing session.
-    pub fn route(&self, mut message: Message) -> Routed {
+    /// numbers follow the caller's order). `origin` is the publishing
+    /// session, for the No Local option.
+    pub fn route(&self, mut message: Message, origin: Option<&str>) -> Routed {
         message.id = self.next_message_id.fetch_add(1, Ordering::Relaxed);
         self.stats.published.fetch_add(1, Ordering::Relaxed);
         let message = Arc::new(message);
-        // One copy per session at the highest granted QoS among its matching filters.
-        let mut targets: HashMap<ClientId, (Arc<Session>, QoS)> = HashMap::new();
-        self.trie.read().matches(&message.topic, |client, sub| {
-            let qos = sub.options.qos.min(message.qos);
-            targets
-                .entry(client.clone())
-                .and_modify(|(_, q)| *q = (*q).max(qos))
-                .or_insert_with(|| (sub.session.clone(), qos));
+        // One copy per session for its own subscriptions, at the highest
+        // granted QoS, with every matching subscription id; one copy per
+        // shared group, to one member.
+        let mut direct: HashMap<ClientId, (Arc<Session>, Delivery)> = HashMap::new();
+        let mut groups: HashMap<Arc<str>, Vec<Subscriber>> = HashMap::new();
+        self.trie.read().matches(&message.topic, |key, sub| {
+            if let Some(share) = &sub.share {
+                groups.entry(share.clone()).or_default().push(sub.clone());
+                return;
+            }
+            if sub.options.no_local && origin == Some(&*key.client) {
+                return;
+            }
+            let d = delivery_for(sub, &message);
+            direct
+                .entry(key.client.clone())
+                .and_modify(|(_, have)| {
+                    have.qos = have.qos.max(d.qos);
+                    have.retain |= d.retain;
+                    have.subscription_ids.extend(&d.subscription_ids);
+                })
+                .or_insert_with(|| (sub.session.clone(), d));
         });
+        let mut targets: Vec<(Arc<Session>, Delivery)> = direct.into_values().collect();
+        for (share, members) in groups {
+            if let Some(sub) = self.pick_member(&share, members, |_| true) {
+                targets.push((sub.session.clone(), delivery_for(&sub, &message)));
+            }
+        }
+        self.enqueue(message, targets)
+    }
+
+    /// Queue `message` for `targets`, as one batch for the store.
+    fn enqueue(&self, message: Arc<Message>, targets: Vec<(Arc<Session>, Delivery)>) -> Routed {
         let mut routed = Routed {
             ops: Vec::new(),
             pending: Vec::new(),
+            matched: !targets.is_empty(),
             storage: self.storage.clone(),
         };
         let mut stored_targets = Vec::new();
-        for (client, (session, qos)) in targets {
+        for (session, delivery) in targets {
+            let client = &session.client_id;
             let mut st = session.lock();
-            let store = st.persistent && qos != QoS::AtMostOnce;
+            let store = st.persistent && delivery.qos != QoS::AtMostOnce;
             let dropped_before = st.dropped;
             let outcome = st.enqueue(
                 NewEntry {
                     message: message.clone(),
-                    qos,
-                    retain: false,
+                    delivery: delivery.clone(),
                     store,
                 },
                 &self.config,
                 &mut routed.ops,
-                &client,
+                client,
             );
             if st.dropped > dropped_before {
-                self.note_drop(&client, st.dropped);
+                self.note_drop(client, st.dropped);
             }
-            match outcome {
-                Enqueued::Queued(seq) => {
-                    if store {
-                        stored_targets.push(QueueTarget {
-                            client: client.clone(),
-                            seq,
-                            qos,
-                            retain: false,
-                        });
-                        routed.pending.push((session.clone(), seq));
-                    }
+            if let Enqueued::Queued(seq) = outcome {
+                if store {
+                    stored_targets.push(QueueTarget {
+                        client: client.clone(),
+                        seq,
+                        delivery,
+                    });
+                    routed.pending.push((session.clone(), seq));
                 }
-                Enqueued::Dropped | Enqueued::Skipped => {}
             }
             drop(st);
             session.wake.notify_one();
@@ -535,6 +752,112 @@ impl Broker {
             });
         }
         routed
+    }
+
+    /// Choose the member of a shared subscription that gets the next message:
+    /// round-robin over the members (ordered by client id), skipping those
+    /// offline while any member is online, and those `eligible` refuses.
+    fn pick_member(
+        &self,
+        share: &Arc<str>,
+        mut members: Vec<Subscriber>,
+        eligible: impl Fn(&Subscriber) -> bool,
+    ) -> Option<Subscriber> {
+        members.retain(|m| eligible(m));
+        if members.is_empty() {
+            return None;
+        }
+        members.sort_by(|a, b| a.session.client_id.cmp(&b.session.client_id));
+        let start = {
+            let mut cursors = self.share_cursors.lock();
+            let c = cursors.entry(share.clone()).or_insert(0);
+            *c = c.wrapping_add(1);
+            *c
+        };
+        let n = members.len();
+        let online = (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| members[i].session.lock().is_online());
+        Some(members.swap_remove(online.unwrap_or(start % n)))
+    }
+
+    /// Whether a member of `share` other than `session` is online.
+    fn group_has_online_member(&self, share: &str, session: &Session) -> bool {
+        let Ok(Some(parts)) = topic::parse_shared(share) else {
+            return false;
+        };
+        let mut found = false;
+        self.trie.read().subscribers(parts.filter, |key, sub| {
+            found |= key.share.as_deref() == Some(share)
+                && key.client != session.client_id
+                && sub.session.lock().is_online();
+        });
+        found
+    }
+
+    /// Hand the shared-subscription entries of `from` whose group `select`
+    /// accepts to other members of their groups, in one store batch that also
+    /// removes them from `from` (so a crash leaves them in one place or the
+    /// other). `in_flight` moves entries already sent too (the session is
+    /// ending). An entry whose group has no other member left is dropped.
+    async fn redistribute(
+        &self,
+        from: &Arc<Session>,
+        select: impl Fn(&str) -> bool,
+        in_flight: bool,
+    ) -> StorageResult<()> {
+        let mut removals = Vec::new();
+        let taken: Vec<Entry> = {
+            let mut st = from.lock();
+            let groups: Vec<String> = st
+                .shared_groups()
+                .into_iter()
+                .filter(|g| select(g))
+                .collect();
+            let mut taken = Vec::new();
+            for g in groups {
+                taken.extend(st.take_shared(Some(&g), in_flight, &mut removals, &from.client_id));
+            }
+            taken
+        };
+        if taken.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Routed {
+            ops: Vec::new(),
+            pending: Vec::new(),
+            matched: false,
+            storage: self.storage.clone(),
+        };
+        let (mut moved, mut lost) = (0usize, 0usize);
+        for e in taken {
+            let Some(share) = e.delivery.share.as_deref() else {
+                continue;
+            };
+            let share: Arc<str> = Arc::from(share);
+            let Ok(Some(SharedFilter { filter, .. })) = topic::parse_shared(&share) else {
+                continue;
+            };
+            let mut members = Vec::new();
+            self.trie.read().subscribers(filter, |key, sub| {
+                if key.share.as_deref() == Some(&*share) && key.client != from.client_id {
+                    members.push(sub.clone());
+                }
+            });
+            match self.pick_member(&share, members, |_| true) {
+                Some(sub) => {
+                    let delivery = delivery_for(&sub, &e.message);
+                    batch.absorb(self.enqueue(e.message, vec![(sub.session.clone(), delivery)]));
+                    moved += 1;
+                }
+                None => lost += 1,
+            }
+        }
+        batch.ops.extend(removals);
+        if moved > 0 || lost > 0 {
+            info!(client = %from.client_id, moved, dropped = lost, "shared subscription messages handed to other members");
+        }
+        self.commit(batch).await
     }
 
     fn note_drop(&self, client: &ClientId, dropped: u64) {
@@ -551,12 +874,18 @@ impl Broker {
         }
     }
 
-    /// Publish from the server or a will: update retained state, route, commit.
+    /// Publish from the server: update retained state, route, commit.
     pub async fn publish(&self, message: Message) -> StorageResult<()> {
-        if message.retain {
+        self.publish_from(message, None).await
+    }
+
+    /// Publish on behalf of `origin` (a will): as [`Broker::publish`], with
+    /// the No Local option applied to `origin`.
+    pub async fn publish_from(&self, message: Message, origin: Option<&str>) -> StorageResult<()> {
+        if message.retain && self.config.retain_available {
             self.update_retained(&message).await?;
         }
-        let routed = self.route(message);
+        let routed = self.route(message, origin);
         self.commit(routed).await
     }
 
@@ -588,33 +917,35 @@ impl Broker {
         }
     }
 
-    /// Subscribe a session. Returns the granted QoS per filter, `None` for a
-    /// refused (invalid) filter, in request order.
+    /// Subscribe a session. Returns, in request order, what was granted or why
+    /// it was refused.
     pub async fn subscribe(
         &self,
         session: &Arc<Session>,
         requests: Vec<(String, SubscriptionOptions)>,
-    ) -> StorageResult<Vec<Option<QoS>>> {
-        let mut granted = Vec::with_capacity(requests.len());
+    ) -> StorageResult<Vec<Result<Granted, SubscribeRefusal>>> {
+        let mut outcomes = Vec::with_capacity(requests.len());
         let mut records = Vec::new();
         {
             let mut trie = self.trie.write();
             let mut st = session.lock();
-            for (filter, options) in requests {
-                if let Err(e) = topic::validate_filter(&filter) {
-                    debug!(client = %session.client_id, %filter, error = %e, "subscription refused");
-                    granted.push(None);
-                    continue;
-                }
-                granted.push(Some(options.qos));
-                trie.insert(
-                    &filter,
-                    session.client_id.clone(),
-                    Subscriber {
-                        session: session.clone(),
-                        options: options.clone(),
-                    },
-                );
+            for (filter, mut options) in requests {
+                let shared = match self.check_filter(&filter) {
+                    Ok(shared) => shared,
+                    Err(refusal) => {
+                        debug!(client = %session.client_id, %filter, ?refusal, "subscription refused");
+                        outcomes.push(Err(refusal));
+                        continue;
+                    }
+                };
+                options.qos = options.qos.min(self.config.max_qos());
+                let existed = st.subscriptions.contains_key(&filter);
+                insert_subscription(&mut trie, &filter, shared, session, &options);
+                outcomes.push(Ok(Granted {
+                    qos: options.qos,
+                    existed,
+                    shared: shared.is_some(),
+                }));
                 st.subscriptions.insert(filter.clone(), options.clone());
                 records.push(SubscriptionRecord { filter, options });
             }
@@ -626,16 +957,37 @@ impl Broker {
                 .add_subscriptions(&session.client_id, &records)
                 .await?;
         }
-        Ok(granted)
+        Ok(outcomes)
     }
 
-    /// Queue the retained messages matching `filter` for `session` (after SUBACK).
+    /// Whether the broker accepts `filter`; its shared parts if it is `$share/`.
+    fn check_filter<'a>(
+        &self,
+        filter: &'a str,
+    ) -> Result<Option<SharedFilter<'a>>, SubscribeRefusal> {
+        let shared = topic::parse_shared(filter).map_err(|_| SubscribeRefusal::InvalidFilter)?;
+        let inner = shared.map_or(filter, |s| s.filter);
+        topic::validate_filter(inner).map_err(|_| SubscribeRefusal::InvalidFilter)?;
+        if shared.is_some() && !self.config.shared_subscriptions {
+            return Err(SubscribeRefusal::SharedNotSupported);
+        }
+        if topic::has_wildcard(inner) && !self.config.wildcard_subscriptions {
+            return Err(SubscribeRefusal::WildcardsNotSupported);
+        }
+        Ok(shared)
+    }
+
+    /// Queue the retained messages matching `filter` for `session` (after
+    /// SUBACK), with the subscription's QoS and identifier.
     pub async fn deliver_retained(
         &self,
         session: &Arc<Session>,
         filter: &str,
-        qos: QoS,
+        options: &SubscriptionOptions,
     ) -> StorageResult<()> {
+        if !self.config.retain_available {
+            return Ok(());
+        }
         let mut retained = self.storage.retained.lookup_retained(filter).await?;
         retained.sort_by(|a, b| a.topic.cmp(&b.topic));
         let now = now_ms();
@@ -646,14 +998,18 @@ impl Broker {
                 if m.is_expired(now) {
                     continue;
                 }
-                let m_qos = m.qos;
+                let delivery = Delivery {
+                    qos: options.qos.min(m.qos),
+                    retain: true,
+                    subscription_ids: options.subscription_id.into_iter().collect(),
+                    share: None,
+                };
                 // Retained deliveries are kept in memory only: a new SUBSCRIBE
                 // fetches them again from the retained store.
                 let dropped_before = st.dropped;
                 let entry = NewEntry {
                     message: m,
-                    qos: qos.min(m_qos),
-                    retain: true,
+                    delivery,
                     store: false,
                 };
                 st.enqueue(entry, &self.config, &mut ops, &session.client_id);
@@ -669,28 +1025,52 @@ impl Broker {
         Ok(())
     }
 
-    /// Unsubscribe a session from `filters`.
+    /// Unsubscribe a session from `filters`. Messages a shared subscription
+    /// queued for it and not yet sent go to the group's other members.
     pub async fn unsubscribe(
         &self,
         session: &Arc<Session>,
         filters: Vec<String>,
-    ) -> StorageResult<()> {
+    ) -> StorageResult<Vec<Unsubscribed>> {
+        let mut outcomes = Vec::with_capacity(filters.len());
+        let mut removed = Vec::new();
         let persistent = {
             let mut trie = self.trie.write();
             let mut st = session.lock();
-            for f in &filters {
-                trie.remove(f, &session.client_id);
-                st.subscriptions.remove(f);
+            for f in filters {
+                if topic::parse_shared(&f)
+                    .ok()
+                    .and_then(|s| topic::validate_filter(s.map_or(&f, |s| s.filter)).ok())
+                    .is_none()
+                {
+                    outcomes.push(Unsubscribed::InvalidFilter);
+                    continue;
+                }
+                remove_subscription(&mut trie, &f, &session.client_id);
+                if st.subscriptions.remove(&f).is_some() {
+                    outcomes.push(Unsubscribed::Removed);
+                    removed.push(f);
+                } else {
+                    outcomes.push(Unsubscribed::NotSubscribed);
+                }
             }
             st.persistent
         };
-        if persistent {
+        if persistent && !removed.is_empty() {
             self.storage
                 .subscriptions
-                .remove_subscriptions(&session.client_id, &filters)
+                .remove_subscriptions(&session.client_id, &removed)
                 .await?;
         }
-        Ok(())
+        let left: Vec<&String> = removed
+            .iter()
+            .filter(|f| f.starts_with("$share/"))
+            .collect();
+        if !left.is_empty() {
+            self.redistribute(session, |g| left.iter().any(|f| f.as_str() == g), false)
+                .await?;
+        }
+        Ok(outcomes)
     }
 
     /// Stop: close every connection, then wait for storage writes in progress.
@@ -698,5 +1078,52 @@ impl Broker {
         self.shutdown.cancel();
         self.commits.close();
         self.commits.wait().await;
+    }
+}
+
+/// Put a session's subscription to `filter` in the trie: under the filter
+/// itself, or under the inner filter of a shared subscription.
+fn insert_subscription(
+    trie: &mut SubscriptionTree<SubscriberKey, Subscriber>,
+    filter: &str,
+    shared: Option<SharedFilter<'_>>,
+    session: &Arc<Session>,
+    options: &SubscriptionOptions,
+) {
+    let share: Option<Arc<str>> = shared.map(|_| Arc::from(filter));
+    let key = SubscriberKey {
+        client: session.client_id.clone(),
+        share: share.clone(),
+    };
+    let subscriber = Subscriber {
+        session: session.clone(),
+        options: options.clone(),
+        share,
+    };
+    trie.insert(shared.map_or(filter, |s| s.filter), key, subscriber);
+}
+
+/// Take a session's subscription to `filter` out of the trie.
+fn remove_subscription(
+    trie: &mut SubscriptionTree<SubscriberKey, Subscriber>,
+    filter: &str,
+    client: &ClientId,
+) {
+    let shared = topic::parse_shared(filter).ok().flatten();
+    let key = SubscriberKey {
+        client: client.clone(),
+        share: shared.map(|_| Arc::from(filter)),
+    };
+    trie.remove(shared.map_or(filter, |s| s.filter), &key);
+}
+
+/// How `message` goes to a subscriber: QoS capped by the grant, the retain
+/// flag kept only with Retain As Published, the subscription's identifier.
+fn delivery_for(sub: &Subscriber, message: &Message) -> Delivery {
+    Delivery {
+        qos: sub.options.qos.min(message.qos),
+        retain: message.retain && sub.options.retain_as_published,
+        subscription_ids: sub.options.subscription_id.into_iter().collect(),
+        share: sub.share.as_deref().map(str::to_owned),
     }
 }

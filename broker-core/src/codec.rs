@@ -1,5 +1,5 @@
 //! The wire format: packet framing and types from the `rmqtt-codec` crate, and
-//! the conversions between its types and the broker's.
+//! the one place where MQTT 3.1.1 and MQTT 5 differ on the wire.
 //!
 //! Why a crate rather than our own codec: see `docs/decisions.md`. In short,
 //! `rmqtt-codec` covers MQTT 3.1, 3.1.1 and 5.0 behind one `tokio_util` codec,
@@ -8,18 +8,25 @@
 //! body, and is maintained as part of the RMQTT broker. The few checks it
 //! leaves to the caller (wildcards in PUBLISH topics, DUP on QoS 0, empty
 //! SUBSCRIBE) are done in [`crate::connection`].
+//!
+//! The connection code speaks MQTT 5 only. A 3.1.1 client's packets are
+//! [`upgrade`]d to their MQTT 5 equivalents when read (default properties,
+//! reason code "success"), and [`Encoder`] turns the broker's MQTT 5 packets
+//! back into 3.1.1 ones for such a client, dropping what 3.1.1 cannot carry.
 
 use std::num::NonZeroU16;
 
+use bytes::BytesMut;
 use bytestring::ByteString;
+use tokio_util::codec::Encoder as _;
 
 pub use rmqtt_codec::error::{DecodeError, EncodeError};
-pub use rmqtt_codec::v3;
+pub use rmqtt_codec::types::Publish;
 pub use rmqtt_codec::version::{ProtocolVersion, VersionCodec};
+pub use rmqtt_codec::{v3, v5};
 pub use rmqtt_codec::{MqttCodec, MqttPacket};
 
 use crate::message::QoS;
-use crate::session::Outgoing;
 
 /// The codec's QoS for ours.
 pub fn to_wire_qos(q: QoS) -> v3::QoS {
@@ -44,46 +51,277 @@ pub fn packet_id(id: u16) -> NonZeroU16 {
     NonZeroU16::new(id).unwrap_or(NonZeroU16::MIN)
 }
 
-/// The MQTT 3.1.1 packet for something the session wants sent.
-pub fn v3_packet(out: &Outgoing) -> v3::Packet {
-    match out {
-        Outgoing::Publish {
-            packet_id: id,
-            dup,
-            qos,
-            retain,
-            message,
-        } => v3::Packet::Publish(Box::new(v3_publish(
-            &message.topic,
-            message.payload.clone(),
-            qos.as_u8(),
-            id.unwrap_or(0),
-            *retain,
-            *dup,
-        ))),
-        Outgoing::PubRel { packet_id: id } => v3::Packet::PublishRelease {
-            packet_id: packet_id(*id),
-        },
+/// A PUBACK or PUBREC with `reason` and no properties.
+pub fn puback(id: NonZeroU16, reason: v5::PublishAckReason) -> v5::PublishAck {
+    v5::PublishAck {
+        packet_id: id,
+        reason_code: reason,
+        properties: Vec::new(),
+        reason_string: None,
     }
 }
 
-/// A PUBLISH body; `qos` is the wire value, `packet_id` ignored for QoS 0.
-pub fn v3_publish(
-    topic: &str,
-    payload: bytes::Bytes,
-    qos: u8,
-    packet_id: u16,
-    retain: bool,
-    dup: bool,
-) -> rmqtt_codec::types::Publish {
-    let qos = QoS::from_u8(qos).unwrap_or(QoS::AtMostOnce);
-    rmqtt_codec::types::Publish {
-        dup,
-        retain,
-        qos: to_wire_qos(qos),
-        topic: ByteString::from(topic),
-        packet_id: (qos != QoS::AtMostOnce).then(|| self::packet_id(packet_id)),
-        payload,
-        properties: None,
+/// A PUBREL or PUBCOMP with `reason` and no properties.
+pub fn pubcomp(id: NonZeroU16, reason: v5::PublishAck2Reason) -> v5::PublishAck2 {
+    v5::PublishAck2 {
+        packet_id: id,
+        reason_code: reason,
+        properties: Vec::new(),
+        reason_string: None,
     }
+}
+
+/// The MQTT 5 form of a packet an MQTT 3.1.1 client sent; `Err` with the
+/// packet type for packets only a server sends.
+///
+/// A 3.1.1 CONNECT becomes an MQTT 5 one with Session Expiry Interval 0 for
+/// clean sessions and 0xFFFFFFFF otherwise; the broker's own 3.1.1 expiry
+/// setting is applied by the caller.
+pub fn upgrade(p: v3::Packet) -> Result<v5::Packet, u8> {
+    use v5::Packet as P5;
+    Ok(match p {
+        v3::Packet::Connect(c) => P5::Connect(Box::new(v5::Connect {
+            clean_start: c.clean_session,
+            keep_alive: c.keep_alive,
+            session_expiry_interval_secs: if c.clean_session { 0 } else { u32::MAX },
+            auth_method: None,
+            auth_data: None,
+            request_problem_info: true,
+            request_response_info: false,
+            receive_max: None,
+            topic_alias_max: 0,
+            user_properties: Vec::new(),
+            max_packet_size: None,
+            last_will: c.last_will.map(|w| v5::LastWill {
+                qos: w.qos,
+                retain: w.retain,
+                topic: w.topic,
+                message: w.message,
+                will_delay_interval_sec: None,
+                correlation_data: None,
+                message_expiry_interval: None,
+                content_type: None,
+                user_properties: Vec::new(),
+                is_utf8_payload: None,
+                response_topic: None,
+            }),
+            client_id: c.client_id,
+            username: c.username,
+            password: c.password,
+            cert: c.cert,
+        })),
+        v3::Packet::Publish(p) => P5::Publish(p),
+        v3::Packet::PublishAck { packet_id } => {
+            P5::PublishAck(puback(packet_id, v5::PublishAckReason::Success))
+        }
+        v3::Packet::PublishReceived { packet_id } => {
+            P5::PublishReceived(puback(packet_id, v5::PublishAckReason::Success))
+        }
+        v3::Packet::PublishRelease { packet_id } => {
+            P5::PublishRelease(pubcomp(packet_id, v5::PublishAck2Reason::Success))
+        }
+        v3::Packet::PublishComplete { packet_id } => {
+            P5::PublishComplete(pubcomp(packet_id, v5::PublishAck2Reason::Success))
+        }
+        v3::Packet::Subscribe {
+            packet_id,
+            topic_filters,
+        } => P5::Subscribe(v5::Subscribe {
+            packet_id,
+            id: None,
+            user_properties: Vec::new(),
+            topic_filters: topic_filters
+                .into_iter()
+                .map(|(f, qos)| {
+                    (
+                        f,
+                        v5::SubscriptionOptions {
+                            qos,
+                            ..v5::SubscriptionOptions::default()
+                        },
+                    )
+                })
+                .collect(),
+        }),
+        v3::Packet::Unsubscribe {
+            packet_id,
+            topic_filters,
+        } => P5::Unsubscribe(v5::Unsubscribe {
+            packet_id,
+            user_properties: Vec::new(),
+            topic_filters,
+        }),
+        v3::Packet::PingRequest => P5::PingRequest,
+        v3::Packet::Disconnect => P5::Disconnect(v5::Disconnect::default()),
+        other => return Err(other.packet_type()),
+    })
+}
+
+/// The MQTT 3.1.1 form of a packet the broker sends, `None` for packets 3.1.1
+/// does not have (server DISCONNECT, AUTH).
+pub fn downgrade(p: v5::Packet) -> Option<v3::Packet> {
+    use v5::Packet as P5;
+    Some(match p {
+        P5::ConnectAck(c) => v3::Packet::ConnectAck(v3::ConnectAck {
+            return_code: v3_return_code(c.reason_code),
+            session_present: c.session_present,
+        }),
+        P5::Publish(mut p) => {
+            p.properties = None;
+            v3::Packet::Publish(p)
+        }
+        P5::PublishAck(a) => v3::Packet::PublishAck {
+            packet_id: a.packet_id,
+        },
+        P5::PublishReceived(a) => v3::Packet::PublishReceived {
+            packet_id: a.packet_id,
+        },
+        P5::PublishRelease(a) => v3::Packet::PublishRelease {
+            packet_id: a.packet_id,
+        },
+        P5::PublishComplete(a) => v3::Packet::PublishComplete {
+            packet_id: a.packet_id,
+        },
+        P5::SubscribeAck(s) => v3::Packet::SubscribeAck {
+            packet_id: s.packet_id,
+            status: s
+                .status
+                .into_iter()
+                .map(|r| match r {
+                    v5::SubscribeAckReason::GrantedQos0 => {
+                        v3::SubscribeReturnCode::Success(v3::QoS::AtMostOnce)
+                    }
+                    v5::SubscribeAckReason::GrantedQos1 => {
+                        v3::SubscribeReturnCode::Success(v3::QoS::AtLeastOnce)
+                    }
+                    v5::SubscribeAckReason::GrantedQos2 => {
+                        v3::SubscribeReturnCode::Success(v3::QoS::ExactlyOnce)
+                    }
+                    _ => v3::SubscribeReturnCode::Failure,
+                })
+                .collect(),
+        },
+        P5::UnsubscribeAck(u) => v3::Packet::UnsubscribeAck {
+            packet_id: u.packet_id,
+        },
+        P5::PingResponse => v3::Packet::PingResponse,
+        _ => return None,
+    })
+}
+
+/// The closest MQTT 3.1.1 CONNACK return code for an MQTT 5 reason code.
+fn v3_return_code(r: v5::ConnectAckReason) -> v3::ConnectAckReason {
+    use v5::ConnectAckReason as R;
+    match r {
+        R::Success => v3::ConnectAckReason::ConnectionAccepted,
+        R::UnsupportedProtocolVersion => v3::ConnectAckReason::UnacceptableProtocolVersion,
+        R::ClientIdentifierNotValid => v3::ConnectAckReason::IdentifierRejected,
+        R::BadUserNameOrPassword => v3::ConnectAckReason::BadUserNameOrPassword,
+        R::NotAuthorized | R::BadAuthenticationMethod | R::Banned => {
+            v3::ConnectAckReason::NotAuthorized
+        }
+        _ => v3::ConnectAckReason::ServiceUnavailable,
+    }
+}
+
+/// The protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// MQTT 3.1 or 3.1.1.
+    V3,
+    /// MQTT 5.0.
+    V5,
+}
+
+/// Encodes the broker's (MQTT 5) packets for one connection, in its protocol
+/// and within the limits its client set.
+#[derive(Debug)]
+pub struct Encoder {
+    protocol: Protocol,
+    v3: v3::Codec,
+    v5: v5::Codec,
+    problem_info: bool,
+}
+
+impl Encoder {
+    /// An encoder for `protocol` with no size limit beyond the protocol's.
+    pub fn new(protocol: Protocol) -> Self {
+        Encoder {
+            protocol,
+            v3: v3::Codec::new(0),
+            v5: v5::Codec::new(0, 0),
+            problem_info: true,
+        }
+    }
+
+    /// The protocol encoded.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// The client's Maximum Packet Size: a larger packet is refused with
+    /// [`EncodeError::OverMaxPacketSize`] before anything is written (reason
+    /// strings and user properties of acknowledgements are dropped first).
+    pub fn set_max_packet_size(&mut self, max: u32) {
+        self.v5.set_max_outbound_size(max);
+    }
+
+    /// The client's Request Problem Information: when false, reason strings
+    /// and user properties go only on PUBLISH, CONNACK and DISCONNECT
+    /// (MQTT 5 section 3.1.2.11.7).
+    pub fn set_problem_info(&mut self, on: bool) {
+        self.problem_info = on;
+    }
+
+    /// Append `packet` to `buf`. Packets the protocol does not have are skipped.
+    pub fn encode(
+        &mut self,
+        mut packet: v5::Packet,
+        buf: &mut BytesMut,
+    ) -> Result<(), EncodeError> {
+        match self.protocol {
+            Protocol::V3 => match downgrade(packet) {
+                Some(p) => self.v3.encode(p, buf),
+                None => Ok(()),
+            },
+            Protocol::V5 => {
+                if !self.problem_info {
+                    strip_diagnostics(&mut packet);
+                }
+                self.v5.encode(packet, buf)
+            }
+        }
+    }
+}
+
+fn strip_diagnostics(p: &mut v5::Packet) {
+    use v5::Packet as P5;
+    match p {
+        P5::PublishAck(a) | P5::PublishReceived(a) => {
+            a.properties.clear();
+            a.reason_string = None;
+        }
+        P5::PublishRelease(a) | P5::PublishComplete(a) => {
+            a.properties.clear();
+            a.reason_string = None;
+        }
+        P5::SubscribeAck(a) => {
+            a.properties.clear();
+            a.reason_string = None;
+        }
+        P5::UnsubscribeAck(a) => {
+            a.properties.clear();
+            a.reason_string = None;
+        }
+        P5::Auth(a) => {
+            a.user_properties.clear();
+            a.reason_string = None;
+        }
+        _ => {}
+    }
+}
+
+/// A reason string for the wire.
+pub fn reason(s: impl Into<String>) -> Option<ByteString> {
+    Some(ByteString::from(s.into()))
 }

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::message::QoS;
+
 /// What to do when a session's queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -54,9 +56,32 @@ pub struct BrokerConfig {
     /// Seconds a persistent session of an MQTT 3.1.1 client outlives its
     /// connection, counted from disconnect; `None` keeps it until the client cleans it.
     pub session_expiry_secs: Option<u64>,
-    /// Largest number of QoS 1/2 publishes of one client awaiting storage before
-    /// the broker stops reading from it (back-pressure).
-    pub max_pending_publishes: usize,
+    /// Upper bound on the session expiry interval an MQTT 5 client may ask
+    /// for; a larger request is lowered and the value sent back in CONNACK.
+    pub max_session_expiry_secs: Option<u32>,
+    /// QoS 1/2 publishes of one client that may await their acknowledgement
+    /// (MQTT 5 Receive Maximum, sent in CONNACK). An MQTT 5 client exceeding
+    /// it is disconnected (0x93); an MQTT 3.1.1 client is simply not read
+    /// from until acknowledgements catch up (back-pressure).
+    pub receive_maximum: u16,
+    /// Topic aliases an MQTT 5 client may use towards the broker (0 disables them).
+    pub topic_alias_maximum: u16,
+    /// Highest QoS the broker accepts and grants (MQTT 5 Maximum QoS).
+    pub maximum_qos: u8,
+    /// Whether retained messages are supported (MQTT 5 Retain Available).
+    pub retain_available: bool,
+    /// Whether filters may contain wildcards.
+    pub wildcard_subscriptions: bool,
+    /// Whether `$share/{group}/{filter}` subscriptions are supported.
+    pub shared_subscriptions: bool,
+    /// Whether MQTT 5 subscription identifiers are supported.
+    pub subscription_identifiers: bool,
+    /// Largest keep alive allowed: an MQTT 5 client asking for 0 or more is
+    /// told this value in CONNACK (Server Keep Alive) and held to it.
+    pub max_keep_alive: Option<u16>,
+    /// When set, an MQTT 5 client that asks for response information gets
+    /// this prefix followed by its client id, a topic it may use for replies.
+    pub response_topic_prefix: Option<String>,
 }
 
 impl Default for BrokerConfig {
@@ -69,7 +94,16 @@ impl Default for BrokerConfig {
             overflow_policy: OverflowPolicy::DropNew,
             queue_qos0_offline: false,
             session_expiry_secs: None,
-            max_pending_publishes: 1024,
+            max_session_expiry_secs: None,
+            receive_maximum: 1024,
+            topic_alias_maximum: 10,
+            maximum_qos: 2,
+            retain_available: true,
+            wildcard_subscriptions: true,
+            shared_subscriptions: true,
+            subscription_identifiers: true,
+            max_keep_alive: None,
+            response_topic_prefix: None,
         }
     }
 }
@@ -89,10 +123,21 @@ impl BrokerConfig {
         if self.connect_timeout_secs == 0 {
             return Err("connect_timeout_secs must be at least 1".into());
         }
-        if self.max_pending_publishes == 0 {
-            return Err("max_pending_publishes must be at least 1".into());
+        if self.receive_maximum == 0 {
+            return Err("receive_maximum must be between 1 and 65535".into());
+        }
+        if self.maximum_qos > 2 {
+            return Err("maximum_qos must be 0, 1 or 2".into());
+        }
+        if self.max_keep_alive == Some(0) {
+            return Err("max_keep_alive must be at least 1 second".into());
         }
         Ok(())
+    }
+
+    /// The highest QoS granted.
+    pub fn max_qos(&self) -> QoS {
+        QoS::from_u8(self.maximum_qos).unwrap_or(QoS::ExactlyOnce)
     }
 
     /// The connect timeout as a duration.

@@ -8,6 +8,7 @@
 //! - [`connection`]: one client connection on tokio, from CONNECT to close;
 //! - [`server`]: listeners and graceful shutdown;
 //! - [`storage`]: the traits a storage adapter implements, and nothing of MQTT;
+//! - [`hooks`]: extension points for the embedding application (MQTT 5 enhanced authentication);
 //! - [`config`]: the settings.
 //!
 //! What this crate must not know about: SQL, Redis, MongoDB, or any other
@@ -23,6 +24,7 @@ pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod hooks;
 pub mod server;
 pub mod session;
 #[cfg(feature = "testkit")]

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{BrokerConfig, OverflowPolicy};
 use crate::message::{now_ms, Message, QoS, Seq};
-use crate::storage::{ClientId, PacketOp, PacketState, QueuedPacket};
+use crate::storage::{ClientId, Delivery, PacketOp, PacketState, QueuedPacket};
 use crate::subscription::SubscriptionOptions;
 
 /// Delivery state of one queue entry.
@@ -57,10 +57,8 @@ pub struct Entry {
     pub seq: Seq,
     /// The message body (shared).
     pub message: Arc<Message>,
-    /// Delivery QoS.
-    pub qos: QoS,
-    /// Retain flag to deliver with.
-    pub retain: bool,
+    /// How it is delivered to this session.
+    pub delivery: Delivery,
     /// Whether the entry is in the packet store (so acknowledging it removes it there).
     pub stored: bool,
     /// Whether it was ever put on the wire (for the DUP flag).
@@ -82,6 +80,8 @@ pub enum Outgoing {
         qos: QoS,
         /// Retain flag.
         retain: bool,
+        /// Identifiers of the matching subscriptions (MQTT 5).
+        subscription_ids: Vec<u32>,
         /// The message.
         message: Arc<Message>,
     },
@@ -90,6 +90,19 @@ pub enum Outgoing {
         /// Packet id.
         packet_id: u16,
     },
+}
+
+impl Outgoing {
+    fn publish(e: &Entry, packet_id: Option<u16>, dup: bool) -> Outgoing {
+        Outgoing::Publish {
+            packet_id,
+            dup,
+            qos: e.delivery.qos,
+            retain: e.delivery.retain,
+            subscription_ids: e.delivery.subscription_ids.clone(),
+            message: e.message.clone(),
+        }
+    }
 }
 
 /// The connection currently attached to a session.
@@ -108,10 +121,8 @@ pub struct Attachment {
 pub struct NewEntry {
     /// The body.
     pub message: Arc<Message>,
-    /// Delivery QoS.
-    pub qos: QoS,
-    /// Retain flag to deliver with.
-    pub retain: bool,
+    /// How it is delivered to this session.
+    pub delivery: Delivery,
     /// Whether it will be written to the packet store.
     pub store: bool,
 }
@@ -142,6 +153,8 @@ pub struct SessionState {
     pub incoming_qos2: HashSet<u16>,
     /// The connection attached, if online.
     pub connection: Option<Attachment>,
+    /// A will waiting for its delay (MQTT 5); cancelled if the client comes back first.
+    pub pending_will: Option<CancellationToken>,
     /// Messages refused or evicted by the queue limit since the session began.
     pub dropped: u64,
     next_seq: Seq,
@@ -174,6 +187,7 @@ impl Session {
                 subscriptions: HashMap::new(),
                 incoming_qos2: HashSet::new(),
                 connection: None,
+                pending_will: None,
                 dropped: 0,
                 next_seq: 1,
                 queue: VecDeque::new(),
@@ -224,8 +238,7 @@ impl SessionState {
         self.queue.push_back(Entry {
             seq: p.seq,
             message: p.message,
-            qos: p.qos,
-            retain: p.retain,
+            delivery: p.delivery,
             stored: true,
             // It may have been sent before the restart: retransmit with DUP=1.
             ever_sent: true,
@@ -240,15 +253,14 @@ impl SessionState {
         &mut self,
         NewEntry {
             message,
-            qos,
-            retain,
+            delivery,
             store,
         }: NewEntry,
         config: &BrokerConfig,
         ops: &mut Vec<PacketOp>,
         client: &ClientId,
     ) -> Enqueued {
-        if qos == QoS::AtMostOnce && !self.is_online() && !config.queue_qos0_offline {
+        if delivery.qos == QoS::AtMostOnce && !self.is_online() && !config.queue_qos0_offline {
             return Enqueued::Skipped;
         }
         if self.queue.len() >= config.max_queued_messages {
@@ -286,8 +298,7 @@ impl SessionState {
         self.queue.push_back(Entry {
             seq,
             message,
-            qos,
-            retain,
+            delivery,
             stored: store,
             ever_sent: false,
             state: if store {
@@ -345,13 +356,7 @@ impl SessionState {
                         packet_id,
                         sent: true,
                     };
-                    out.push(Outgoing::Publish {
-                        packet_id: Some(packet_id),
-                        dup: true,
-                        qos: e.qos,
-                        retain: e.retain,
-                        message: e.message.clone(),
-                    });
+                    out.push(Outgoing::publish(e, Some(packet_id), true));
                 }
                 EntryState::Released {
                     packet_id,
@@ -375,15 +380,9 @@ impl SessionState {
                         self.queue.remove(i);
                         continue;
                     }
-                    if e.qos == QoS::AtMostOnce {
-                        let e = self.queue.remove(i).expect("index checked above");
-                        out.push(Outgoing::Publish {
-                            packet_id: None,
-                            dup: false,
-                            qos: QoS::AtMostOnce,
-                            retain: e.retain,
-                            message: e.message,
-                        });
+                    if e.delivery.qos == QoS::AtMostOnce {
+                        out.push(Outgoing::publish(e, None, false));
+                        self.queue.remove(i);
                         continue;
                     }
                     if self.in_flight >= max_inflight {
@@ -398,13 +397,7 @@ impl SessionState {
                     };
                     e.ever_sent = true;
                     self.in_flight += 1;
-                    out.push(Outgoing::Publish {
-                        packet_id: Some(packet_id),
-                        dup,
-                        qos: e.qos,
-                        retain: e.retain,
-                        message: e.message.clone(),
-                    });
+                    out.push(Outgoing::publish(e, Some(packet_id), dup));
                 }
             }
             i += 1;
@@ -430,7 +423,7 @@ impl SessionState {
         let seq = *self.packet_ids.get(&packet_id)?;
         let i = self.index_of(seq)?;
         let expected = match self.queue[i].state {
-            EntryState::InFlight { .. } => !qos2 && self.queue[i].qos == QoS::AtLeastOnce,
+            EntryState::InFlight { .. } => !qos2 && self.queue[i].delivery.qos == QoS::AtLeastOnce,
             EntryState::Released { .. } => qos2,
             _ => false,
         };
@@ -446,6 +439,75 @@ impl SessionState {
         })
     }
 
+    /// Drop an in-flight delivery without acknowledgement: the client refused
+    /// it (PUBREC with an error code) or it cannot be sent (larger than the
+    /// client's maximum packet size). Returns the store removal if stored.
+    pub fn abandon(&mut self, packet_id: u16, client: &ClientId) -> Option<PacketOp> {
+        let seq = self.packet_ids.remove(&packet_id)?;
+        self.in_flight -= 1;
+        let e = self.queue.remove(self.index_of(seq)?)?;
+        e.stored.then(|| PacketOp::Remove {
+            client: client.clone(),
+            seq: e.seq,
+        })
+    }
+
+    /// The shared subscriptions that routed entries to this queue.
+    pub fn shared_groups(&self) -> Vec<String> {
+        let groups: std::collections::BTreeSet<&String> = self
+            .queue
+            .iter()
+            .filter_map(|e| e.delivery.share.as_ref())
+            .collect();
+        groups.into_iter().cloned().collect()
+    }
+
+    /// Take out the entries that a shared subscription routed here and that
+    /// another member should get instead: those of `share` (every group when
+    /// `None`) not yet sent, and with `in_flight` also those sent but not
+    /// acknowledged. Their store removals are pushed to `ops`.
+    pub fn take_shared(
+        &mut self,
+        share: Option<&str>,
+        in_flight: bool,
+        ops: &mut Vec<PacketOp>,
+        client: &ClientId,
+    ) -> Vec<Entry> {
+        let mut taken = Vec::new();
+        let mut i = 0;
+        while i < self.queue.len() {
+            let e = &self.queue[i];
+            let group_matches = match (&e.delivery.share, share) {
+                (Some(g), Some(want)) => g == want,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            let movable = match e.state {
+                EntryState::Ready => true,
+                EntryState::InFlight { .. } => in_flight,
+                _ => false,
+            };
+            if group_matches && movable {
+                if let EntryState::InFlight { packet_id, .. } = e.state {
+                    self.packet_ids.remove(&packet_id);
+                    self.in_flight -= 1;
+                }
+                if let Some(e) = self.queue.remove(i) {
+                    if e.stored {
+                        ops.push(PacketOp::Remove {
+                            client: client.clone(),
+                            seq: e.seq,
+                        });
+                    }
+                    taken.push(e);
+                }
+                continue;
+            }
+            i += 1;
+        }
+        taken
+    }
+
     /// PUBREC for an outgoing QoS 2 delivery: PUBREL is now owed. Returns the
     /// state change to store if the entry is stored.
     pub fn received(&mut self, packet_id: u16, client: &ClientId) -> Option<PacketOp> {
@@ -453,7 +515,7 @@ impl SessionState {
         let i = self.index_of(seq)?;
         let e = &mut self.queue[i];
         match e.state {
-            EntryState::InFlight { .. } if e.qos == QoS::ExactlyOnce => {
+            EntryState::InFlight { .. } if e.delivery.qos == QoS::ExactlyOnce => {
                 e.state = EntryState::Released {
                     packet_id,
                     sent: false,
@@ -522,8 +584,7 @@ mod tests {
     fn entry(n: u32, store: bool) -> NewEntry {
         NewEntry {
             message: msg(n),
-            qos: QoS::AtLeastOnce,
-            retain: false,
+            delivery: Delivery::new(QoS::AtLeastOnce),
             store,
         }
     }

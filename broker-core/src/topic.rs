@@ -23,6 +23,53 @@ pub enum TopicError {
     /// A filter with `+` or `#` not filling a whole level, or `#` not last.
     #[error("topic filter has a misplaced wildcard")]
     BadWildcard,
+    /// A `$share/` filter without a valid share name and filter after it.
+    #[error("shared subscription must be `$share/{{name}}/{{filter}}` with a name free of `/`, `+` and `#`")]
+    BadShare,
+}
+
+/// The parts of a shared subscription filter, `$share/{group}/{filter}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedFilter<'a> {
+    /// The share name.
+    pub group: &'a str,
+    /// The topic filter messages are matched against.
+    pub filter: &'a str,
+}
+
+/// Split a subscription filter into its shared parts: `Ok(None)` for an
+/// ordinary filter, an error for a malformed `$share/` one (MQTT 5 section 4.8.2).
+/// The inner filter is not validated here.
+///
+/// ```
+/// use broker_core::topic::{parse_shared, SharedFilter};
+/// assert_eq!(
+///     parse_shared("$share/workers/jobs/+").unwrap(),
+///     Some(SharedFilter { group: "workers", filter: "jobs/+" })
+/// );
+/// assert_eq!(parse_shared("jobs/+").unwrap(), None);
+/// assert!(parse_shared("$share/workers").is_err());
+/// assert!(parse_shared("$share/a+b/jobs").is_err());
+/// ```
+pub fn parse_shared(filter: &str) -> Result<Option<SharedFilter<'_>>, TopicError> {
+    let Some(rest) = filter.strip_prefix("$share/") else {
+        return if filter == "$share" {
+            Err(TopicError::BadShare)
+        } else {
+            Ok(None)
+        };
+    };
+    match rest.split_once('/') {
+        Some((group, inner))
+            if !group.is_empty() && !group.contains(['+', '#']) && !inner.is_empty() =>
+        {
+            Ok(Some(SharedFilter {
+                group,
+                filter: inner,
+            }))
+        }
+        _ => Err(TopicError::BadShare),
+    }
 }
 
 fn check_common(s: &str) -> Result<(), TopicError> {

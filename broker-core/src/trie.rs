@@ -125,6 +125,23 @@ impl<K: Hash + Eq + Clone, V> SubscriptionTree<K, V> {
         }
     }
 
+    /// Call `f` for every (key, value) subscribed with exactly `filter`.
+    pub fn subscribers(&self, filter: &str, mut f: impl FnMut(&K, &V)) {
+        let mut node = &self.root;
+        let mut levels = filter.split('/').peekable();
+        while let Some(level) = levels.next() {
+            if level == "#" && levels.peek().is_none() {
+                node.multi.iter().for_each(|(k, v)| f(k, v));
+                return;
+            }
+            match node.children.get(level) {
+                Some(child) => node = child,
+                None => return,
+            }
+        }
+        node.here.iter().for_each(|(k, v)| f(k, v));
+    }
+
     /// Call `f` for every (key, value) whose filter matches the topic name.
     /// A key subscribed with several matching filters is reported once per filter.
     pub fn matches(&self, name: &str, mut f: impl FnMut(&K, &V)) {

@@ -18,7 +18,7 @@
 //! use std::sync::Arc;
 //!
 //! use broker_core::message::{Message, QoS};
-//! use broker_core::storage::{PacketOp, QueueTarget, Storage};
+//! use broker_core::storage::{Delivery, PacketOp, QueueTarget, Storage};
 //! use storage_memory::MemoryStore;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -34,8 +34,7 @@
 //!         targets: vec![QueueTarget {
 //!             client: Arc::from("sensor-dashboard"),
 //!             seq: 1,
-//!             qos: QoS::AtLeastOnce,
-//!             retain: false,
+//!             delivery: Delivery::new(QoS::AtLeastOnce),
 //!         }],
 //!     }])
 //!     .await?;
@@ -55,10 +54,11 @@ use std::ops::Bound;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use broker_core::message::{Message, MessageId, QoS, Seq};
+use broker_core::message::{Message, MessageId, Seq};
 use broker_core::storage::{
-    ClientId, PacketOp, PacketState, PacketStore, QueuedPacket, RetainedStore, SessionRecord,
-    Storage, StorageError, StorageResult, StoredSession, SubscriptionRecord, SubscriptionStore,
+    ClientId, Delivery, PacketOp, PacketState, PacketStore, QueuedPacket, RetainedStore,
+    SessionRecord, Storage, StorageError, StorageResult, StoredSession, SubscriptionRecord,
+    SubscriptionStore,
 };
 use broker_core::subscription::SubscriptionOptions;
 use broker_core::topic::{has_wildcard, literal_prefix, matches};
@@ -133,8 +133,7 @@ impl SessionQueues {
 
 struct QueueEntry {
     message_id: MessageId,
-    qos: QoS,
-    retain: bool,
+    delivery: Delivery,
     state: PacketState,
 }
 
@@ -171,8 +170,7 @@ impl Packets {
                     retain_body(&mut self.bodies, &message);
                     let entry = QueueEntry {
                         message_id: message.id,
-                        qos: t.qos,
-                        retain: t.retain,
+                        delivery: t.delivery,
                         state: PacketState::Queued,
                     };
                     let replaced = self
@@ -287,8 +285,7 @@ impl PacketStore for MemoryStore {
             out.push(QueuedPacket {
                 seq,
                 message: body.message.clone(),
-                qos: e.qos,
-                retain: e.retain,
+                delivery: e.delivery.clone(),
                 state: e.state,
             });
         }
@@ -427,7 +424,8 @@ impl RetainedStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use broker_core::storage::QueueTarget;
+    use broker_core::message::QoS;
+    use broker_core::storage::{Delivery, QueueTarget};
 
     fn message(id: MessageId, topic: &str) -> Arc<Message> {
         let mut m = Message::new(topic, "x", QoS::AtLeastOnce, false);
@@ -439,8 +437,7 @@ mod tests {
         QueueTarget {
             client: Arc::from(client),
             seq,
-            qos: QoS::AtLeastOnce,
-            retain: false,
+            delivery: Delivery::new(QoS::AtLeastOnce),
         }
     }
 

@@ -33,6 +33,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 
 use crate::message::{Message, MessageId, QoS, Seq};
 use crate::subscription::SubscriptionOptions;
@@ -57,6 +58,44 @@ pub enum StorageError {
 /// Result of a storage operation.
 pub type StorageResult<T> = Result<T, StorageError>;
 
+/// How one message is delivered to one session: everything about a queue
+/// entry that is not the shared message body.
+///
+/// Adapters store it as they like (columns, or serialized with serde) and
+/// must give it back unchanged.
+///
+/// ```
+/// use broker_core::message::QoS;
+/// use broker_core::storage::Delivery;
+/// let d = Delivery::new(QoS::AtLeastOnce);
+/// assert!(!d.retain && d.subscription_ids.is_empty() && d.share.is_none());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// QoS of the delivery to this session: min(publish QoS, granted QoS).
+    pub qos: QoS,
+    /// Retain flag to deliver with.
+    pub retain: bool,
+    /// Identifiers of the session's subscriptions that matched (MQTT 5),
+    /// sent with the message.
+    pub subscription_ids: Vec<u32>,
+    /// The shared subscription (`$share/{group}/{filter}`) that chose this
+    /// session, so that the message can go to another member if this one leaves.
+    pub share: Option<String>,
+}
+
+impl Delivery {
+    /// A plain delivery at `qos`: no retain flag, no subscription ids, not shared.
+    pub fn new(qos: QoS) -> Self {
+        Delivery {
+            qos,
+            retain: false,
+            subscription_ids: Vec::new(),
+            share: None,
+        }
+    }
+}
+
 /// One session a message is queued for, at the session's own sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueTarget {
@@ -64,10 +103,8 @@ pub struct QueueTarget {
     pub client: ClientId,
     /// The session's sequence number for this message.
     pub seq: Seq,
-    /// QoS of the delivery to this session: min(publish QoS, granted QoS).
-    pub qos: QoS,
-    /// Retain flag to deliver with.
-    pub retain: bool,
+    /// How it is delivered to that session.
+    pub delivery: Delivery,
 }
 
 /// Delivery state of a queued packet that survives a restart.
@@ -137,10 +174,8 @@ pub struct QueuedPacket {
     pub seq: Seq,
     /// The body (shared with other sessions' entries).
     pub message: Arc<Message>,
-    /// Delivery QoS for this session.
-    pub qos: QoS,
-    /// Retain flag to deliver with.
-    pub retain: bool,
+    /// How it is delivered to this session.
+    pub delivery: Delivery,
     /// Delivery state.
     pub state: PacketState,
 }

@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::support::{
-    client, enqueue, enqueue_one, msg, ok, payload_for, read_all, remove, rich_messages, seqs,
-    set_state, sorted, target, write, Rng,
+    client, enqueue, enqueue_one, msg, ok, payload_for, read_all, remove, rich_delivery,
+    rich_messages, seqs, set_state, sorted, target, write, Rng,
 };
 use super::StoreFactory;
 use crate::message::{MessageId, QoS, Seq};
-use crate::storage::{ClientId, PacketOp, PacketState, QueueTarget};
+use crate::storage::{ClientId, Delivery, PacketOp, PacketState, QueueTarget};
 
 /// Ordering under concurrency: 10,000 messages across 100 sessions, written
 /// by 8 tasks at once in batches of 1 to 16 operations, one message in ten
@@ -63,8 +63,7 @@ pub async fn queue_order_concurrent<F: StoreFactory + ?Sized>(factory: &F) {
                     targets.push(QueueTarget {
                         client: clients[s].clone(),
                         seq,
-                        qos: qos_for(id),
-                        retain: false,
+                        delivery: Delivery::new(qos_for(id)),
                     });
                 }
                 batch.push(enqueue(
@@ -123,7 +122,12 @@ pub async fn queue_order_concurrent<F: StoreFactory + ?Sized>(factory: &F) {
                 "session {c} seq {}: wrong payload",
                 p.seq
             );
-            assert_eq!(p.qos, qos_for(id), "session {c} seq {}: wrong QoS", p.seq);
+            assert_eq!(
+                p.delivery.qos,
+                qos_for(id),
+                "session {c} seq {}: wrong QoS",
+                p.seq
+            );
             assert_eq!(
                 p.state,
                 PacketState::Queued,
@@ -332,12 +336,15 @@ pub async fn fan_out_enqueue<F: StoreFactory + ?Sized>(factory: &F) {
         .map(|(i, c)| QueueTarget {
             client: c.clone(),
             seq: i as u64 + 1,
-            qos: if i % 2 == 0 {
-                QoS::AtLeastOnce
-            } else {
-                QoS::ExactlyOnce
+            delivery: Delivery {
+                qos: if i % 2 == 0 {
+                    QoS::AtLeastOnce
+                } else {
+                    QoS::ExactlyOnce
+                },
+                retain: i % 3 == 0,
+                ..Delivery::new(QoS::AtMostOnce)
             },
-            retain: i % 3 == 0,
         })
         .collect();
     write(
@@ -356,8 +363,7 @@ pub async fn fan_out_enqueue<F: StoreFactory + ?Sized>(factory: &F) {
         );
         let last = &got[got.len() - 1];
         assert_eq!(*last.message, *shared, "{c} reads a different body");
-        assert_eq!(last.qos, t.qos, "{c}: per-session QoS lost");
-        assert_eq!(last.retain, t.retain, "{c}: per-session retain flag lost");
+        assert_eq!(last.delivery, t.delivery, "{c}: per-session delivery lost");
     }
 
     // Ack the shared message everywhere but in the last session.
@@ -616,7 +622,7 @@ pub async fn set_state_released<F: StoreFactory + ?Sized>(factory: &F) {
         enqueue(
             msg(id, "t/rel", payload_for(c, seq)),
             vec![QueueTarget {
-                qos: QoS::ExactlyOnce,
+                delivery: Delivery::new(QoS::ExactlyOnce),
                 ..target(c, seq)
             }],
         )
@@ -653,7 +659,12 @@ pub async fn set_state_released<F: StoreFactory + ?Sized>(factory: &F) {
             "seq {} lost its body on a state change",
             p.seq
         );
-        assert_eq!(p.qos, QoS::ExactlyOnce, "seq {}: QoS changed", p.seq);
+        assert_eq!(
+            p.delivery.qos,
+            QoS::ExactlyOnce,
+            "seq {}: QoS changed",
+            p.seq
+        );
     }
     let page = ok(
         storage.packets.read_queue(&c, Some(2), 1).await,
@@ -1058,8 +1069,7 @@ pub async fn message_properties_round_trip<F: StoreFactory + ?Sized>(factory: &F
                 vec![QueueTarget {
                     client: c.clone(),
                     seq: i as u64 + 1,
-                    qos: [QoS::ExactlyOnce, QoS::AtLeastOnce, QoS::AtMostOnce][i % 3],
-                    retain: i % 2 == 1,
+                    delivery: rich_delivery(i),
                 }],
             )
         })
@@ -1080,15 +1090,9 @@ pub async fn message_properties_round_trip<F: StoreFactory + ?Sized>(factory: &F
             m.id
         );
         assert_eq!(
-            p.qos,
-            [QoS::ExactlyOnce, QoS::AtLeastOnce, QoS::AtMostOnce][i % 3],
-            "delivery QoS of message {}",
-            m.id
-        );
-        assert_eq!(
-            p.retain,
-            i % 2 == 1,
-            "delivery retain flag of message {}",
+            p.delivery,
+            rich_delivery(i),
+            "delivery (QoS, retain, subscription ids, shared group) of message {}",
             m.id
         );
     }

@@ -2,11 +2,11 @@
 
 use super::sessions::{load, record, rich_subscriptions};
 use super::support::{
-    client, enqueue, enqueue_one, msg, ok, read_all, remove, rich_messages, seqs, set_state,
-    sorted, target, write,
+    client, enqueue, enqueue_one, msg, ok, read_all, remove, rich_delivery, rich_messages, seqs,
+    set_state, sorted, target, write,
 };
 use super::StoreFactory;
-use crate::message::{Message, QoS};
+use crate::message::Message;
 use crate::storage::{PacketOp, PacketState, QueueTarget, QueuedPacket, Storage, StoredSession};
 use std::sync::Arc;
 
@@ -123,8 +123,7 @@ pub async fn reopen_after_close<F: StoreFactory + ?Sized>(factory: &F) {
             QueueTarget {
                 client: b.clone(),
                 seq: 1,
-                qos: QoS::ExactlyOnce,
-                retain: true,
+                delivery: rich_delivery(0),
             },
         ],
     ));
@@ -260,9 +259,9 @@ pub async fn reopen_after_close<F: StoreFactory + ?Sized>(factory: &F) {
         "the body shared with an acked session did not survive the reopen"
     );
     assert_eq!(
-        (b_queue[0].qos, b_queue[0].retain),
-        (QoS::ExactlyOnce, true),
-        "per-session QoS and retain flag after reopen"
+        b_queue[0].delivery,
+        rich_delivery(0),
+        "per-session delivery (QoS, retain, subscription ids, shared group) after reopen"
     );
 
     write(&storage, vec![remove(&b, 1)], "ack the last reference").await;

@@ -6,7 +6,7 @@ use bytes::Bytes;
 
 use crate::message::{Message, MessageId, QoS, Seq};
 use crate::storage::{
-    ClientId, PacketOp, PacketState, QueueTarget, QueuedPacket, Storage, StorageResult,
+    ClientId, Delivery, PacketOp, PacketState, QueueTarget, QueuedPacket, Storage, StorageResult,
 };
 
 /// A fixed reception time, so that round trips compare exactly.
@@ -32,8 +32,28 @@ pub(crate) fn target(client: &ClientId, seq: Seq) -> QueueTarget {
     QueueTarget {
         client: client.clone(),
         seq,
-        qos: QoS::AtLeastOnce,
-        retain: false,
+        delivery: Delivery::new(QoS::AtLeastOnce),
+    }
+}
+
+/// Deliveries using every field, with edge values: QoS 2 retained with
+/// several subscription ids (the largest allowed among them) and a shared
+/// group; QoS 1 with one id; QoS 0 plain.
+pub(crate) fn rich_delivery(i: usize) -> Delivery {
+    match i % 3 {
+        0 => Delivery {
+            qos: QoS::ExactlyOnce,
+            retain: true,
+            subscription_ids: vec![7, 1, 268_435_455],
+            share: Some("$share/grüppe/a/+/#".to_owned()),
+        },
+        1 => Delivery {
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: vec![42],
+            share: None,
+        },
+        _ => Delivery::new(QoS::AtMostOnce),
     }
 }
 

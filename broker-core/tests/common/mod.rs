@@ -104,14 +104,16 @@ pub fn publish_packet(
     packet_id: u16,
     retain: bool,
 ) -> v3::Packet {
-    v3::Packet::Publish(Box::new(broker_core::codec::v3_publish(
-        topic,
-        Bytes::copy_from_slice(payload),
-        qos,
-        packet_id,
+    let qos = broker_core::message::QoS::from_u8(qos).expect("QoS 0, 1 or 2");
+    v3::Packet::Publish(Box::new(broker_core::codec::Publish {
+        dup: false,
         retain,
-        false,
-    )))
+        qos: broker_core::codec::to_wire_qos(qos),
+        topic: ByteString::from(topic),
+        packet_id: (qos != broker_core::message::QoS::AtMostOnce).then(|| id(packet_id)),
+        payload: Bytes::copy_from_slice(payload),
+        properties: None,
+    }))
 }
 
 pub fn id(n: u16) -> std::num::NonZeroU16 {

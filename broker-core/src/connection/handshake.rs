@@ -1,0 +1,209 @@
+//! From the first byte to CONNACK: protocol detection, the CONNECT packet,
+//! MQTT 5 enhanced authentication, and refusals with the right reason code.
+
+use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::{timeout, Instant};
+use tokio_util::codec::FramedRead;
+
+use crate::broker::Broker;
+use crate::codec::{
+    reason, upgrade, v3, v5, DecodeError, Encoder, MqttCodec, MqttPacket, Protocol, ProtocolVersion,
+};
+use crate::hooks::AuthStep;
+
+/// A CONNECT the broker accepted to read, in MQTT 5 form.
+pub(super) struct Hello {
+    pub protocol: Protocol,
+    pub connect: Box<v5::Connect>,
+}
+
+/// Write one packet and flush it; CONNACK and AUTH go out before the writer task exists.
+pub(super) async fn send_now<W: AsyncWrite + Unpin>(
+    write: &mut W,
+    encoder: &mut Encoder,
+    packet: v5::Packet,
+) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    encoder
+        .encode(packet, &mut buf)
+        .map_err(std::io::Error::other)?;
+    write.write_all(&buf).await?;
+    write.flush().await
+}
+
+/// Answer a refused CONNECT with `code` (the connection closes next); returns `why`.
+pub(super) async fn refuse<W: AsyncWrite + Unpin>(
+    write: &mut W,
+    protocol: Protocol,
+    code: v5::ConnectAckReason,
+    why: &str,
+) -> String {
+    let connack = v5::ConnectAck {
+        reason_code: code,
+        reason_string: reason(why),
+        ..v5::ConnectAck::default()
+    };
+    let _ = send_now(
+        write,
+        &mut Encoder::new(protocol),
+        v5::Packet::ConnectAck(Box::new(connack)),
+    )
+    .await;
+    why.to_string()
+}
+
+/// Read the protocol version and the CONNECT packet, answering refusals.
+pub(super) async fn read_connect<R, W>(
+    broker: &Broker,
+    framed: &mut FramedRead<R, MqttCodec>,
+    write: &mut W,
+    deadline: Instant,
+) -> Result<Hello, String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use v5::ConnectAckReason as R;
+    let max_in = broker.config().max_packet_size;
+    let protocol = match next_before(framed, deadline).await? {
+        Ok((MqttPacket::Version(ProtocolVersion::MQTT3), _)) => {
+            *framed.decoder_mut() = MqttCodec::V3(v3::Codec::new(max_in));
+            Protocol::V3
+        }
+        Ok((MqttPacket::Version(ProtocolVersion::MQTT5), _)) => {
+            *framed.decoder_mut() = MqttCodec::V5(v5::Codec::new(max_in, 0));
+            Protocol::V5
+        }
+        Ok(_) => return Err("unexpected first frame".into()),
+        Err(DecodeError::UnsupportedPacketType) => {
+            return Err("first packet was not CONNECT".into())
+        }
+        Err(DecodeError::InvalidProtocol) => {
+            let why = "unknown protocol name or level";
+            return Err(refuse(write, Protocol::V3, R::UnsupportedProtocolVersion, why).await);
+        }
+        Err(e) => return Err(format!("malformed CONNECT: {e}")),
+    };
+    let packet = match next_before(framed, deadline).await? {
+        Ok((MqttPacket::V3(p), _)) => upgrade(p).ok(),
+        Ok((MqttPacket::V5(p), _)) => Some(p),
+        Ok(_) => None,
+        Err(e) => {
+            let (code, why) = match e {
+                DecodeError::UnsupportedProtocolLevel => {
+                    (R::UnsupportedProtocolVersion, "unsupported protocol level")
+                }
+                DecodeError::InvalidClientId => (
+                    R::ClientIdentifierNotValid,
+                    "empty client id with clean start 0",
+                ),
+                DecodeError::MaxSizeExceeded { .. } => (R::PacketTooLarge, "CONNECT too large"),
+                _ => (R::MalformedPacket, "malformed CONNECT"),
+            };
+            // MQTT 3.1.1 has no code for a malformed CONNECT: just close.
+            if protocol == Protocol::V5 || code != R::MalformedPacket {
+                refuse(write, protocol, code, why).await;
+            }
+            return Err(format!("{why}: {e}"));
+        }
+    };
+    match packet {
+        Some(v5::Packet::Connect(connect)) => Ok(Hello { protocol, connect }),
+        _ => Err("first packet was not CONNECT".into()),
+    }
+}
+
+type Frame = Result<(MqttPacket, u32), DecodeError>;
+
+/// The next frame, or why none came before `deadline`.
+async fn next_before<R: AsyncRead + Unpin>(
+    framed: &mut FramedRead<R, MqttCodec>,
+    deadline: Instant,
+) -> Result<Frame, String> {
+    match timeout(
+        deadline.saturating_duration_since(Instant::now()),
+        framed.next(),
+    )
+    .await
+    {
+        Err(_) => Err("no CONNECT within the connect timeout".to_string()),
+        Ok(None) => Err("closed before CONNECT".to_string()),
+        Ok(Some(r)) => Ok(r),
+    }
+}
+
+/// Run the enhanced-authentication exchange a CONNECT asked for, within the
+/// connect timeout. Returns the method and the data for CONNACK, `None` when
+/// the CONNECT named no method.
+pub(super) async fn authenticate<R, W>(
+    broker: &Broker,
+    framed: &mut FramedRead<R, MqttCodec>,
+    write: &mut W,
+    client_id: &str,
+    connect: &mut v5::Connect,
+    deadline: Instant,
+) -> Result<Option<(ByteString, Option<Bytes>)>, String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use v5::ConnectAckReason as R;
+    let Some(method) = connect.auth_method.clone() else {
+        return Ok(None);
+    };
+    let exchange = broker
+        .hooks()
+        .enhanced_auth
+        .as_ref()
+        .and_then(|a| a.begin(client_id, &method));
+    let Some(mut exchange) = exchange else {
+        let why = format!("authentication method `{method}` not supported");
+        return Err(refuse(write, Protocol::V5, R::BadAuthenticationMethod, &why).await);
+    };
+    let mut data = connect.auth_data.take();
+    loop {
+        match exchange.step(data).await {
+            AuthStep::Success(d) => return Ok(Some((method, d))),
+            AuthStep::Failure => {
+                return Err(refuse(
+                    write,
+                    Protocol::V5,
+                    R::NotAuthorized,
+                    "authentication failed",
+                )
+                .await)
+            }
+            AuthStep::Continue(challenge) => {
+                let auth = v5::Auth {
+                    reason_code: v5::AuthReasonCode::ContinueAuth,
+                    auth_method: Some(method.clone()),
+                    auth_data: Some(challenge),
+                    reason_string: None,
+                    user_properties: Vec::new(),
+                };
+                send_now(
+                    write,
+                    &mut Encoder::new(Protocol::V5),
+                    v5::Packet::Auth(auth),
+                )
+                .await
+                .map_err(|e| format!("write failed during authentication: {e}"))?;
+                match next_before(framed, deadline).await? {
+                    Ok((MqttPacket::V5(v5::Packet::Auth(a)), _))
+                        if a.reason_code == v5::AuthReasonCode::ContinueAuth
+                            && a.auth_method.as_ref() == Some(&method) =>
+                    {
+                        data = a.auth_data;
+                    }
+                    _ => {
+                        let why = "expected AUTH (continue) with the same method";
+                        return Err(refuse(write, Protocol::V5, R::ProtocolError, why).await);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! One client connection, from CONNECT to close, for MQTT 3.1, 3.1.1 and 5.0.
+//!
+//! - [`handshake`]: protocol detection, CONNECT, enhanced authentication, refusals;
+//! - [`reader`]: decodes packets and acts on them: publishes are routed at
+//!   once (in packet order) and acknowledged when their storage write
+//!   commits, in the order they arrived;
+//! - [`writer`]: owns the socket's write half; sends control packets and
+//!   drains the session's queue in sequence order within the in-flight window;
+//! - [`aliases`]: topic aliases in both directions.
+//!
+//! Everything past the handshake is written in MQTT 5 terms; the codec
+//! converts for 3.1.1 clients (see [`crate::codec`]). Every way a connection
+//! ends is logged with the peer address and the reason, and an MQTT 5 client
+//! is told why with a DISCONNECT reason code.
+
+mod aliases;
+mod handshake;
+mod reader;
+mod writer;
+
+use std::fmt;
+use std::num::NonZeroU16;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use bytestring::ByteString;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::broker::{Broker, SessionExpiry, Will};
+use crate::codec::{from_wire_qos, reason, v5, Encoder, MqttCodec, Protocol, VersionCodec};
+use crate::config::BrokerConfig;
+use crate::message::{now_ms, Message, MessageProperties};
+use crate::session::Attachment;
+use crate::storage::{ClientId, StorageError};
+use crate::topic;
+
+use handshake::{authenticate, read_connect, refuse, send_now, Hello};
+
+/// Capacity of the reader-to-writer channel of control packets.
+const CONTROL_CAPACITY: usize = 256;
+/// How long the writer gets to send a final DISCONNECT before the socket is dropped.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the reader asks the writer to do.
+#[derive(Debug)]
+enum Control {
+    /// Send this packet before anything else queued.
+    Packet(v5::Packet),
+    /// Send this last packet (if any), close the socket, and stop.
+    Close(Option<v5::Packet>),
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum Close {
+    /// The client sent DISCONNECT; `will` for reason code 0x04.
+    Graceful { will: bool },
+    /// The socket closed without DISCONNECT.
+    Eof,
+    /// No packet within 1.5 x keep alive.
+    KeepAliveTimeout,
+    /// Another connection took over the session.
+    TakenOver,
+    /// The broker is shutting down.
+    Shutdown,
+    /// Writing to the socket failed.
+    WriteFailed,
+    /// The client broke the protocol; the code goes in DISCONNECT.
+    Violation(v5::DisconnectReasonCode, String),
+    /// Storage refused a write the client's request depends on.
+    Storage(StorageError),
+}
+
+impl fmt::Display for Close {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Close::Graceful { will: false } => write!(f, "client disconnected"),
+            Close::Graceful { will: true } => {
+                write!(f, "client disconnected asking for its will")
+            }
+            Close::Eof => write!(f, "connection closed by peer without DISCONNECT"),
+            Close::KeepAliveTimeout => write!(f, "keep alive timeout"),
+            Close::TakenOver => write!(f, "session taken over by a new connection"),
+            Close::Shutdown => write!(f, "broker shutting down"),
+            Close::WriteFailed => write!(f, "write to socket failed"),
+            Close::Violation(code, r) => write!(f, "protocol violation ({code:?}): {r}"),
+            Close::Storage(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl Close {
+    /// A protocol error (DISCONNECT 0x82).
+    fn protocol(why: impl Into<String>) -> Close {
+        Close::Violation(v5::DisconnectReasonCode::ProtocolError, why.into())
+    }
+
+    /// Whether the will message is published (MQTT 5 section 3.1.2.5).
+    fn publishes_will(&self) -> bool {
+        !matches!(self, Close::Graceful { will: false } | Close::Shutdown)
+    }
+
+    /// The DISCONNECT an MQTT 5 client is sent, if any.
+    fn disconnect_packet(&self) -> Option<v5::Packet> {
+        use v5::DisconnectReasonCode as D;
+        let code = match self {
+            Close::Graceful { .. } | Close::Eof | Close::WriteFailed => return None,
+            Close::KeepAliveTimeout => D::KeepAliveTimeout,
+            Close::TakenOver => D::SessionTakenOver,
+            Close::Shutdown => D::ServerShuttingDown,
+            Close::Violation(code, _) => *code,
+            Close::Storage(_) => D::ImplementationSpecificError,
+        };
+        Some(v5::Packet::Disconnect(v5::Disconnect {
+            reason_code: code,
+            reason_string: reason(self.to_string()),
+            ..v5::Disconnect::default()
+        }))
+    }
+}
+
+/// Serve one client on `stream` until it ends. `peer` names it in logs.
+pub async fn handle<S>(broker: Arc<Broker>, stream: S, peer: String)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (read, mut write) = tokio::io::split(stream);
+    let mut framed = FramedRead::new(read, MqttCodec::Version(VersionCodec));
+    let deadline = Instant::now() + broker.config().connect_timeout();
+    let config = broker.config().clone();
+
+    let Hello {
+        protocol,
+        mut connect,
+    } = match read_connect(&broker, &mut framed, &mut write, deadline).await {
+        Ok(h) => h,
+        Err(reason) => {
+            info!(%peer, %reason, "connection refused");
+            let _ = write.shutdown().await;
+            return;
+        }
+    };
+
+    let assigned_id = connect.client_id.is_empty();
+    let client_id: ClientId = if assigned_id {
+        format!("auto-{:016x}", rand_id(&broker)).into()
+    } else {
+        ClientId::from(&*connect.client_id)
+    };
+    let will = match connect
+        .last_will
+        .as_ref()
+        .map(|w| will_from(w, &config))
+        .transpose()
+    {
+        Ok(w) => w,
+        Err((code, why)) => {
+            let reason = refuse(&mut write, protocol, code, &why).await;
+            info!(%peer, client = %client_id, %reason, "connection refused");
+            return;
+        }
+    };
+    let auth = match authenticate(
+        &broker,
+        &mut framed,
+        &mut write,
+        &client_id,
+        &mut connect,
+        deadline,
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(reason) => {
+            info!(%peer, client = %client_id, %reason, "connection refused");
+            return;
+        }
+    };
+    let (expiry, expiry_granted) = session_expiry(protocol, &connect, &config);
+    let (keep_alive, server_keep_alive) = match (protocol, config.max_keep_alive) {
+        (Protocol::V5, Some(max)) if connect.keep_alive == 0 || connect.keep_alive > max => {
+            (max, Some(max))
+        }
+        _ => (connect.keep_alive, None),
+    };
+
+    let connection_id = broker.next_connection_id();
+    let kick = CancellationToken::new();
+    let detached = CancellationToken::new();
+    let attachment = Attachment {
+        connection_id,
+        kick: kick.clone(),
+        detached: detached.clone(),
+    };
+    let connected = match broker
+        .connect(client_id.clone(), connect.clean_start, expiry, attachment)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(%peer, client = %client_id, error = %e, "cannot open session: storage failed");
+            let why = "session storage unavailable";
+            refuse(
+                &mut write,
+                protocol,
+                v5::ConnectAckReason::ServerUnavailable,
+                why,
+            )
+            .await;
+            return;
+        }
+    };
+    let session = connected.session;
+
+    let mut encoder = Encoder::new(protocol);
+    if let Some(max) = connect.max_packet_size {
+        encoder.set_max_packet_size(max.get());
+    }
+    encoder.set_problem_info(connect.request_problem_info);
+    let (auth_method, auth_data) = match auth {
+        Some((m, d)) => (Some(m), d),
+        None => (None, None),
+    };
+    let connack = v5::ConnectAck {
+        session_present: connected.session_present,
+        reason_code: v5::ConnectAckReason::Success,
+        session_expiry_interval_secs: expiry_granted,
+        receive_max: NonZeroU16::new(config.receive_maximum).unwrap_or(NonZeroU16::MAX),
+        max_qos: crate::codec::to_wire_qos(config.max_qos()),
+        max_packet_size: Some(config.max_packet_size),
+        assigned_client_id: assigned_id.then(|| ByteString::from(&*client_id)),
+        topic_alias_max: config.topic_alias_maximum,
+        retain_available: config.retain_available,
+        wildcard_subscription_available: config.wildcard_subscriptions,
+        subscription_identifiers_available: config.subscription_identifiers,
+        shared_subscription_available: config.shared_subscriptions,
+        server_keepalive_sec: server_keep_alive,
+        response_info: match (&config.response_topic_prefix, connect.request_response_info) {
+            (Some(prefix), true) => Some(ByteString::from(format!("{prefix}{client_id}"))),
+            _ => None,
+        },
+        auth_method: auth_method.clone(),
+        auth_data,
+        ..v5::ConnectAck::default()
+    };
+    if send_now(
+        &mut write,
+        &mut encoder,
+        v5::Packet::ConnectAck(Box::new(connack)),
+    )
+    .await
+    .is_err()
+    {
+        broker.disconnect(&session, connection_id).await;
+        detached.cancel();
+        return;
+    }
+    info!(
+        %peer,
+        client = %client_id,
+        protocol = ?protocol,
+        clean_start = connect.clean_start,
+        expiry = ?expiry,
+        keep_alive,
+        session_present = connected.session_present,
+        "client connected"
+    );
+
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_CAPACITY);
+    let stop_writer = CancellationToken::new();
+    let max_inflight = connect.receive_max.map_or(config.max_inflight, |r| {
+        config.max_inflight.min(usize::from(r.get()))
+    });
+    let mut writer = tokio::spawn(writer::run(
+        write,
+        writer::Outbound {
+            encoder,
+            max_inflight,
+            topic_alias_max: connect.topic_alias_max,
+        },
+        session.clone(),
+        control_rx,
+        broker.clone(),
+        stop_writer.clone(),
+    ));
+
+    let mut reader = reader::Reader::new(
+        broker.clone(),
+        session.clone(),
+        control_tx,
+        protocol,
+        expiry == SessionExpiry::OnDisconnect,
+        auth_method,
+    );
+    let keep_alive = Duration::from_millis(u64::from(keep_alive) * 1500);
+    let close = reader
+        .run(&mut framed, keep_alive, &kick, stop_writer.clone())
+        .await;
+
+    // Say why (MQTT 5), then close the socket; a client that does not read
+    // does not hold the connection open.
+    let goodbye = match protocol {
+        Protocol::V5 => close.disconnect_packet(),
+        Protocol::V3 => None,
+    };
+    reader.close(goodbye).await;
+    drop(reader);
+    if tokio::time::timeout(GOODBYE_TIMEOUT, &mut writer)
+        .await
+        .is_err()
+    {
+        stop_writer.cancel();
+        let _ = writer.await;
+    }
+    if close.publishes_will() {
+        if let Some(will) = will {
+            broker.schedule_will(&session, will);
+        }
+    }
+    broker.disconnect(&session, connection_id).await;
+    detached.cancel();
+    match &close {
+        Close::Violation(..) | Close::Storage(_) => {
+            warn!(%peer, client = %client_id, reason = %close, "connection closed")
+        }
+        _ => info!(%peer, client = %client_id, reason = %close, "connection closed"),
+    }
+}
+
+fn rand_id(broker: &Broker) -> u64 {
+    // Unique enough for a generated id: process-wide counter mixed with the clock.
+    let n = broker.next_connection_id();
+    now_ms().rotate_left(20) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// How long the session outlives this connection, and the interval to send
+/// back in CONNACK when the broker lowered the client's.
+fn session_expiry(
+    protocol: Protocol,
+    connect: &v5::Connect,
+    config: &BrokerConfig,
+) -> (SessionExpiry, Option<u32>) {
+    match protocol {
+        Protocol::V3 if connect.clean_start => (SessionExpiry::OnDisconnect, None),
+        Protocol::V3 => (
+            config
+                .session_expiry_secs
+                .map_or(SessionExpiry::Never, SessionExpiry::After),
+            None,
+        ),
+        Protocol::V5 => {
+            let asked = connect.session_expiry_interval_secs;
+            match config.max_session_expiry_secs {
+                Some(max) if asked > max => (SessionExpiry::from_interval(max), Some(max)),
+                _ => (SessionExpiry::from_interval(asked), None),
+            }
+        }
+    }
+}
+
+/// The properties of a message from their wire form, checked:
+/// `Err` with the reason code and why when they are not acceptable.
+#[allow(clippy::too_many_arguments)]
+fn message_properties(
+    payload: &Bytes,
+    utf8: bool,
+    expiry_secs: Option<u32>,
+    content_type: Option<&ByteString>,
+    response_topic: Option<&ByteString>,
+    correlation_data: Option<&Bytes>,
+    user_properties: &[(ByteString, ByteString)],
+) -> Result<MessageProperties, (u8, String)> {
+    if utf8 && std::str::from_utf8(payload).is_err() {
+        return Err((
+            0x99,
+            "payload format indicator says UTF-8 but the payload is not".into(),
+        ));
+    }
+    if let Some(t) = response_topic {
+        topic::validate_name(t).map_err(|e| (0x82, format!("invalid response topic: {e}")))?;
+    }
+    Ok(MessageProperties {
+        payload_format_utf8: utf8.then_some(true),
+        expires_at_ms: expiry_secs.map(|s| now_ms() + u64::from(s) * 1000),
+        content_type: content_type.map(|c| c.to_string()),
+        response_topic: response_topic.map(|t| t.to_string()),
+        correlation_data: correlation_data.cloned(),
+        user_properties: user_properties
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    })
+}
+
+/// The will of a CONNECT, checked against the broker's limits.
+fn will_from(
+    w: &v5::LastWill,
+    config: &BrokerConfig,
+) -> Result<Will, (v5::ConnectAckReason, String)> {
+    use v5::ConnectAckReason as R;
+    topic::validate_name(&w.topic)
+        .map_err(|e| (R::TopicNameInvalid, format!("invalid will topic: {e}")))?;
+    let qos = from_wire_qos(w.qos);
+    if qos > config.max_qos() {
+        return Err((R::QosNotSupported, "will QoS above the maximum".into()));
+    }
+    if w.retain && !config.retain_available {
+        return Err((
+            R::RetainNotSupported,
+            "retained wills are not supported".into(),
+        ));
+    }
+    let properties = message_properties(
+        &w.message,
+        w.is_utf8_payload.unwrap_or(false),
+        None,
+        w.content_type.as_ref(),
+        w.response_topic.as_ref(),
+        w.correlation_data.as_ref(),
+        &w.user_properties,
+    )
+    .map_err(|(code, why)| {
+        let code = if code == 0x99 {
+            R::PayloadFormatInvalid
+        } else {
+            R::ProtocolError
+        };
+        (code, format!("will: {why}"))
+    })?;
+    let mut message = Message::new(w.topic.to_string(), w.message.clone(), qos, w.retain);
+    message.properties = properties;
+    Ok(Will {
+        message,
+        expiry_secs: w.message_expiry_interval.map(|e| e.get()),
+        delay_secs: w.will_delay_interval_sec.unwrap_or(0),
+    })
+}

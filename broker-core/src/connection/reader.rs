@@ -1,0 +1,586 @@
+//! The reader: decodes the client's packets and acts on them.
+//!
+//! Publishes are routed as they arrive (so sequence numbers follow packet
+//! order) and acknowledged once their storage write has committed, in arrival
+//! order, while later writes overlap. Everything is handled in MQTT 5 terms.
+
+use std::collections::HashSet;
+use std::num::NonZeroU16;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytestring::ByteString;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
+use tokio::io::AsyncRead;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::aliases::{AliasError, InboundAliases};
+use super::{message_properties, Close, Control};
+use crate::broker::{Broker, SessionExpiry, SubscribeRefusal, Unsubscribed};
+use crate::codec::{
+    from_wire_qos, puback, pubcomp, reason, upgrade, v5, DecodeError, MqttCodec, MqttPacket,
+    Protocol, Publish,
+};
+use crate::hooks::{AuthExchange, AuthStep};
+use crate::message::{Message, QoS};
+use crate::session::Session;
+use crate::storage::{PacketOp, StorageError};
+use crate::subscription::SubscriptionOptions;
+use crate::topic;
+
+use v5::DisconnectReasonCode as D;
+
+/// An acknowledgement waiting for its storage write, in arrival order.
+type PendingAck = BoxFuture<'static, Result<Option<v5::Packet>, StorageError>>;
+
+pub(super) struct Reader {
+    broker: Arc<Broker>,
+    session: Arc<Session>,
+    control: mpsc::Sender<Control>,
+    pending: FuturesOrdered<PendingAck>,
+    protocol: Protocol,
+    /// Packet ids of QoS 1/2 publishes not yet fully acknowledged: the
+    /// client's use of the broker's Receive Maximum.
+    quota: HashSet<u16>,
+    aliases: InboundAliases,
+    /// The session was opened with expiry 0, which DISCONNECT may not raise.
+    expiry_zero_at_connect: bool,
+    /// The enhanced-authentication method of CONNECT, for re-authentication.
+    auth_method: Option<ByteString>,
+    reauth: Option<Box<dyn AuthExchange>>,
+}
+
+impl Reader {
+    pub(super) fn new(
+        broker: Arc<Broker>,
+        session: Arc<Session>,
+        control: mpsc::Sender<Control>,
+        protocol: Protocol,
+        expiry_zero_at_connect: bool,
+        auth_method: Option<ByteString>,
+    ) -> Self {
+        let aliases = InboundAliases::new(broker.config().topic_alias_maximum);
+        Reader {
+            broker,
+            session,
+            control,
+            pending: FuturesOrdered::new(),
+            protocol,
+            quota: HashSet::new(),
+            aliases,
+            expiry_zero_at_connect,
+            auth_method,
+            reauth: None,
+        }
+    }
+
+    pub(super) async fn run<R: AsyncRead + Unpin>(
+        &mut self,
+        framed: &mut FramedRead<R, MqttCodec>,
+        keep_alive: Duration,
+        kick: &CancellationToken,
+        writer_stopped: CancellationToken,
+    ) -> Close {
+        let shutdown = self.broker.shutdown_token();
+        // Back-pressure: stop reading while this many acknowledgements wait.
+        let max_pending = usize::from(self.broker.config().receive_maximum);
+        let mut deadline = Instant::now() + keep_alive;
+        loop {
+            tokio::select! {
+                biased;
+                _ = kick.cancelled() => return Close::TakenOver,
+                _ = shutdown.cancelled() => return Close::Shutdown,
+                _ = writer_stopped.cancelled() => return Close::WriteFailed,
+                Some(ack) = self.pending.next(), if !self.pending.is_empty() => {
+                    match ack {
+                        Ok(Some(p)) => {
+                            if let Err(c) = self.send(p).await {
+                                return c;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => return Close::Storage(e),
+                    }
+                }
+                _ = sleep_until(deadline), if !keep_alive.is_zero() => return Close::KeepAliveTimeout,
+                frame = framed.next(), if self.pending.len() < max_pending => {
+                    let packet = match frame {
+                        None => return Close::Eof,
+                        Some(Err(DecodeError::MaxSizeExceeded { size, max })) => {
+                            return Close::Violation(
+                                D::PacketTooLarge,
+                                format!("packet of {size} bytes, maximum {max}"),
+                            )
+                        }
+                        Some(Err(e)) => {
+                            return Close::Violation(D::MalformedPacket, format!("malformed packet: {e}"))
+                        }
+                        Some(Ok((MqttPacket::V5(p), _))) => p,
+                        Some(Ok((MqttPacket::V3(p), _))) => match upgrade(p) {
+                            Ok(p) => p,
+                            Err(t) => return Close::protocol(format!("packet type 0x{t:02x} is not sent by clients")),
+                        },
+                        Some(Ok(_)) => return Close::protocol("unexpected frame"),
+                    };
+                    deadline = Instant::now() + keep_alive;
+                    if let Err(reason) = self.on_packet(packet).await {
+                        return reason;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ask the writer to send `last` (if any) and close the socket.
+    pub(super) async fn close(&mut self, last: Option<v5::Packet>) {
+        let _ = self.control.send(Control::Close(last)).await;
+    }
+
+    /// Hand a packet to the writer; a sent acknowledgement frees its quota.
+    async fn send(&mut self, p: v5::Packet) -> Result<(), Close> {
+        match &p {
+            v5::Packet::PublishAck(a) => {
+                self.quota.remove(&a.packet_id.get());
+            }
+            v5::Packet::PublishReceived(a) if a.reason_code as u8 >= 0x80 => {
+                self.quota.remove(&a.packet_id.get());
+            }
+            v5::Packet::PublishComplete(a) => {
+                self.quota.remove(&a.packet_id.get());
+            }
+            _ => {}
+        }
+        self.control
+            .send(Control::Packet(p))
+            .await
+            .map_err(|_| Close::WriteFailed)
+    }
+
+    /// Queue an acknowledgement that needs no storage write, behind the others.
+    fn ack_now(&mut self, p: v5::Packet) {
+        self.pending
+            .push_back(futures::future::ready(Ok(Some(p))).boxed());
+    }
+
+    /// Send every acknowledgement still waiting, in order.
+    async fn drain_pending(&mut self) -> Result<(), Close> {
+        while let Some(ack) = self.pending.next().await {
+            if let Some(p) = ack.map_err(Close::Storage)? {
+                self.send(p).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write store operations caused by acknowledgements; they need no reply,
+    /// and run to completion even if the connection closes.
+    fn write_ops(&self, op: Option<PacketOp>) {
+        if let Some(op) = op {
+            let storage = self.broker.storage().clone();
+            let client = self.session.client_id.clone();
+            tokio::spawn(async move {
+                if let Err(e) = storage.packets.write(vec![op]).await {
+                    warn!(%client, error = %e, "could not record an acknowledgement");
+                }
+            });
+        }
+        self.session.wake.notify_one();
+    }
+
+    async fn on_packet(&mut self, packet: v5::Packet) -> Result<(), Close> {
+        let client = self.session.client_id.clone();
+        match packet {
+            v5::Packet::Publish(p) => self.on_publish(*p).await?,
+            v5::Packet::PublishAck(a) => {
+                // Any reason code ends a QoS 1 delivery.
+                let op = self
+                    .session
+                    .lock()
+                    .complete(a.packet_id.get(), false, &client);
+                self.write_ops(op);
+            }
+            v5::Packet::PublishReceived(a) => {
+                let mut st = self.session.lock();
+                let op = if (a.reason_code as u8) >= 0x80 {
+                    // The client refused the message: no PUBREL, the delivery ends.
+                    st.abandon(a.packet_id.get(), &client)
+                } else {
+                    st.received(a.packet_id.get(), &client)
+                };
+                drop(st);
+                self.write_ops(op);
+            }
+            v5::Packet::PublishComplete(a) => {
+                let op = self
+                    .session
+                    .lock()
+                    .complete(a.packet_id.get(), true, &client);
+                self.write_ops(op);
+            }
+            v5::Packet::PublishRelease(a) => self.on_release(a.packet_id),
+            v5::Packet::Subscribe(s) => self.on_subscribe(s).await?,
+            v5::Packet::Unsubscribe(u) => {
+                if u.topic_filters.is_empty() {
+                    return Err(Close::protocol("UNSUBSCRIBE without topic filters"));
+                }
+                let filters = u.topic_filters.iter().map(|f| f.to_string()).collect();
+                let outcomes = self
+                    .broker
+                    .unsubscribe(&self.session, filters)
+                    .await
+                    .map_err(Close::Storage)?;
+                let status = outcomes
+                    .into_iter()
+                    .map(|o| match o {
+                        Unsubscribed::Removed => v5::UnsubscribeAckReason::Success,
+                        Unsubscribed::NotSubscribed => {
+                            v5::UnsubscribeAckReason::NoSubscriptionExisted
+                        }
+                        Unsubscribed::InvalidFilter => v5::UnsubscribeAckReason::TopicFilterInvalid,
+                    })
+                    .collect();
+                self.send(v5::Packet::UnsubscribeAck(v5::UnsubscribeAck {
+                    packet_id: u.packet_id,
+                    properties: Vec::new(),
+                    reason_string: None,
+                    status,
+                }))
+                .await?;
+            }
+            v5::Packet::PingRequest => self.send(v5::Packet::PingResponse).await?,
+            v5::Packet::Disconnect(d) => {
+                if let Some(secs) = d.session_expiry_interval_secs {
+                    if self.expiry_zero_at_connect && secs != 0 {
+                        return Err(Close::protocol(
+                            "session expiry interval set at DISCONNECT after 0 at CONNECT",
+                        ));
+                    }
+                    let expiry = SessionExpiry::from_interval(secs);
+                    self.broker.set_session_expiry(&self.session, expiry);
+                }
+                self.drain_pending().await?;
+                let will = d.reason_code == D::DisconnectWithWillMessage;
+                return Err(Close::Graceful { will });
+            }
+            v5::Packet::Auth(a) => self.on_auth(a).await?,
+            v5::Packet::Connect(_) => return Err(Close::protocol("second CONNECT")),
+            other => {
+                return Err(Close::protocol(format!(
+                    "packet type 0x{:02x} is not sent by clients",
+                    other.packet_type()
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// PUBREL for an incoming QoS 2 message: PUBCOMP once the packet id is
+    /// free in the store too (otherwise a restart would take the client's
+    /// next message with this id for a duplicate).
+    fn on_release(&mut self, packet_id: NonZeroU16) {
+        let known = self.session.lock().incoming_qos2.remove(&packet_id.get());
+        if !known {
+            let ack = pubcomp(packet_id, v5::PublishAck2Reason::PacketIdNotFound);
+            self.ack_now(v5::Packet::PublishComplete(ack));
+            return;
+        }
+        let ack = v5::Packet::PublishComplete(pubcomp(packet_id, v5::PublishAck2Reason::Success));
+        if self.session.lock().persistent {
+            let storage = self.broker.storage().clone();
+            let op = PacketOp::IncomingQos2Released {
+                client: self.session.client_id.clone(),
+                packet_id: packet_id.get(),
+            };
+            self.pending.push_back(
+                async move { storage.packets.write(vec![op]).await.map(|_| Some(ack)) }.boxed(),
+            );
+        } else {
+            self.ack_now(ack);
+        }
+    }
+
+    async fn on_subscribe(&mut self, s: v5::Subscribe) -> Result<(), Close> {
+        if s.topic_filters.is_empty() {
+            return Err(Close::protocol("SUBSCRIBE without topic filters"));
+        }
+        if s.id.is_some() && !self.broker.config().subscription_identifiers {
+            return Err(Close::Violation(
+                D::SubscriptionIdentifiersNotSupported,
+                "subscription identifiers are not supported".into(),
+            ));
+        }
+        let mut requests = Vec::with_capacity(s.topic_filters.len());
+        for (filter, o) in s.topic_filters {
+            if o.no_local && filter.starts_with("$share/") {
+                return Err(Close::protocol("No Local on a shared subscription"));
+            }
+            requests.push((
+                filter.to_string(),
+                SubscriptionOptions {
+                    qos: from_wire_qos(o.qos),
+                    no_local: o.no_local,
+                    retain_as_published: o.retain_as_published,
+                    retain_handling: o.retain_handling.into(),
+                    subscription_id: s.id.map(|i| i.get()),
+                },
+            ));
+        }
+        let outcomes = self
+            .broker
+            .subscribe(&self.session, requests.clone())
+            .await
+            .map_err(Close::Storage)?;
+        let status = outcomes
+            .iter()
+            .map(|o| match o {
+                Ok(g) => match g.qos {
+                    QoS::AtMostOnce => v5::SubscribeAckReason::GrantedQos0,
+                    QoS::AtLeastOnce => v5::SubscribeAckReason::GrantedQos1,
+                    QoS::ExactlyOnce => v5::SubscribeAckReason::GrantedQos2,
+                },
+                Err(SubscribeRefusal::InvalidFilter) => v5::SubscribeAckReason::TopicFilterInvalid,
+                Err(SubscribeRefusal::SharedNotSupported) => {
+                    v5::SubscribeAckReason::SharedSubscriptionNotSupported
+                }
+                Err(SubscribeRefusal::WildcardsNotSupported) => {
+                    v5::SubscribeAckReason::WildcardSubscriptionsNotSupported
+                }
+            })
+            .collect();
+        self.send(v5::Packet::SubscribeAck(v5::SubscribeAck {
+            packet_id: s.packet_id,
+            properties: Vec::new(),
+            reason_string: None,
+            status,
+        }))
+        .await?;
+        // Retained messages after SUBACK: never for shared subscriptions;
+        // Retain Handling 1 only for a new subscription, 2 never.
+        for ((filter, mut options), outcome) in requests.into_iter().zip(outcomes) {
+            let Ok(granted) = outcome else { continue };
+            let wanted = match options.retain_handling {
+                0 => true,
+                1 => !granted.existed,
+                _ => false,
+            };
+            if wanted && !granted.shared {
+                options.qos = granted.qos;
+                self.broker
+                    .deliver_retained(&self.session, &filter, &options)
+                    .await
+                    .map_err(Close::Storage)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// AUTH after CONNECT: re-authentication with the method of CONNECT.
+    async fn on_auth(&mut self, a: v5::Auth) -> Result<(), Close> {
+        let Some(method) = self.auth_method.clone() else {
+            return Err(Close::protocol(
+                "AUTH without enhanced authentication at CONNECT",
+            ));
+        };
+        if a.auth_method.as_ref() != Some(&method) {
+            return Err(Close::protocol("AUTH with a method other than CONNECT's"));
+        }
+        match a.reason_code {
+            v5::AuthReasonCode::ReAuth => {
+                let hook = self.broker.hooks().enhanced_auth.clone();
+                self.reauth = hook.and_then(|h| h.begin(&self.session.client_id, &method));
+            }
+            v5::AuthReasonCode::ContinueAuth if self.reauth.is_some() => {}
+            _ => return Err(Close::protocol("unexpected AUTH reason code")),
+        }
+        let Some(exchange) = self.reauth.as_mut() else {
+            return Err(Close::Violation(
+                D::NotAuthorized,
+                "re-authentication refused".into(),
+            ));
+        };
+        let (reason_code, data) = match exchange.step(a.auth_data).await {
+            AuthStep::Success(d) => {
+                self.reauth = None;
+                (v5::AuthReasonCode::Success, d)
+            }
+            AuthStep::Continue(d) => (v5::AuthReasonCode::ContinueAuth, Some(d)),
+            AuthStep::Failure => {
+                return Err(Close::Violation(
+                    D::NotAuthorized,
+                    "re-authentication failed".into(),
+                ))
+            }
+        };
+        self.send(v5::Packet::Auth(v5::Auth {
+            reason_code,
+            auth_method: Some(method),
+            auth_data: data,
+            reason_string: None,
+            user_properties: Vec::new(),
+        }))
+        .await
+    }
+
+    async fn on_publish(&mut self, mut p: Publish) -> Result<(), Close> {
+        let config = self.broker.config();
+        let props = p.properties.take().unwrap_or_default();
+        let topic = self
+            .aliases
+            .resolve(p.topic, props.topic_alias.map(|a| a.get()))
+            .map_err(|e| match e {
+                AliasError::OutOfRange(a) => Close::Violation(
+                    D::TopicAliasInvalid,
+                    format!("topic alias {a} out of range"),
+                ),
+                AliasError::Unknown(a) => Close::protocol(format!("topic alias {a} was never set")),
+            })?;
+        topic::validate_name(&topic).map_err(|e| {
+            Close::Violation(
+                D::TopicNameInvalid,
+                format!("invalid PUBLISH topic `{topic}`: {e}"),
+            )
+        })?;
+        if !props.subscription_ids.is_empty() {
+            return Err(Close::protocol(
+                "subscription identifier in a client PUBLISH",
+            ));
+        }
+        let qos = from_wire_qos(p.qos);
+        if qos == QoS::AtMostOnce && p.dup {
+            return Err(Close::protocol("DUP set on a QoS 0 PUBLISH"));
+        }
+        if qos > config.max_qos() {
+            return Err(Close::Violation(
+                D::QosNotSupported,
+                format!("QoS {} above the maximum", qos.as_u8()),
+            ));
+        }
+        if p.retain && !config.retain_available {
+            return Err(Close::Violation(
+                D::RetainNotSupported,
+                "retain is not supported".into(),
+            ));
+        }
+        let packet_id = match (qos, p.packet_id) {
+            (QoS::AtMostOnce, _) => None,
+            (_, Some(id)) => Some(id),
+            (_, None) => return Err(Close::protocol("QoS > 0 PUBLISH without packet id")),
+        };
+        if qos == QoS::ExactlyOnce {
+            let id = packet_id.map_or(0, |i| i.get());
+            if self.session.lock().incoming_qos2.contains(&id) {
+                // A resend of a message already accepted: acknowledge, do not route again.
+                let ack = puback(
+                    packet_id.unwrap_or(NonZeroU16::MIN),
+                    v5::PublishAckReason::Success,
+                );
+                self.ack_now(v5::Packet::PublishReceived(ack));
+                return Ok(());
+            }
+        }
+        if let Some(id) = packet_id {
+            if self.quota.len() >= usize::from(config.receive_maximum)
+                && self.protocol == Protocol::V5
+            {
+                return Err(Close::Violation(
+                    D::ReceiveMaximumExceeded,
+                    format!(
+                        "more than {} QoS 1/2 publishes unacknowledged",
+                        config.receive_maximum
+                    ),
+                ));
+            }
+            self.quota.insert(id.get());
+        }
+        let properties = match message_properties(
+            &p.payload,
+            props.is_utf8_payload,
+            props.message_expiry_interval.map(|e| e.get()),
+            props.content_type.as_ref(),
+            props.response_topic.as_ref(),
+            props.correlation_data.as_ref(),
+            &props.user_properties,
+        ) {
+            Ok(props) => props,
+            Err((0x99, why)) if packet_id.is_some() => {
+                // Refused, not routed; the client learns why from the reason code.
+                let id = packet_id.unwrap_or(NonZeroU16::MIN);
+                let mut ack = puback(id, v5::PublishAckReason::PayloadFormatInvalid);
+                ack.reason_string = reason(why);
+                self.ack_now(match qos {
+                    QoS::AtLeastOnce => v5::Packet::PublishAck(ack),
+                    _ => v5::Packet::PublishReceived(ack),
+                });
+                return Ok(());
+            }
+            Err((0x99, why)) => return Err(Close::Violation(D::PayloadFormatInvalid, why)),
+            Err((_, why)) => return Err(Close::protocol(why)),
+        };
+        let mut message = Message::new(topic.to_string(), p.payload, qos, p.retain);
+        message.properties = properties;
+
+        if message.retain {
+            // Retained updates of one publisher are applied in its order.
+            self.drain_pending().await?;
+            self.broker
+                .update_retained(&message)
+                .await
+                .map_err(Close::Storage)?;
+        }
+        let mut routed = self.broker.route(message, Some(&self.session.client_id));
+        let ack_reason = if routed.matched() {
+            v5::PublishAckReason::Success
+        } else {
+            v5::PublishAckReason::NoMatchingSubscribers
+        };
+        let ack = match (qos, packet_id) {
+            (QoS::AtLeastOnce, Some(id)) => Some(v5::Packet::PublishAck(puback(id, ack_reason))),
+            (QoS::ExactlyOnce, Some(id)) => {
+                let persistent = {
+                    let mut st = self.session.lock();
+                    st.incoming_qos2.insert(id.get());
+                    st.persistent
+                };
+                if persistent {
+                    routed.push_op(PacketOp::IncomingQos2Received {
+                        client: self.session.client_id.clone(),
+                        packet_id: id.get(),
+                    });
+                }
+                Some(v5::Packet::PublishReceived(puback(id, ack_reason)))
+            }
+            _ => None,
+        };
+        let broker = self.broker.clone();
+        match ack {
+            None => {
+                let _ = broker.commit(routed).await;
+            }
+            Some(ack) => {
+                let session = self.session.clone();
+                let id = packet_id.map_or(0, |i| i.get());
+                self.pending.push_back(
+                    async move {
+                        match broker.commit(routed).await {
+                            Ok(()) => Ok(Some(ack)),
+                            Err(e) => {
+                                if qos == QoS::ExactlyOnce {
+                                    session.lock().incoming_qos2.remove(&id);
+                                }
+                                Err(e)
+                            }
+                        }
+                    }
+                    .boxed(),
+                );
+            }
+        }
+        Ok(())
+    }
+}

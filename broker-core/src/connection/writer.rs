@@ -1,0 +1,218 @@
+//! The writer task: control packets first, then the session's queue in order.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use bytestring::ByteString;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::aliases::{AliasUse, OutboundAliases};
+use super::Control;
+use crate::broker::Broker;
+use crate::codec::{packet_id, pubcomp, to_wire_qos, v5, EncodeError, Encoder, Publish};
+use crate::message::{now_ms, Message, QoS};
+use crate::session::{Outgoing, Session};
+use crate::storage::{ClientId, PacketOp};
+
+/// What the writer needs to know about the client's limits.
+pub(super) struct Outbound {
+    /// Encodes in the client's protocol, within its Maximum Packet Size.
+    pub encoder: Encoder,
+    /// In-flight window: the broker's, lowered to the client's Receive Maximum.
+    pub max_inflight: usize,
+    /// The client's Topic Alias Maximum.
+    pub topic_alias_max: u16,
+}
+
+/// Run until the reader asks to close, the socket fails, or `stop` is cancelled.
+pub(super) async fn run<S>(
+    mut write: WriteHalf<S>,
+    Outbound {
+        mut encoder,
+        max_inflight,
+        topic_alias_max,
+    }: Outbound,
+    session: Arc<Session>,
+    mut control: mpsc::Receiver<Control>,
+    broker: Arc<Broker>,
+    stop: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut out = Vec::new();
+    let mut ops = Vec::new();
+    let mut aliases = OutboundAliases::new(topic_alias_max);
+    let client = session.client_id.clone();
+    loop {
+        let mut last = None;
+        while let Ok(c) = control.try_recv() {
+            match c {
+                Control::Packet(p) => encode_control(&mut encoder, p, &mut buf, &client),
+                Control::Close(p) => {
+                    last = Some(p);
+                    break;
+                }
+            }
+        }
+        if let Some(last) = last {
+            if let Some(p) = last {
+                encode_control(&mut encoder, p, &mut buf, &client);
+            }
+            let _ = write.write_all_buf(&mut buf).await;
+            let _ = write.shutdown().await;
+            return;
+        }
+        session
+            .lock()
+            .next_outgoing(max_inflight, &mut out, &mut ops, &client);
+        for o in out.drain(..) {
+            encode_outgoing(&mut encoder, &mut aliases, o, &mut buf, &session, &mut ops);
+        }
+        if !ops.is_empty() {
+            let batch = std::mem::take(&mut ops);
+            let storage = broker.storage().clone();
+            tokio::spawn(async move {
+                if let Err(e) = storage.packets.write(batch).await {
+                    warn!(error = %e, "could not remove expired or undeliverable messages");
+                }
+            });
+        }
+        if !buf.is_empty() {
+            tokio::select! {
+                r = write.write_all_buf(&mut buf) => {
+                    if r.is_err() {
+                        stop.cancel();
+                        return;
+                    }
+                }
+                _ = stop.cancelled() => return,
+            }
+            buf.clear();
+        }
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => {
+                let _ = write.flush().await;
+                return;
+            }
+            c = control.recv() => match c {
+                Some(Control::Packet(p)) => encode_control(&mut encoder, p, &mut buf, &client),
+                Some(Control::Close(p)) => {
+                    if let Some(p) = p {
+                        encode_control(&mut encoder, p, &mut buf, &client);
+                    }
+                    let _ = write.write_all_buf(&mut buf).await;
+                    let _ = write.shutdown().await;
+                    return;
+                }
+                None => {
+                    let _ = write.shutdown().await;
+                    return;
+                }
+            },
+            _ = session.wake.notified() => {}
+        }
+    }
+}
+
+fn encode_control(encoder: &mut Encoder, p: v5::Packet, buf: &mut BytesMut, client: &ClientId) {
+    if let Err(e) = encoder.encode(p, buf) {
+        debug!(%client, error = %e, "control packet not sent");
+    }
+}
+
+/// Encode one delivery. A PUBLISH larger than the client accepts is dropped
+/// as if delivered (MQTT 5 section 3.1.2.11.4); its store entry goes with it.
+fn encode_outgoing(
+    encoder: &mut Encoder,
+    aliases: &mut OutboundAliases,
+    o: Outgoing,
+    buf: &mut BytesMut,
+    session: &Session,
+    ops: &mut Vec<PacketOp>,
+) {
+    let client = &session.client_id;
+    match o {
+        Outgoing::PubRel { packet_id: id } => {
+            let p =
+                v5::Packet::PublishRelease(pubcomp(packet_id(id), v5::PublishAck2Reason::Success));
+            encode_control(encoder, p, buf, client);
+        }
+        Outgoing::Publish {
+            packet_id: id,
+            dup,
+            qos,
+            retain,
+            subscription_ids,
+            message,
+        } => {
+            let alias = aliases.lookup(&message.topic);
+            let publish = wire_publish(&message, id, dup, qos, retain, subscription_ids, alias);
+            match encoder.encode(v5::Packet::Publish(Box::new(publish)), buf) {
+                Ok(()) => aliases.sent(&message.topic, alias),
+                Err(EncodeError::OverMaxPacketSize { size, max }) => {
+                    debug!(%client, topic = %message.topic, size, max, "message larger than the client accepts: dropped");
+                    if let Some(id) = id {
+                        ops.extend(session.lock().abandon(id, client));
+                    }
+                }
+                Err(e) => warn!(%client, error = %e, "could not encode an outgoing message"),
+            }
+        }
+    }
+}
+
+/// The PUBLISH for a delivery, with the message's MQTT 5 properties (the
+/// codec drops them for 3.1.1 clients) and the expiry interval that remains.
+fn wire_publish(
+    message: &Message,
+    id: Option<u16>,
+    dup: bool,
+    qos: QoS,
+    retain: bool,
+    subscription_ids: Vec<u32>,
+    alias: AliasUse,
+) -> Publish {
+    let p = &message.properties;
+    let (topic, topic_alias) = match alias {
+        AliasUse::None => (ByteString::from(message.topic.as_str()), None),
+        AliasUse::Set(a) => (ByteString::from(message.topic.as_str()), Some(a)),
+        AliasUse::Known(a) => (ByteString::new(), Some(a)),
+    };
+    let remaining = p.expires_at_ms.map(|at| {
+        let ms = at.saturating_sub(now_ms());
+        // Rounded up: a message is never reported as already expired.
+        NonZeroU32::new(ms.div_ceil(1000).clamp(1, u64::from(u32::MAX)) as u32)
+            .unwrap_or(NonZeroU32::MIN)
+    });
+    Publish {
+        dup,
+        retain,
+        qos: to_wire_qos(qos),
+        topic,
+        packet_id: id.filter(|_| qos != QoS::AtMostOnce).map(packet_id),
+        payload: message.payload.clone(),
+        properties: Some(v5::PublishProperties {
+            topic_alias: topic_alias.and_then(std::num::NonZeroU16::new),
+            correlation_data: p.correlation_data.clone(),
+            message_expiry_interval: remaining,
+            content_type: p.content_type.as_deref().map(ByteString::from),
+            user_properties: p
+                .user_properties
+                .iter()
+                .map(|(k, v)| (ByteString::from(k.as_str()), ByteString::from(v.as_str())))
+                .collect(),
+            is_utf8_payload: p.payload_format_utf8 == Some(true),
+            response_topic: p.response_topic.as_deref().map(ByteString::from),
+            subscription_ids: subscription_ids
+                .into_iter()
+                .filter_map(NonZeroU32::new)
+                .collect(),
+        }),
+    }
+}
