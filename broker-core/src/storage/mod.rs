@@ -19,9 +19,15 @@
 //! - Removing what is not there (`Remove`, `SetState`, `Purge`,
 //!   `IncomingQos2Released` on an unknown entry) succeeds and changes nothing:
 //!   acknowledgements can be repeated, and they may reach the store after a purge.
-//! - A message id is never 0 in a batch, and appears in exactly one `Enqueue`
-//!   (the core routes each message once). Retained messages get ids from the
-//!   same counter but live only in the retained store.
+//! - A message id is never 0 in a batch. It usually appears in one `Enqueue`
+//!   (the core routes each message once), but a later `Enqueue` may name a
+//!   message that is already stored: a shared subscription handing a queued
+//!   message to another member. The stored body is then referenced again,
+//!   never stored twice. Retained messages get ids from the same counter but
+//!   live only in the retained store.
+//! - Each queue entry carries its [`Delivery`] (QoS, retain flag, MQTT 5
+//!   subscription identifiers, shared group), and each body its MQTT 5
+//!   properties; both come back unchanged, also after a restart.
 //! - Sequence numbers and message ids stay below 2^53, so stores keyed by
 //!   JSON numbers or Redis scores can hold them exactly.
 //! - [`SubscriptionStore::delete_session`] removes the session's record and

@@ -70,7 +70,7 @@ use async_trait::async_trait;
 use crate::storage::Storage;
 
 pub use queue::{
-    batch_atomic_visibility, batch_order, fan_out_enqueue, incoming_qos2,
+    batch_atomic_visibility, batch_order, body_handed_over, fan_out_enqueue, incoming_qos2,
     last_message_id_monotonic, message_properties_round_trip, paging, purge_only_that_session,
     queue_isolation, queue_order_concurrent, remove_in_middle, remove_unknown_is_noop,
     seq_numeric_order, set_state_released,
@@ -140,6 +140,7 @@ macro_rules! conformance_tests {
                 batch_order,
                 batch_atomic_visibility,
                 message_properties_round_trip,
+                body_handed_over,
                 retained_set_replace_delete,
                 retained_wildcards,
                 retained_properties_round_trip,

@@ -1098,3 +1098,80 @@ pub async fn message_properties_round_trip<F: StoreFactory + ?Sized>(factory: &F
     }
     factory.close(storage).await;
 }
+
+/// A stored body queued again for another session (a shared subscription
+/// handing a message from a member that left to one that stays): the second
+/// `Enqueue` names a message id that is already stored, in the same batch as
+/// the removal of the first entry. The body must be reused, not duplicated
+/// or lost: the new entry reads back whole, and once every entry is removed
+/// the body goes, as for any other message.
+pub async fn body_handed_over<F: StoreFactory + ?Sized>(factory: &F) {
+    let storage = factory.open().await;
+    let (leaving, staying, other) = (
+        client("ho-leaving"),
+        client("ho-staying"),
+        client("ho-other"),
+    );
+    let shared = rich_messages(1).swap_remove(0);
+    let delivery = rich_delivery(0);
+    let at = |c: &ClientId, seq: Seq| QueueTarget {
+        client: c.clone(),
+        seq,
+        delivery: delivery.clone(),
+    };
+    write(
+        &storage,
+        vec![
+            enqueue(shared.clone(), vec![at(&leaving, 1), at(&other, 1)]),
+            enqueue_one(&staying, 1, 2),
+        ],
+        "first enqueue",
+    )
+    .await;
+    write(
+        &storage,
+        vec![
+            enqueue(shared.clone(), vec![at(&staying, 2)]),
+            remove(&leaving, 1),
+        ],
+        "hand-over batch",
+    )
+    .await;
+    assert!(
+        read_all(&storage, &leaving).await.is_empty(),
+        "the entry handed over is still queued for the session that left"
+    );
+    let got = read_all(&storage, &staying).await;
+    assert_eq!(seqs(&got), vec![1, 2], "queue of the session that stays");
+    assert_eq!(*got[1].message, *shared, "the handed-over body changed");
+    assert_eq!(
+        got[1].delivery, delivery,
+        "the handed-over delivery changed"
+    );
+
+    // The body is still referenced by `other` and `staying`; dropping one
+    // reference must leave it readable through the other.
+    write(
+        &storage,
+        vec![remove(&other, 1)],
+        "ack by the other session",
+    )
+    .await;
+    let got = read_all(&storage, &staying).await;
+    assert_eq!(
+        *got[1].message, *shared,
+        "the body was dropped while still referenced"
+    );
+    write(
+        &storage,
+        vec![remove(&staying, 2)],
+        "ack of the handed-over entry",
+    )
+    .await;
+    assert_eq!(
+        seqs(&read_all(&storage, &staying).await),
+        vec![1],
+        "queue after the last reference went"
+    );
+    factory.close(storage).await;
+}

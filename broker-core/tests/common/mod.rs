@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod v5;
+
 use broker_core::broker::Broker;
 use broker_core::codec::{v3, MqttCodec};
 use broker_core::config::BrokerConfig;
@@ -37,7 +39,15 @@ pub async fn start(config: BrokerConfig) -> TestBroker {
 }
 
 pub async fn start_with(config: BrokerConfig, storage: Storage) -> TestBroker {
-    let broker = Broker::start(config, storage.clone())
+    start_hooks(config, storage, broker_core::hooks::Hooks::default()).await
+}
+
+pub async fn start_hooks(
+    config: BrokerConfig,
+    storage: Storage,
+    hooks: broker_core::hooks::Hooks,
+) -> TestBroker {
+    let broker = Broker::start_with(config, storage.clone(), hooks)
         .await
         .expect("broker starts");
     let server = Server::bind(broker.clone(), "127.0.0.1:0")
