@@ -72,7 +72,7 @@ impl TestBroker {
     }
 }
 
-trait IntoStorage {
+pub trait IntoStorage {
     fn into_storage(self) -> Storage;
 }
 
