@@ -807,13 +807,12 @@ impl Broker {
         in_flight: bool,
     ) -> StorageResult<()> {
         let mut removals = Vec::new();
+        // `select` may look at the trie: never call it with the session locked
+        // (the trie is always locked before a session, never after).
+        let groups = from.lock().shared_groups();
+        let groups: Vec<String> = groups.into_iter().filter(|g| select(g)).collect();
         let taken: Vec<Entry> = {
             let mut st = from.lock();
-            let groups: Vec<String> = st
-                .shared_groups()
-                .into_iter()
-                .filter(|g| select(g))
-                .collect();
             let mut taken = Vec::new();
             for g in groups {
                 taken.extend(st.take_shared(Some(&g), in_flight, &mut removals, &from.client_id));

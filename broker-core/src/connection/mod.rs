@@ -309,7 +309,7 @@ where
         Protocol::V5 => close.disconnect_packet(),
         Protocol::V3 => None,
     };
-    reader.close(goodbye).await;
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, reader.close(goodbye)).await;
     drop(reader);
     if tokio::time::timeout(GOODBYE_TIMEOUT, &mut writer)
         .await
