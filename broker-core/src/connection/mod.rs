@@ -59,7 +59,7 @@ enum Control {
 /// Why a connection ended.
 #[derive(Debug)]
 enum Close {
-    /// The client sent DISCONNECT; `will` for reason code 0x04.
+    /// The client sent DISCONNECT; `will` unless its reason code was 0x00.
     Graceful { will: bool },
     /// The socket closed without DISCONNECT.
     Eof,
@@ -82,7 +82,7 @@ impl fmt::Display for Close {
         match self {
             Close::Graceful { will: false } => write!(f, "client disconnected"),
             Close::Graceful { will: true } => {
-                write!(f, "client disconnected asking for its will")
+                write!(f, "client disconnected with a reason code that keeps its will")
             }
             Close::Eof => write!(f, "connection closed by peer without DISCONNECT"),
             Close::KeepAliveTimeout => write!(f, "keep alive timeout"),

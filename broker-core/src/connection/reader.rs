@@ -265,7 +265,9 @@ impl Reader {
                     self.broker.set_session_expiry(&self.session, expiry);
                 }
                 self.drain_pending().await?;
-                let will = d.reason_code == D::DisconnectWithWillMessage;
+                // Only a normal disconnection (0x00) deletes the will (MQTT 5
+                // section 3.1.2.5); 0x04 and the error codes publish it.
+                let will = d.reason_code != D::NormalDisconnection;
                 return Err(Close::Graceful { will });
             }
             v5::Packet::Auth(a) => self.on_auth(a).await?,
