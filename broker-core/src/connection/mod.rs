@@ -82,7 +82,10 @@ impl fmt::Display for Close {
         match self {
             Close::Graceful { will: false } => write!(f, "client disconnected"),
             Close::Graceful { will: true } => {
-                write!(f, "client disconnected with a reason code that keeps its will")
+                write!(
+                    f,
+                    "client disconnected with a reason code that keeps its will"
+                )
             }
             Close::Eof => write!(f, "connection closed by peer without DISCONNECT"),
             Close::KeepAliveTimeout => write!(f, "keep alive timeout"),
@@ -364,34 +367,39 @@ fn session_expiry(
     }
 }
 
-/// The properties of a message from their wire form, checked:
-/// `Err` with the reason code and why when they are not acceptable.
-#[allow(clippy::too_many_arguments)]
+/// Why a message's properties were refused.
+#[derive(Debug)]
+enum PropertyError {
+    /// The payload format indicator says UTF-8 and the payload is not (0x99).
+    PayloadFormat(String),
+    /// Anything else (0x82).
+    Protocol(String),
+}
+
+/// The properties of a message from their wire form, checked.
 fn message_properties(
     payload: &Bytes,
-    utf8: bool,
-    expiry_secs: Option<u32>,
-    content_type: Option<&ByteString>,
-    response_topic: Option<&ByteString>,
-    correlation_data: Option<&Bytes>,
-    user_properties: &[(ByteString, ByteString)],
-) -> Result<MessageProperties, (u8, String)> {
-    if utf8 && std::str::from_utf8(payload).is_err() {
-        return Err((
-            0x99,
+    p: &v5::PublishProperties,
+) -> Result<MessageProperties, PropertyError> {
+    if p.is_utf8_payload && std::str::from_utf8(payload).is_err() {
+        return Err(PropertyError::PayloadFormat(
             "payload format indicator says UTF-8 but the payload is not".into(),
         ));
     }
-    if let Some(t) = response_topic {
-        topic::validate_name(t).map_err(|e| (0x82, format!("invalid response topic: {e}")))?;
+    if let Some(t) = &p.response_topic {
+        topic::validate_name(t)
+            .map_err(|e| PropertyError::Protocol(format!("invalid response topic: {e}")))?;
     }
     Ok(MessageProperties {
-        payload_format_utf8: utf8.then_some(true),
-        expires_at_ms: expiry_secs.map(|s| now_ms() + u64::from(s) * 1000),
-        content_type: content_type.map(|c| c.to_string()),
-        response_topic: response_topic.map(|t| t.to_string()),
-        correlation_data: correlation_data.cloned(),
-        user_properties: user_properties
+        payload_format_utf8: p.is_utf8_payload.then_some(true),
+        expires_at_ms: p
+            .message_expiry_interval
+            .map(|s| now_ms() + u64::from(s.get()) * 1000),
+        content_type: p.content_type.as_ref().map(|c| c.to_string()),
+        response_topic: p.response_topic.as_ref().map(|t| t.to_string()),
+        correlation_data: p.correlation_data.clone(),
+        user_properties: p
+            .user_properties
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
@@ -416,22 +424,18 @@ fn will_from(
             "retained wills are not supported".into(),
         ));
     }
-    let properties = message_properties(
-        &w.message,
-        w.is_utf8_payload.unwrap_or(false),
-        None,
-        w.content_type.as_ref(),
-        w.response_topic.as_ref(),
-        w.correlation_data.as_ref(),
-        &w.user_properties,
-    )
-    .map_err(|(code, why)| {
-        let code = if code == 0x99 {
-            R::PayloadFormatInvalid
-        } else {
-            R::ProtocolError
-        };
-        (code, format!("will: {why}"))
+    // The will's expiry counts from its publication, not from now.
+    let wire = v5::PublishProperties {
+        correlation_data: w.correlation_data.clone(),
+        content_type: w.content_type.clone(),
+        user_properties: w.user_properties.clone(),
+        is_utf8_payload: w.is_utf8_payload.unwrap_or(false),
+        response_topic: w.response_topic.clone(),
+        ..v5::PublishProperties::default()
+    };
+    let properties = message_properties(&w.message, &wire).map_err(|e| match e {
+        PropertyError::PayloadFormat(why) => (R::PayloadFormatInvalid, format!("will: {why}")),
+        PropertyError::Protocol(why) => (R::ProtocolError, format!("will: {why}")),
     })?;
     let mut message = Message::new(w.topic.to_string(), w.message.clone(), qos, w.retain);
     message.properties = properties;

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::aliases::{AliasError, InboundAliases};
-use super::{message_properties, Close, Control};
+use super::{message_properties, Close, Control, PropertyError};
 use crate::broker::{Broker, SessionExpiry, SubscribeRefusal, Unsubscribed};
 use crate::codec::{
     from_wire_qos, puback, pubcomp, reason, upgrade, v5, DecodeError, MqttCodec, MqttPacket,
@@ -500,19 +500,13 @@ impl Reader {
             }
             self.quota.insert(id.get());
         }
-        let properties = match message_properties(
-            &p.payload,
-            props.is_utf8_payload,
-            props.message_expiry_interval.map(|e| e.get()),
-            props.content_type.as_ref(),
-            props.response_topic.as_ref(),
-            props.correlation_data.as_ref(),
-            &props.user_properties,
-        ) {
+        let properties = match message_properties(&p.payload, &props) {
             Ok(props) => props,
-            Err((0x99, why)) if packet_id.is_some() => {
+            Err(PropertyError::PayloadFormat(why)) => {
+                let Some(id) = packet_id else {
+                    return Err(Close::Violation(D::PayloadFormatInvalid, why));
+                };
                 // Refused, not routed; the client learns why from the reason code.
-                let id = packet_id.unwrap_or(NonZeroU16::MIN);
                 let mut ack = puback(id, v5::PublishAckReason::PayloadFormatInvalid);
                 ack.reason_string = reason(why);
                 self.ack_now(match qos {
@@ -521,8 +515,7 @@ impl Reader {
                 });
                 return Ok(());
             }
-            Err((0x99, why)) => return Err(Close::Violation(D::PayloadFormatInvalid, why)),
-            Err((_, why)) => return Err(Close::protocol(why)),
+            Err(PropertyError::Protocol(why)) => return Err(Close::protocol(why)),
         };
         let mut message = Message::new(topic.to_string(), p.payload, qos, p.retain);
         message.properties = properties;
