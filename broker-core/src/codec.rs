@@ -224,6 +224,35 @@ fn v3_return_code(r: v5::ConnectAckReason) -> v3::ConnectAckReason {
     }
 }
 
+/// The largest remaining length of a packet whose total size (fixed header
+/// byte, remaining-length field, body) is at most `max_packet_size`: the
+/// codec limits the remaining length, MQTT 5 limits the whole packet.
+///
+/// ```
+/// use broker_core::codec::max_remaining_length;
+/// assert_eq!(max_remaining_length(1024), 1021); // 1 + 2 + 1021
+/// assert_eq!(max_remaining_length(129), 127); // 1 + 1 + 127
+/// assert_eq!(max_remaining_length(130), 127); // 128 would need a 2-byte length
+/// ```
+pub fn max_remaining_length(max_packet_size: u32) -> u32 {
+    (1..=4u32)
+        .filter_map(|len| {
+            let r = max_packet_size.checked_sub(1 + len)?;
+            (varint_len(r) == len).then_some(r)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn varint_len(v: u32) -> u32 {
+    match v {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
 /// The protocol a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -263,7 +292,10 @@ impl Encoder {
     /// [`EncodeError::OverMaxPacketSize`] before anything is written (reason
     /// strings and user properties of acknowledgements are dropped first).
     pub fn set_max_packet_size(&mut self, max: u32) {
-        self.v5.set_max_outbound_size(max);
+        // The codec takes 5 bytes off for the fixed header; give it the exact
+        // largest remaining length back.
+        self.v5
+            .set_max_outbound_size(max_remaining_length(max).saturating_add(5));
     }
 
     /// The client's Request Problem Information: when false, reason strings

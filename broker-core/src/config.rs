@@ -40,7 +40,8 @@ impl std::str::FromStr for OverflowPolicy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// Largest packet accepted from a client, in bytes; checked from the fixed
+    /// Largest packet accepted from a client, in bytes, fixed header included
+    /// (MQTT 5 Maximum Packet Size, sent in CONNACK); checked from the fixed
     /// header before any buffer is allocated for the body.
     pub max_packet_size: u32,
     /// Seconds a new connection has to send CONNECT.
@@ -60,9 +61,10 @@ pub struct BrokerConfig {
     /// for; a larger request is lowered and the value sent back in CONNACK.
     pub max_session_expiry_secs: Option<u32>,
     /// QoS 1/2 publishes of one client that may await their acknowledgement
-    /// (MQTT 5 Receive Maximum, sent in CONNACK). An MQTT 5 client exceeding
-    /// it is disconnected (0x93); an MQTT 3.1.1 client is simply not read
-    /// from until acknowledgements catch up (back-pressure).
+    /// (MQTT 5 Receive Maximum, sent in CONNACK); an MQTT 5 client exceeding
+    /// it is disconnected (0x93). For every client it is also the number of
+    /// acknowledgements that may wait for their storage write before the
+    /// broker stops reading from the client (back-pressure).
     pub receive_maximum: u16,
     /// Topic aliases an MQTT 5 client may use towards the broker (0 disables them).
     pub topic_alias_maximum: u16,

@@ -10,7 +10,8 @@ use tokio_util::codec::FramedRead;
 
 use crate::broker::Broker;
 use crate::codec::{
-    reason, upgrade, v3, v5, DecodeError, Encoder, MqttCodec, MqttPacket, Protocol, ProtocolVersion,
+    max_remaining_length, reason, upgrade, v3, v5, DecodeError, Encoder, MqttCodec, MqttPacket,
+    Protocol, ProtocolVersion,
 };
 use crate::hooks::AuthStep;
 
@@ -67,7 +68,7 @@ where
     W: AsyncWrite + Unpin,
 {
     use v5::ConnectAckReason as R;
-    let max_in = broker.config().max_packet_size;
+    let max_in = max_remaining_length(broker.config().max_packet_size);
     let protocol = match next_before(framed, deadline).await? {
         Ok((MqttPacket::Version(ProtocolVersion::MQTT3), _)) => {
             *framed.decoder_mut() = MqttCodec::V3(v3::Codec::new(max_in));
