@@ -235,22 +235,16 @@ fn v3_return_code(r: v5::ConnectAckReason) -> v3::ConnectAckReason {
 /// assert_eq!(max_remaining_length(130), 127); // 128 would need a 2-byte length
 /// ```
 pub fn max_remaining_length(max_packet_size: u32) -> u32 {
+    // The largest value a remaining-length field of 1, 2, 3 and 4 bytes holds.
+    const FIELD_MAX: [u32; 4] = [127, 16_383, 2_097_151, 268_435_455];
     (1..=4u32)
-        .filter_map(|len| {
+        .zip(FIELD_MAX)
+        .filter_map(|(len, field_max)| {
             let r = max_packet_size.checked_sub(1 + len)?;
-            (varint_len(r) == len).then_some(r)
+            Some(r.min(field_max))
         })
         .max()
         .unwrap_or(0)
-}
-
-fn varint_len(v: u32) -> u32 {
-    match v {
-        0..=127 => 1,
-        128..=16_383 => 2,
-        16_384..=2_097_151 => 3,
-        _ => 4,
-    }
 }
 
 /// The protocol a connection speaks.
@@ -356,4 +350,30 @@ fn strip_diagnostics(p: &mut v5::Packet) {
 /// A reason string for the wire.
 pub fn reason(s: impl Into<String>) -> Option<ByteString> {
     Some(ByteString::from(s.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn total(r: u32) -> u32 {
+        let field = match r {
+            0..=127 => 1,
+            128..=16_383 => 2,
+            16_384..=2_097_151 => 3,
+            _ => 4,
+        };
+        1 + field + r
+    }
+
+    #[test]
+    fn max_remaining_length_is_the_largest_that_fits() {
+        for max in (3..40_000).chain([2_097_150, 2_097_155, 268_435_460, u32::MAX]) {
+            let r = max_remaining_length(max);
+            assert!(total(r) <= max, "{max}: {r} does not fit");
+            if r < 268_435_455 {
+                assert!(total(r + 1) > max, "{max}: {} would fit too", r + 1);
+            }
+        }
+    }
 }
