@@ -157,7 +157,10 @@ pub struct Broker {
     lifecycle: Vec<tokio::sync::Mutex<()>>,
     next_message_id: AtomicU64,
     next_connection_id: AtomicU64,
+    /// Work that must finish before shutdown completes: commits, wills.
     commits: TaskTracker,
+    /// Client connections, so that shutdown can wait for them to close.
+    connections: TaskTracker,
     shutdown: CancellationToken,
     /// Counters.
     pub stats: Stats,
@@ -276,6 +279,7 @@ impl Broker {
             next_message_id: AtomicU64::new(last_id + 1),
             next_connection_id: AtomicU64::new(1),
             commits: TaskTracker::new(),
+            connections: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             stats: Stats::default(),
         });
@@ -454,7 +458,15 @@ impl Broker {
                 will.cancel();
             }
         }
-        let resumable = existing.as_ref().filter(|s| s.lock().persistent).cloned();
+        // An expired session the sweeper has not reached yet is gone all the same.
+        let now = now_ms();
+        let resumable = existing
+            .as_ref()
+            .filter(|s| {
+                let st = s.lock();
+                st.persistent && !st.has_expired(now)
+            })
+            .cloned();
         let (session, present) = match (clean_start, resumable) {
             (false, Some(s)) => {
                 // Connected again: a crash from now on must not count the
@@ -595,17 +607,7 @@ impl Broker {
             .sessions
             .lock()
             .values()
-            .filter(|s| {
-                let st = s.lock();
-                match (
-                    st.connection.is_none(),
-                    st.expiry_secs,
-                    st.disconnected_at_ms,
-                ) {
-                    (true, Some(exp), Some(at)) => at.saturating_add(exp * 1000) <= now,
-                    _ => false,
-                }
-            })
+            .filter(|s| s.lock().has_expired(now))
             .cloned()
             .collect();
         for s in expired {
@@ -623,17 +625,23 @@ impl Broker {
 
     /// Publish a will when its delay has passed or the session ends, whichever
     /// comes first, unless the client connects again before (MQTT 5 section 3.1.3.2.2).
+    ///
+    /// A broker shutting down publishes pending wills at once: the delay
+    /// cannot run on across a restart, and a will published early is better
+    /// than one never published.
     pub fn schedule_will(self: &Arc<Self>, session: &Arc<Session>, will: Will) {
         // A session that ends with its connection has expiry 0: no wait.
         let delay = u64::from(will.delay_secs);
         let wait = match session.lock().expiry_secs {
+            _ if self.shutdown.is_cancelled() => 0,
             Some(e) => delay.min(e),
             None => delay,
         };
         let origin = session.client_id.clone();
         if wait == 0 {
             let broker = self.clone();
-            tokio::spawn(async move { broker.publish_will(will, &origin).await });
+            self.commits
+                .spawn(async move { broker.publish_will(will, &origin).await });
             return;
         }
         let cancel = CancellationToken::new();
@@ -642,15 +650,14 @@ impl Broker {
         }
         let broker = Arc::downgrade(self);
         let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
+        self.commits.spawn(async move {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(wait)) => {
-                    if let Some(b) = broker.upgrade() {
-                        b.publish_will(will, &origin).await;
-                    }
-                }
-                _ = cancel.cancelled() => {}
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(wait)) => {}
                 _ = shutdown.cancelled() => {}
+            }
+            if let Some(b) = broker.upgrade() {
+                b.publish_will(will, &origin).await;
             }
         });
     }
@@ -1072,9 +1079,20 @@ impl Broker {
         Ok(outcomes)
     }
 
-    /// Stop: close every connection, then wait for storage writes in progress.
+    /// Serve a client connection on a task that [`Broker::shutdown`] waits for.
+    pub fn spawn_connection<F>(&self, connection: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.connections.spawn(connection);
+    }
+
+    /// Stop: close every connection (they publish their wills), then wait
+    /// for storage writes in progress.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
+        self.connections.close();
+        self.connections.wait().await;
         self.commits.close();
         self.commits.wait().await;
     }

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, ToSocketAddrs};
-use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::broker::Broker;
@@ -44,10 +43,8 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// Accept and serve clients until the broker shuts down, then wait for
-    /// every connection to close.
+    /// Accept and serve clients until the broker shuts down.
     pub async fn run(self) {
-        let connections = TaskTracker::new();
         let shutdown = self.broker.shutdown_token();
         loop {
             tokio::select! {
@@ -56,7 +53,7 @@ impl Server {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
                         debug!(%peer, "accepted");
-                        connections.spawn(connection::handle(self.broker.clone(), stream, peer.to_string()));
+                        self.broker.spawn_connection(connection::handle(self.broker.clone(), stream, peer.to_string()));
                     }
                     Err(e) => {
                         // Typically out of file descriptors: back off instead of spinning.
@@ -67,7 +64,5 @@ impl Server {
             }
         }
         drop(self.listener);
-        connections.close();
-        connections.wait().await;
     }
 }

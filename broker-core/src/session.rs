@@ -216,6 +216,18 @@ impl SessionState {
         self.in_flight
     }
 
+    /// Whether the session, offline, has outlived its expiry interval at `now_ms`.
+    pub fn has_expired(&self, now_ms: u64) -> bool {
+        match (
+            self.connection.is_none(),
+            self.expiry_secs,
+            self.disconnected_at_ms,
+        ) {
+            (true, Some(exp), Some(at)) => at.saturating_add(exp.saturating_mul(1000)) <= now_ms,
+            _ => false,
+        }
+    }
+
     /// Whether a connection is attached.
     pub fn is_online(&self) -> bool {
         self.connection.is_some()

@@ -104,9 +104,11 @@ impl Close {
         Close::Violation(v5::DisconnectReasonCode::ProtocolError, why.into())
     }
 
-    /// Whether the will message is published (MQTT 5 section 3.1.2.5).
+    /// Whether the will message is published: always, unless the client
+    /// disconnected normally (MQTT 5 section 3.1.2.5); also when the broker
+    /// itself closes the connection to shut down.
     fn publishes_will(&self) -> bool {
-        !matches!(self, Close::Graceful { will: false } | Close::Shutdown)
+        !matches!(self, Close::Graceful { will: false })
     }
 
     /// The DISCONNECT an MQTT 5 client is sent, if any.

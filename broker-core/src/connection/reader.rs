@@ -261,6 +261,12 @@ impl Reader {
                             "session expiry interval set at DISCONNECT after 0 at CONNECT",
                         ));
                     }
+                    // The broker's cap applies here as at CONNECT.
+                    let secs = self
+                        .broker
+                        .config()
+                        .max_session_expiry_secs
+                        .map_or(secs, |max| secs.min(max));
                     let expiry = SessionExpiry::from_interval(secs);
                     self.broker.set_session_expiry(&self.session, expiry);
                 }
