@@ -705,7 +705,7 @@ impl Broker {
         });
         let mut targets: Vec<(Arc<Session>, Delivery)> = direct.into_values().collect();
         for (share, members) in groups {
-            if let Some(sub) = self.pick_member(&share, members, |_| true) {
+            if let Some(sub) = self.pick_member(&share, members) {
                 targets.push((sub.session.clone(), delivery_for(&sub, &message)));
             }
         }
@@ -762,30 +762,24 @@ impl Broker {
     }
 
     /// Choose the member of a shared subscription that gets the next message:
-    /// round-robin over the members (ordered by client id), skipping those
-    /// offline while any member is online, and those `eligible` refuses.
-    fn pick_member(
-        &self,
-        share: &Arc<str>,
-        mut members: Vec<Subscriber>,
-        eligible: impl Fn(&Subscriber) -> bool,
-    ) -> Option<Subscriber> {
-        members.retain(|m| eligible(m));
+    /// round-robin over the members that are online (ordered by client id),
+    /// or over all of them (persistent, offline) when none is.
+    fn pick_member(&self, share: &Arc<str>, mut members: Vec<Subscriber>) -> Option<Subscriber> {
+        if members.iter().any(|m| m.session.lock().is_online()) {
+            members.retain(|m| m.session.lock().is_online());
+        }
         if members.is_empty() {
             return None;
         }
         members.sort_by(|a, b| a.session.client_id.cmp(&b.session.client_id));
-        let start = {
+        let turn = {
             let mut cursors = self.share_cursors.lock();
             let c = cursors.entry(share.clone()).or_insert(0);
             *c = c.wrapping_add(1);
             *c
         };
-        let n = members.len();
-        let online = (0..n)
-            .map(|k| (start + k) % n)
-            .find(|&i| members[i].session.lock().is_online());
-        Some(members.swap_remove(online.unwrap_or(start % n)))
+        let i = turn % members.len();
+        Some(members.swap_remove(i))
     }
 
     /// Whether a member of `share` other than `session` is online.
@@ -850,7 +844,7 @@ impl Broker {
                     members.push(sub.clone());
                 }
             });
-            match self.pick_member(&share, members, |_| true) {
+            match self.pick_member(&share, members) {
                 Some(sub) => {
                     let delivery = delivery_for(&sub, &e.message);
                     batch.absorb(self.enqueue(e.message, vec![(sub.session.clone(), delivery)]));
