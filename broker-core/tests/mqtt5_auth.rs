@@ -116,13 +116,19 @@ async fn connack(c: &mut RawV5) -> v5::ConnectAck {
     }
 }
 
+/// Open a connection, send an authenticating CONNECT for `id`, and return
+/// the client with the broker's challenge.
+async fn begin(b: &common::TestBroker, id: &str) -> (RawV5, Bytes) {
+    let mut c = RawV5::open(b.addr).await;
+    c.send(Packet::Connect(Box::new(auth_connect(id)))).await;
+    let nonce = challenge(&mut c).await;
+    (c, nonce)
+}
+
 #[tokio::test]
 async fn challenge_response_then_connack_with_the_method() {
     let b = broker_with_auth().await;
-    let mut c = RawV5::open(b.addr).await;
-    c.send(Packet::Connect(Box::new(auth_connect("alice"))))
-        .await;
-    let nonce = challenge(&mut c).await;
+    let (mut c, nonce) = begin(&b, "alice").await;
     assert_eq!(&nonce[..], b"nonce-for-alice");
     c.send(auth(
         v5::AuthReasonCode::ContinueAuth,
@@ -143,10 +149,7 @@ async fn challenge_response_then_connack_with_the_method() {
 #[tokio::test]
 async fn wrong_answer_is_not_authorized() {
     let b = broker_with_auth().await;
-    let mut c = RawV5::open(b.addr).await;
-    c.send(Packet::Connect(Box::new(auth_connect("mallory"))))
-        .await;
-    let _ = challenge(&mut c).await;
+    let (mut c, _) = begin(&b, "mallory").await;
     c.send(auth(v5::AuthReasonCode::ContinueAuth, b"guess".to_vec()))
         .await;
     assert_eq!(
@@ -184,10 +187,7 @@ async fn unknown_method_or_no_hook_is_a_bad_authentication_method() {
 #[tokio::test]
 async fn anything_but_auth_during_the_exchange_is_a_protocol_error() {
     let b = broker_with_auth().await;
-    let mut c = RawV5::open(b.addr).await;
-    c.send(Packet::Connect(Box::new(auth_connect("carol"))))
-        .await;
-    let _ = challenge(&mut c).await;
+    let (mut c, _) = begin(&b, "carol").await;
     c.send(Packet::PingRequest).await;
     assert_eq!(
         connack(&mut c).await.reason_code,
@@ -199,10 +199,7 @@ async fn anything_but_auth_during_the_exchange_is_a_protocol_error() {
 #[tokio::test]
 async fn re_authentication_succeeds_or_disconnects() {
     let b = broker_with_auth().await;
-    let mut c = RawV5::open(b.addr).await;
-    c.send(Packet::Connect(Box::new(auth_connect("dave"))))
-        .await;
-    let nonce = challenge(&mut c).await;
+    let (mut c, nonce) = begin(&b, "dave").await;
     c.send(auth(
         v5::AuthReasonCode::ContinueAuth,
         expected_answer(&nonce),
