@@ -14,12 +14,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use parking_lot::{Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::BrokerConfig;
+use crate::group_commit::GroupCommit;
 use crate::hooks::Hooks;
 use crate::message::{now_ms, Message, QoS, Seq};
 use crate::session::{Attachment, Enqueued, Entry, NewEntry, Session};
@@ -159,11 +162,13 @@ pub struct Broker {
     next_connection_id: AtomicU64,
     /// Work that must finish before shutdown completes: commits, wills.
     commits: TaskTracker,
+    /// The queue in front of the packet store.
+    writer: GroupCommit,
     /// Client connections, so that shutdown can wait for them to close.
     connections: TaskTracker,
     shutdown: CancellationToken,
     /// Counters.
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
 }
 
 /// Result of a successful connect.
@@ -182,7 +187,6 @@ pub struct Routed {
     pending: Vec<(Arc<Session>, Seq)>,
     /// Some subscription matched (MQTT 5 PUBACK 0x10 otherwise).
     matched: bool,
-    storage: Storage,
 }
 
 impl std::fmt::Debug for Broker {
@@ -199,11 +203,6 @@ impl Routed {
         self.ops.push(op);
     }
 
-    /// Whether committing will touch the store.
-    pub fn needs_store(&self) -> bool {
-        !self.ops.is_empty()
-    }
-
     /// Whether any subscription matched the message.
     pub fn matched(&self) -> bool {
         self.matched
@@ -215,27 +214,21 @@ impl Routed {
         self.pending.extend(other.pending);
         self.matched |= other.matched;
     }
+}
 
-    /// Write the batch; on success release the entries for delivery, on
-    /// failure withdraw them (the publish is then not acknowledged).
-    pub async fn commit(self) -> StorageResult<()> {
-        let result = if self.ops.is_empty() {
-            Ok(())
-        } else {
-            self.storage.packets.write(self.ops).await
-        };
-        for (session, seq) in &self.pending {
-            {
-                let mut st = session.lock();
-                if result.is_ok() {
-                    st.mark_ready(*seq);
-                } else {
-                    st.withdraw(*seq);
-                }
+/// The store write of routed entries ended: on success release them for
+/// delivery, on failure withdraw them (the publish is then not acknowledged).
+fn release(pending: &[(Arc<Session>, Seq)], committed: bool) {
+    for (session, seq) in pending {
+        {
+            let mut st = session.lock();
+            if committed {
+                st.mark_ready(*seq);
+            } else {
+                st.withdraw(*seq);
             }
-            session.wake.notify_one();
         }
-        result
+        session.wake.notify_one();
     }
 }
 
@@ -267,6 +260,7 @@ impl Broker {
     ) -> StorageResult<Arc<Broker>> {
         let last_id = storage.packets.last_message_id().await?;
         let broker = Arc::new(Broker {
+            writer: GroupCommit::start(storage.packets.clone(), config.max_commit_batch),
             config,
             storage,
             hooks,
@@ -281,7 +275,7 @@ impl Broker {
             commits: TaskTracker::new(),
             connections: TaskTracker::new(),
             shutdown: CancellationToken::new(),
-            stats: Stats::default(),
+            stats: Arc::default(),
         });
         broker.restore().await?;
         let sweeper = Arc::downgrade(&broker);
@@ -586,12 +580,10 @@ impl Broker {
             }
         }
         if persistent {
-            self.storage
-                .packets
-                .write(vec![PacketOp::Purge {
-                    client: session.client_id.clone(),
-                }])
-                .await?;
+            self.submit(vec![PacketOp::Purge {
+                client: session.client_id.clone(),
+            }])
+            .await?;
             self.storage
                 .subscriptions
                 .delete_session(&session.client_id)
@@ -718,7 +710,6 @@ impl Broker {
             ops: Vec::new(),
             pending: Vec::new(),
             matched: !targets.is_empty(),
-            storage: self.storage.clone(),
         };
         let mut stored_targets = Vec::new();
         for (session, delivery) in targets {
@@ -827,7 +818,6 @@ impl Broker {
             ops: Vec::new(),
             pending: Vec::new(),
             matched: false,
-            storage: self.storage.clone(),
         };
         let (mut moved, mut lost) = (0usize, 0usize);
         for e in taken {
@@ -889,21 +879,42 @@ impl Broker {
         self.commit(routed).await
     }
 
-    /// Commit a routed message on a task of its own, so that it completes (and
-    /// releases its entries) even if the publisher's connection goes away.
-    pub async fn commit(&self, routed: Routed) -> StorageResult<()> {
-        if !routed.needs_store() {
-            return routed.commit().await;
+    /// Queue packet-store operations for the next group commit, now, so that
+    /// they reach the store in call order; the future resolves once they are
+    /// durable. Dropping it does not cancel the write.
+    pub fn submit(
+        &self,
+        ops: Vec<PacketOp>,
+    ) -> impl std::future::Future<Output = StorageResult<()>> + Send + 'static {
+        self.writer.submit(ops)
+    }
+
+    /// Submit a routed message's store write now (see [`Broker::submit`]);
+    /// the future resolves when its entries are released for delivery, or
+    /// withdrawn if the write failed. The write and release run on a task
+    /// of their own, so they complete even if the publisher goes away.
+    pub fn commit(&self, routed: Routed) -> BoxFuture<'static, StorageResult<()>> {
+        let Routed { ops, pending, .. } = routed;
+        if ops.is_empty() {
+            release(&pending, true);
+            return futures::future::ready(Ok(())).boxed();
         }
-        let handle = self.commits.spawn(routed.commit());
-        let result = handle
-            .await
-            .unwrap_or_else(|e| Err(StorageError::Backend(format!("commit task failed: {e}"))));
-        if let Err(e) = &result {
-            self.stats.storage_errors.fetch_add(1, Ordering::Relaxed);
-            warn!(error = %e, "storage write failed: publish not acknowledged");
+        let write = self.writer.submit(ops);
+        let stats = self.stats.clone();
+        let handle = self.commits.spawn(async move {
+            let result = write.await;
+            release(&pending, result.is_ok());
+            if result.is_err() {
+                stats.storage_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            result
+        });
+        async move {
+            handle
+                .await
+                .unwrap_or_else(|e| Err(StorageError::Backend(format!("commit task failed: {e}"))))
         }
-        result
+        .boxed()
     }
 
     /// Store or delete (empty payload) the retained message of a topic.
@@ -1019,7 +1030,7 @@ impl Broker {
             }
         }
         if !ops.is_empty() {
-            self.storage.packets.write(ops).await?;
+            self.submit(ops).await?;
         }
         session.wake.notify_one();
         Ok(())

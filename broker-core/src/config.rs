@@ -84,6 +84,9 @@ pub struct BrokerConfig {
     /// When set, an MQTT 5 client that asks for response information gets
     /// this prefix followed by its client id, a topic it may use for replies.
     pub response_topic_prefix: Option<String>,
+    /// Requests merged into one packet-store write by group commit; 1 writes
+    /// each publish and acknowledgement on its own.
+    pub max_commit_batch: usize,
 }
 
 impl Default for BrokerConfig {
@@ -106,6 +109,7 @@ impl Default for BrokerConfig {
             subscription_identifiers: true,
             max_keep_alive: None,
             response_topic_prefix: None,
+            max_commit_batch: 1024,
         }
     }
 }
@@ -130,6 +134,9 @@ impl BrokerConfig {
         }
         if self.maximum_qos > 2 {
             return Err("maximum_qos must be 0, 1 or 2".into());
+        }
+        if self.max_commit_batch == 0 {
+            return Err("max_commit_batch must be at least 1".into());
         }
         if self.max_keep_alive == Some(0) {
             return Err("max_keep_alive must be at least 1 second".into());

@@ -5,6 +5,7 @@
 //! - [`topic`] and [`trie`]: topic validation, filter matching, the subscription trie;
 //! - [`session`]: a client's session: ordered queue, in-flight window, packet ids;
 //! - [`broker`]: the shared state: sessions, routing, retained messages, wills;
+//! - [`group_commit`]: the one queue in front of the packet store, batching writes;
 //! - [`connection`]: one client connection on tokio, from CONNECT to close;
 //! - [`server`]: listeners and graceful shutdown;
 //! - [`storage`]: the traits a storage adapter implements, and nothing of MQTT;
@@ -24,6 +25,7 @@ pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod group_commit;
 pub mod hooks;
 pub mod server;
 pub mod session;

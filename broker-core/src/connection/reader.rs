@@ -18,7 +18,6 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
 
 use super::aliases::{AliasError, InboundAliases};
 use super::{message_properties, Close, Control, PropertyError};
@@ -178,17 +177,12 @@ impl Reader {
         Ok(())
     }
 
-    /// Write store operations caused by acknowledgements; they need no reply,
-    /// and run to completion even if the connection closes.
+    /// Queue the store operation an acknowledgement caused: it needs no
+    /// reply, joins the next group commit, and completes even if the
+    /// connection closes (a failure is logged by the writer).
     fn write_ops(&self, op: Option<PacketOp>) {
         if let Some(op) = op {
-            let storage = self.broker.storage().clone();
-            let client = self.session.client_id.clone();
-            tokio::spawn(async move {
-                if let Err(e) = storage.packets.write(vec![op]).await {
-                    warn!(%client, error = %e, "could not record an acknowledgement");
-                }
-            });
+            drop(self.broker.submit(vec![op]));
         }
         self.session.wake.notify_one();
     }
@@ -300,14 +294,12 @@ impl Reader {
         }
         let ack = v5::Packet::PublishComplete(pubcomp(packet_id, v5::PublishAck2Reason::Success));
         if self.session.lock().persistent {
-            let storage = self.broker.storage().clone();
-            let op = PacketOp::IncomingQos2Released {
+            let write = self.broker.submit(vec![PacketOp::IncomingQos2Released {
                 client: self.session.client_id.clone(),
                 packet_id: packet_id.get(),
-            };
-            self.pending.push_back(
-                async move { storage.packets.write(vec![op]).await.map(|_| Some(ack)) }.boxed(),
-            );
+            }]);
+            self.pending
+                .push_back(async move { write.await.map(|_| Some(ack)) }.boxed());
         } else {
             self.ack_now(ack);
         }
@@ -558,17 +550,18 @@ impl Reader {
             }
             _ => None,
         };
-        let broker = self.broker.clone();
+        // Submitted now, in this publisher's order; acknowledged when durable.
+        let commit = self.broker.commit(routed);
         match ack {
             None => {
-                let _ = broker.commit(routed).await;
+                let _ = commit.await;
             }
             Some(ack) => {
                 let session = self.session.clone();
                 let id = packet_id.map_or(0, |i| i.get());
                 self.pending.push_back(
                     async move {
-                        match broker.commit(routed).await {
+                        match commit.await {
                             Ok(()) => Ok(Some(ack)),
                             Err(e) => {
                                 if qos == QoS::ExactlyOnce {

@@ -74,13 +74,8 @@ pub(super) async fn run<S>(
             encode_outgoing(&mut encoder, &mut aliases, o, &mut buf, &session, &mut ops);
         }
         if !ops.is_empty() {
-            let batch = std::mem::take(&mut ops);
-            let storage = broker.storage().clone();
-            tokio::spawn(async move {
-                if let Err(e) = storage.packets.write(batch).await {
-                    warn!(error = %e, "could not remove expired or undeliverable messages");
-                }
-            });
+            // Removals of expired or undeliverable entries; failures are logged by the writer.
+            drop(broker.submit(std::mem::take(&mut ops)));
         }
         if !buf.is_empty() {
             tokio::select! {

@@ -48,7 +48,7 @@ use crate::subscription::SubscriptionOptions;
 pub type ClientId = Arc<str>;
 
 /// Errors a storage backend reports.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StorageError {
     /// The database cannot be reached or refused the operation; retrying later may work.
     #[error("storage unavailable: {0}")]
