@@ -1,0 +1,399 @@
+//! The statements behind each storage operation. Everything here runs on
+//! the worker thread, inside the transaction the caller opened.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
+use broker_core::message::{Message, MessageId, Seq};
+use broker_core::storage::{
+    PacketOp, QueueTarget, QueuedPacket, SessionRecord, StoredSession, SubscriptionRecord,
+};
+use broker_core::topic;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::rows::{
+    bind_message, delivery_from_row, delivery_params, message_from_row, options_from_row,
+    state_from_row, state_params, MESSAGE_COLUMNS, MESSAGE_COLUMN_COUNT,
+};
+
+/// Bodies already handed out, so that a restore reading the same message for
+/// many sessions shares one copy in memory, as the broker does.
+#[derive(Default)]
+pub(crate) struct BodyCache {
+    bodies: HashMap<MessageId, Weak<Message>>,
+    high_water: usize,
+}
+
+impl BodyCache {
+    fn share(&mut self, m: Message) -> Arc<Message> {
+        if let Some(known) = self.bodies.get(&m.id).and_then(Weak::upgrade) {
+            return known;
+        }
+        let m = Arc::new(m);
+        self.bodies.insert(m.id, Arc::downgrade(&m));
+        if self.bodies.len() > self.high_water.max(1024) * 2 {
+            self.bodies.retain(|_, w| w.strong_count() > 0);
+            self.high_water = self.bodies.len();
+        }
+        m
+    }
+}
+
+/// Apply a batch of packet-store operations, in order.
+pub(crate) fn apply(conn: &Connection, ops: &[PacketOp]) -> rusqlite::Result<()> {
+    for op in ops {
+        match op {
+            PacketOp::Enqueue { message, targets } => enqueue(conn, message, targets)?,
+            PacketOp::Remove { client, seq } => remove(conn, client, *seq)?,
+            PacketOp::SetState { client, seq, state } => {
+                let (state, packet_id) = state_params(*state);
+                conn.prepare_cached(
+                    "UPDATE packets SET state = ?3, packet_id = ?4 WHERE client = ?1 AND seq = ?2",
+                )?
+                .execute(params![&**client, *seq as i64, state, packet_id])?;
+            }
+            PacketOp::Purge { client } => purge(conn, client)?,
+            PacketOp::IncomingQos2Received { client, packet_id } => {
+                conn.prepare_cached(
+                    "INSERT OR IGNORE INTO incoming_qos2 (client, packet_id) VALUES (?1, ?2)",
+                )?
+                .execute(params![&**client, packet_id])?;
+            }
+            PacketOp::IncomingQos2Released { client, packet_id } => {
+                conn.prepare_cached(
+                    "DELETE FROM incoming_qos2 WHERE client = ?1 AND packet_id = ?2",
+                )?
+                .execute(params![&**client, packet_id])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn enqueue(conn: &Connection, message: &Message, targets: &[QueueTarget]) -> rusqlite::Result<()> {
+    // The body once, however many targets; an id already stored (a shared
+    // subscription handing the message over) keeps its row.
+    let mut stmt = conn.prepare_cached(&format!(
+        "INSERT INTO messages ({MESSAGE_COLUMNS}, refs) VALUES \
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 0) ON CONFLICT (id) DO NOTHING"
+    ))?;
+    bind_message(&mut stmt, message)?;
+    let mut replaced = Vec::new();
+    {
+        let mut previous =
+            conn.prepare_cached("SELECT message_id FROM packets WHERE client = ?1 AND seq = ?2")?;
+        let mut insert = conn.prepare_cached(
+            "INSERT OR REPLACE INTO packets \
+             (client, seq, message_id, qos, retain, subscription_ids, share, state, packet_id) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, NULL)",
+        )?;
+        for t in targets {
+            let client: &str = &t.client;
+            if let Some(old) = previous
+                .query_row(params![client, t.seq as i64], |r| r.get::<_, i64>(0))
+                .optional()?
+            {
+                replaced.push(old);
+            }
+            let (qos, retain, ids, share) = delivery_params(&t.delivery);
+            insert.execute(params![
+                client,
+                t.seq as i64,
+                message.id as i64,
+                qos,
+                retain,
+                ids,
+                share
+            ])?;
+        }
+    }
+    add_refs(conn, message.id as i64, targets.len() as i64)?;
+    for old in replaced {
+        add_refs(conn, old, -1)?;
+    }
+    conn.prepare_cached("UPDATE meta SET value = max(value, ?1) WHERE key = 'last_message_id'")?
+        .execute([message.id as i64])?;
+    Ok(())
+}
+
+/// Change a body's reference count by `delta`; drop it when none is left.
+fn add_refs(conn: &Connection, id: i64, delta: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE messages SET refs = refs + ?2 WHERE id = ?1")?
+        .execute([id, delta])?;
+    if delta < 0 {
+        conn.prepare_cached("DELETE FROM messages WHERE id = ?1 AND refs <= 0")?
+            .execute([id])?;
+    }
+    Ok(())
+}
+
+fn remove(conn: &Connection, client: &str, seq: Seq) -> rusqlite::Result<()> {
+    let removed = conn
+        .prepare_cached("DELETE FROM packets WHERE client = ?1 AND seq = ?2 RETURNING message_id")?
+        .query_row(params![client, seq as i64], |r| r.get::<_, i64>(0))
+        .optional()?;
+    if let Some(id) = removed {
+        add_refs(conn, id, -1)?;
+    }
+    Ok(())
+}
+
+fn purge(conn: &Connection, client: &str) -> rusqlite::Result<()> {
+    let counts: Vec<(i64, i64)> = conn
+        .prepare_cached(
+            "SELECT message_id, count(*) FROM packets WHERE client = ?1 GROUP BY message_id",
+        )?
+        .query_map([client], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    conn.prepare_cached("DELETE FROM packets WHERE client = ?1")?
+        .execute([client])?;
+    for (id, n) in counts {
+        add_refs(conn, id, -n)?;
+    }
+    conn.prepare_cached("DELETE FROM incoming_qos2 WHERE client = ?1")?
+        .execute([client])?;
+    Ok(())
+}
+
+/// Up to `limit` entries of a queue after `after`, in sequence order.
+pub(crate) fn read_queue(
+    conn: &Connection,
+    cache: &mut BodyCache,
+    client: &str,
+    after: Option<Seq>,
+    limit: usize,
+) -> rusqlite::Result<Vec<QueuedPacket>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT p.seq, p.qos, p.retain, p.subscription_ids, p.share, p.state, p.packet_id, \
+         {cols} FROM packets p JOIN messages m ON m.id = p.message_id \
+         WHERE p.client = ?1 AND p.seq > ?2 ORDER BY p.seq LIMIT ?3",
+        cols = prefixed("m.", MESSAGE_COLUMNS)
+    ))?;
+    // Sequence numbers stay below 2^53: nothing comes after a larger one.
+    let after = match after.map(i64::try_from) {
+        None => -1,
+        Some(Ok(a)) => a,
+        Some(Err(_)) => return Ok(Vec::new()),
+    };
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(params![client, after, limit], |r| {
+        Ok((
+            r.get::<_, i64>(0)? as u64,
+            delivery_from_row(r, 1)?,
+            state_from_row(r, 5)?,
+            message_from_row(r, 7)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, delivery, state, message) = row?;
+        out.push(QueuedPacket {
+            seq,
+            message: cache.share(message),
+            delivery,
+            state,
+        });
+    }
+    Ok(out)
+}
+
+fn prefixed(prefix: &str, columns: &str) -> String {
+    columns
+        .split(", ")
+        .map(|c| format!("{prefix}{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub(crate) fn incoming_qos2(conn: &Connection, client: &str) -> rusqlite::Result<Vec<u16>> {
+    conn.prepare_cached("SELECT packet_id FROM incoming_qos2 WHERE client = ?1 ORDER BY packet_id")?
+        .query_map([client], |r| r.get(0))?
+        .collect()
+}
+
+pub(crate) fn last_message_id(conn: &Connection) -> rusqlite::Result<MessageId> {
+    let v: i64 = conn.query_row(
+        "SELECT value FROM meta WHERE key = 'last_message_id'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(v as u64)
+}
+
+pub(crate) fn save_session(conn: &Connection, r: &SessionRecord) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO sessions (client, expiry_secs, disconnected_at_ms) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![
+        r.client_id,
+        r.expiry_secs,
+        r.disconnected_at_ms.map(|t| t as i64)
+    ])?;
+    Ok(())
+}
+
+pub(crate) fn delete_session(conn: &Connection, client: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached("DELETE FROM subscriptions WHERE client = ?1")?
+        .execute([client])?;
+    conn.prepare_cached("DELETE FROM sessions WHERE client = ?1")?
+        .execute([client])?;
+    Ok(())
+}
+
+pub(crate) fn add_subscriptions(
+    conn: &Connection,
+    client: &str,
+    subs: &[SubscriptionRecord],
+) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT OR REPLACE INTO subscriptions \
+         (client, filter, qos, no_local, retain_as_published, retain_handling, subscription_id) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for s in subs {
+        let o = &s.options;
+        stmt.execute(params![
+            client,
+            s.filter,
+            o.qos.as_u8(),
+            o.no_local,
+            o.retain_as_published,
+            o.retain_handling,
+            o.subscription_id
+        ])?;
+    }
+    Ok(())
+}
+
+pub(crate) fn remove_subscriptions(
+    conn: &Connection,
+    client: &str,
+    filters: &[String],
+) -> rusqlite::Result<()> {
+    let mut stmt =
+        conn.prepare_cached("DELETE FROM subscriptions WHERE client = ?1 AND filter = ?2")?;
+    for f in filters {
+        stmt.execute(params![client, f])?;
+    }
+    Ok(())
+}
+
+pub(crate) fn load_sessions(conn: &Connection) -> rusqlite::Result<Vec<StoredSession>> {
+    let mut sessions: Vec<StoredSession> = conn
+        .prepare("SELECT client, expiry_secs, disconnected_at_ms FROM sessions ORDER BY client")?
+        .query_map([], |r| {
+            Ok(StoredSession {
+                record: SessionRecord {
+                    client_id: r.get(0)?,
+                    expiry_secs: r.get(1)?,
+                    disconnected_at_ms: r.get::<_, Option<i64>>(2)?.map(|t| t as u64),
+                },
+                subscriptions: Vec::new(),
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let index: HashMap<String, usize> = sessions
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.record.client_id.clone(), i))
+        .collect();
+    let mut stmt = conn.prepare(
+        "SELECT client, filter, qos, no_local, retain_as_published, retain_handling, \
+         subscription_id FROM subscriptions",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            SubscriptionRecord {
+                filter: r.get(1)?,
+                options: options_from_row(r, 2)?,
+            },
+        ))
+    })?;
+    for row in rows {
+        let (client, sub) = row?;
+        // Subscriptions of a session without a record are not restored.
+        if let Some(&i) = index.get(&client) {
+            sessions[i].subscriptions.push(sub);
+        }
+    }
+    Ok(sessions)
+}
+
+pub(crate) fn set_retained(conn: &Connection, m: &Message) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "INSERT OR REPLACE INTO retained ({MESSAGE_COLUMNS}) VALUES \
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+    ))?;
+    bind_message(&mut stmt, m)?;
+    Ok(())
+}
+
+pub(crate) fn delete_retained(conn: &Connection, topic: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached("DELETE FROM retained WHERE topic = ?1")?
+        .execute([topic])?;
+    Ok(())
+}
+
+/// Retained messages matching `filter`: an index range over the filter's
+/// literal prefix, then exact matching here.
+pub(crate) fn lookup_retained(
+    conn: &Connection,
+    filter: &str,
+) -> rusqlite::Result<Vec<Arc<Message>>> {
+    let read = |r: &rusqlite::Row| message_from_row(r, 0);
+    if !topic::has_wildcard(filter) {
+        let found = conn
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM retained WHERE topic = ?1"
+            ))?
+            .query_row([filter], read)
+            .optional()?;
+        return Ok(found.map(Arc::new).into_iter().collect());
+    }
+    let prefix = topic::literal_prefix(filter);
+    let mut stmt;
+    let rows = match upper_bound(prefix) {
+        Some(upper) => {
+            stmt = conn.prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM retained \
+                 WHERE topic >= ?1 AND topic < CAST(?2 AS TEXT)"
+            ))?;
+            stmt.query_map(params![prefix, upper], read)?
+        }
+        None => {
+            stmt = conn.prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM retained WHERE topic >= ?1"
+            ))?;
+            stmt.query_map([prefix], read)?
+        }
+    };
+    let mut out = Vec::new();
+    for m in rows {
+        let m = m?;
+        if topic::matches(filter, &m.topic) {
+            out.push(Arc::new(m));
+        }
+    }
+    // `a/#` also matches `a` itself, which sorts outside the `a/` range.
+    if let Some(parent) = prefix.strip_suffix('/') {
+        if topic::matches(filter, parent) {
+            out.extend(lookup_retained(conn, parent)?);
+        }
+    }
+    debug_assert_eq!(MESSAGE_COLUMNS.split(", ").count(), MESSAGE_COLUMN_COUNT);
+    Ok(out)
+}
+
+/// The smallest byte string greater than every string starting with
+/// `prefix`, or `None` when there is none (empty prefix, or all 0xFF).
+fn upper_bound(prefix: &str) -> Option<Vec<u8>> {
+    let mut bytes = prefix.as_bytes().to_vec();
+    while let Some(last) = bytes.pop() {
+        if last < 0xFF {
+            bytes.push(last + 1);
+            return Some(bytes);
+        }
+    }
+    None
+}
