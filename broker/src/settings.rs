@@ -9,7 +9,11 @@ use serde::Deserialize;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:1883";
-/// Default storage URL.
+/// Default storage URL: the embedded SQLite file when built in.
+#[cfg(feature = "sqlite")]
+pub const DEFAULT_STORAGE: &str = "sqlite://data/broker.db";
+/// Default storage URL: the embedded SQLite file when built in.
+#[cfg(not(feature = "sqlite"))]
 pub const DEFAULT_STORAGE: &str = "memory://";
 
 /// An MQTT broker with pluggable storage.
@@ -22,7 +26,7 @@ pub struct Cli {
     /// Address to listen on for MQTT over TCP; repeat for several.
     #[arg(long)]
     pub listen: Vec<String>,
-    /// Storage URL: memory:// (more backends come as Cargo features).
+    /// Storage URL: sqlite://PATH (default sqlite://data/broker.db), memory://.
     #[arg(long)]
     pub storage: Option<String>,
     /// Unacknowledged QoS 1/2 deliveries per session.

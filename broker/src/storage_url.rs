@@ -1,4 +1,9 @@
 //! Storage URLs: which backend, where. Each backend is a Cargo feature of this crate.
+//!
+//! - `memory://`: nothing survives the process.
+//! - `sqlite://PATH[?synchronous=normal|full&max_size_mb=N]`: a SQLite file;
+//!   `sqlite://data/broker.db` is relative to the working directory,
+//!   `sqlite:///var/lib/broker.db` absolute. Directories are created.
 
 use std::sync::Arc;
 
@@ -16,11 +21,13 @@ const SCHEMES: &[(&str, &str)] = &[
 
 /// Open the storage named by `url`.
 pub async fn open(url: &str) -> anyhow::Result<Storage> {
-    let Some((scheme, _rest)) = url.split_once("://") else {
-        bail!("storage URL `{url}` has no scheme (expected e.g. `memory://`)");
+    let Some((scheme, rest)) = url.split_once("://") else {
+        bail!("storage URL `{url}` has no scheme (expected e.g. `sqlite://data/broker.db`)");
     };
     match scheme {
         "memory" => Ok(Storage::from_backend(Arc::new(MemoryStore::new()))),
+        #[cfg(feature = "sqlite")]
+        "sqlite" => sqlite::open(rest).await,
         other => match SCHEMES.iter().find(|(s, _)| *s == other) {
             Some((_, feature)) => bail!(
                 "storage scheme `{other}://` needs the `{feature}` Cargo feature of the `broker` crate, \
@@ -37,18 +44,68 @@ pub async fn open(url: &str) -> anyhow::Result<Storage> {
     }
 }
 
+/// Split `path?k=v&k2=v2` into the path and its parameters.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+fn path_and_params(rest: &str) -> anyhow::Result<(&str, Vec<(&str, &str)>)> {
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let params = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("storage URL parameter `{p}` has no value"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok((path, params))
+}
+
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    use anyhow::{bail, Context};
+    use broker_core::storage::Storage;
+    use storage_sqlite::{SqliteOptions, SqliteStore};
+
+    pub(super) async fn open(rest: &str) -> anyhow::Result<Storage> {
+        let (path, params) = super::path_and_params(rest)?;
+        if path.is_empty() {
+            bail!("sqlite:// needs a file path, e.g. sqlite://data/broker.db");
+        }
+        let mut options = SqliteOptions::default();
+        for (key, value) in params {
+            match key {
+                "synchronous" => options.synchronous = value.parse().map_err(anyhow::Error::msg)?,
+                "max_size_mb" => {
+                    let mb: u64 = value
+                        .parse()
+                        .with_context(|| format!("max_size_mb `{value}` is not a number"))?;
+                    options.max_size_bytes = Some(mb * 1024 * 1024);
+                }
+                other => bail!(
+                    "unknown sqlite:// parameter `{other}` (known: synchronous, max_size_mb)"
+                ),
+            }
+        }
+        let path = path.to_owned();
+        // Opening reads the file and may migrate it: off the async workers.
+        let store = tokio::task::spawn_blocking(move || SqliteStore::open(path, options))
+            .await
+            .context("the task opening the database failed")??;
+        Ok(store.storage())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
     async fn errors_name_the_feature_or_the_known_schemes() {
-        let e = open("sqlite://x.db")
+        let e = open("redis://127.0.0.1:6379/0")
             .await
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(e.contains("`sqlite` Cargo feature"), "{e}");
+        assert!(e.contains("`redis` Cargo feature"), "{e}");
         let e = open("foo://x")
             .await
             .err()
@@ -63,5 +120,26 @@ mod tests {
             .unwrap_or_default();
         assert!(e.contains("no scheme"), "{e}");
         assert!(open("memory://").await.is_ok());
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn sqlite_urls_relative_absolute_and_parameters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let abs = dir.path().join("a/b/abs.db");
+        let url = format!("sqlite://{}?synchronous=full&max_size_mb=10", abs.display());
+        assert!(url.starts_with("sqlite:///"));
+        drop(open(&url).await.expect("absolute path with parameters"));
+        assert!(abs.exists());
+
+        let e = open("sqlite://x.db?synchronous=sometimes").await.err();
+        let e = e.map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("unknown synchronous mode"), "{e}");
+        let e = open("sqlite://x.db?cache=big").await.err();
+        let e = e.map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("unknown sqlite:// parameter `cache`"), "{e}");
+        let e = open("sqlite://").await.err();
+        let e = e.map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("needs a file path"), "{e}");
     }
 }

@@ -11,10 +11,13 @@ use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 const BIN: &str = env!("CARGO_BIN_EXE_broker");
 
 /// Start the binary and wait for its `listening on ADDR` line. The caller waits for the child.
+/// It runs in a temporary directory, where the default storage would go.
 #[allow(clippy::zombie_processes)]
-fn spawn(args: &[&str]) -> (Child, String, mpsc::Receiver<String>) {
+fn spawn(args: &[&str]) -> (Child, String, mpsc::Receiver<String>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new(BIN)
         .args(args)
+        .current_dir(dir.path())
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -34,15 +37,18 @@ fn spawn(args: &[&str]) -> (Child, String, mpsc::Receiver<String>) {
             .recv_timeout(Duration::from_secs(20))
             .expect("broker prints `listening on`");
         if let Some((_, addr)) = line.split_once("listening on ") {
-            return (child, addr.trim().to_string(), rx);
+            return (child, addr.trim().to_string(), rx, dir);
         }
     }
 }
 
-/// Run the binary expecting it to fail; returns its stderr.
+/// Run the binary expecting it to fail; returns its stderr. It runs in a
+/// temporary directory, where the default storage would go.
 fn run_failing(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
     let out = Command::new(BIN)
         .args(args)
+        .current_dir(dir.path())
         .output()
         .expect("broker binary runs");
     assert!(!out.status.success(), "expected failure for {args:?}");
@@ -51,7 +57,8 @@ fn run_failing(args: &[&str]) -> String {
 
 #[tokio::test]
 async fn serves_clients_and_stops_gracefully_on_sigterm() {
-    let (mut child, addr, lines) = spawn(&["--listen", "127.0.0.1:0", "--storage", "memory://"]);
+    let (mut child, addr, lines, _dir) =
+        spawn(&["--listen", "127.0.0.1:0", "--storage", "memory://"]);
     let port: u16 = addr
         .rsplit(':')
         .next()
