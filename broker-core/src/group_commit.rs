@@ -17,7 +17,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::storage::{PacketOp, PacketStore, StorageError, StorageResult};
 
@@ -78,11 +78,18 @@ async fn run(
             .iter_mut()
             .flat_map(|r| std::mem::take(&mut r.ops))
             .collect();
+        let (count, started) = (ops.len(), std::time::Instant::now());
         let result = if ops.is_empty() {
             Ok(())
         } else {
             packets.write(ops).await
         };
+        debug!(
+            requests = batch.len(),
+            ops = count,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "group commit"
+        );
         if let Err(e) = &result {
             warn!(error = %e, requests = batch.len(), "storage write failed");
         }

@@ -80,9 +80,9 @@ mod sqlite {
                         .with_context(|| format!("max_size_mb `{value}` is not a number"))?;
                     options.max_size_bytes = Some(mb * 1024 * 1024);
                 }
-                other => bail!(
-                    "unknown sqlite:// parameter `{other}` (known: synchronous, max_size_mb)"
-                ),
+                other => {
+                    bail!("unknown sqlite:// parameter `{other}` (known: synchronous, max_size_mb)")
+                }
             }
         }
         let path = path.to_owned();

@@ -9,7 +9,9 @@ use rusqlite::Connection;
 
 /// Migration `i` brings a database from version `i` to `i + 1`.
 pub(crate) const MIGRATIONS: &[&str] = &[
-    // 1: the initial schema (see the crate documentation).
+    // 1: the initial schema (see the crate documentation). `packets.message_id`
+    // is not declared a foreign key on purpose: SQLite would then scan
+    // `packets` on every body deletion; `messages.refs` keeps the link.
     "
     CREATE TABLE messages (
         id                  INTEGER PRIMARY KEY,
@@ -29,7 +31,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE TABLE packets (
         client           TEXT    NOT NULL,
         seq              INTEGER NOT NULL,
-        message_id       INTEGER NOT NULL REFERENCES messages (id),
+        message_id       INTEGER NOT NULL, -- messages.id, counted in messages.refs
         qos              INTEGER NOT NULL,
         retain           INTEGER NOT NULL,
         subscription_ids TEXT,

@@ -1,0 +1,212 @@
+//! The compiled broker as a child process, for tests that need the real
+//! binary: startup, signals, `kill -9`, restart on the same files.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_broker");
+
+/// A running broker process. Killed (SIGKILL) when dropped.
+pub struct BrokerProcess {
+    child: Child,
+    pub port: u16,
+    lines: mpsc::Receiver<String>,
+}
+
+impl BrokerProcess {
+    /// Start the binary in `cwd` with `args` (a `--listen 127.0.0.1:0` is
+    /// added) and wait for its `listening on` line.
+    pub fn start(cwd: &Path, args: &[&str]) -> BrokerProcess {
+        let mut child = Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .current_dir(cwd)
+            .env(
+                "RUST_LOG",
+                std::env::var("BROKER_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("broker binary starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut process = BrokerProcess {
+            child,
+            port: 0,
+            lines,
+        };
+        let addr = process
+            .wait_for_line("listening on ", Duration::from_secs(30))
+            .unwrap_or_else(|seen| panic!("broker did not start; its log: {seen:?}"));
+        process.port = addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim().parse().ok())
+            .expect("port in the `listening on` line");
+        process
+    }
+
+    /// Wait for a log line containing `needle`; returns what follows it, or
+    /// every line seen if it never came.
+    pub fn wait_for_line(&mut self, needle: &str, within: Duration) -> Result<String, Vec<String>> {
+        let deadline = std::time::Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some((_, rest)) = line.split_once(needle) {
+                        return Ok(rest.to_string());
+                    }
+                    seen.push(line);
+                }
+                Err(_) => return Err(seen),
+            }
+        }
+    }
+
+    /// The log lines printed so far and not yet read.
+    pub fn log(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
+    /// `kill -9`: no shutdown, no flush.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        self.child.wait().expect("broker exits")
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run the binary in `cwd` expecting it to fail at startup (within 30 s);
+/// returns its stderr.
+pub fn run_failing(cwd: &Path, args: &[&str]) -> String {
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("broker binary runs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the broker kept running with {args:?}; expected it to refuse to start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    assert!(!status.success(), "expected failure for {args:?}");
+    err
+}
+
+/// An MQTT 3.1.1 client (rumqttc) whose events arrive on a channel; the
+/// channel closes when the connection ends (it never reconnects).
+pub struct Mqtt {
+    pub client: rumqttc::AsyncClient,
+    pub events: tokio::sync::mpsc::UnboundedReceiver<rumqttc::Event>,
+}
+
+impl Mqtt {
+    /// Connect and wait for CONNACK; returns the client and session-present.
+    pub async fn connect(port: u16, id: &str, clean: bool) -> (Mqtt, bool) {
+        let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        o.set_clean_session(clean)
+            .set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(1 << 20, 1 << 20)
+            .set_inflight(32);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 1000);
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(event) = eventloop.poll().await {
+                if tx.send(event).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut mqtt = Mqtt { client, events };
+        let present = loop {
+            match tokio::time::timeout(Duration::from_secs(10), mqtt.events.recv()).await {
+                Ok(Some(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(a)))) => {
+                    assert_eq!(a.code, rumqttc::ConnectReturnCode::Success, "{id}");
+                    break a.session_present;
+                }
+                Ok(Some(_)) => {}
+                other => panic!("{id}: no CONNACK ({other:?})"),
+            }
+        };
+        (mqtt, present)
+    }
+
+    /// Subscribe and wait for SUBACK.
+    pub async fn subscribe(&mut self, filter: &str, qos: rumqttc::QoS) {
+        self.client.subscribe(filter, qos).await.expect("subscribe");
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.events.recv()).await {
+                Ok(Some(rumqttc::Event::Incoming(rumqttc::Incoming::SubAck(_)))) => return,
+                Ok(Some(_)) => {}
+                other => panic!("no SUBACK for {filter} ({other:?})"),
+            }
+        }
+    }
+
+    /// The next PUBLISH received within `within`, acknowledged.
+    pub async fn next_publish(&mut self, within: Duration) -> Option<rumqttc::Publish> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(rumqttc::Event::Incoming(rumqttc::Incoming::Publish(p)))) => {
+                    return Some(p)
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// DISCONNECT, and wait for the connection to end.
+    pub async fn disconnect(mut self) {
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while self.events.recv().await.is_some() {}
+        })
+        .await;
+    }
+}
