@@ -90,7 +90,7 @@ mod sqlite {
         let store = tokio::task::spawn_blocking(move || SqliteStore::open(path, options))
             .await
             .context("the task opening the database failed")??;
-        Ok(store.storage())
+        Ok(std::sync::Arc::new(store).storage())
     }
 }
 

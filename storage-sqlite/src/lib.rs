@@ -45,12 +45,14 @@
 //!
 //! # Example
 //! ```
+//! use std::sync::Arc;
+//!
 //! use broker_core::storage::Storage;
 //! use storage_sqlite::{SqliteOptions, SqliteStore};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = tempfile::tempdir()?;
-//! let store = SqliteStore::open(dir.path().join("broker.db"), SqliteOptions::default())?;
+//! let store = Arc::new(SqliteStore::open(dir.path().join("broker.db"), SqliteOptions::default())?);
 //! let storage: Storage = store.storage();
 //! # drop(storage);
 //! # Ok(())
@@ -207,8 +209,22 @@ impl SqliteStore {
 
     /// The broker's view of this store: all three traits backed by it. The
     /// file is closed (and unlocked) when the last handle goes.
-    pub fn storage(self) -> Storage {
-        Storage::from_backend(Arc::new(self))
+    pub fn storage(self: &Arc<Self>) -> Storage {
+        Storage::from_backend(self.clone())
+    }
+
+    /// Bytes the database's live pages take (free pages left out), for
+    /// operators and benchmarks.
+    pub async fn used_bytes(&self) -> StorageResult<u64> {
+        self.worker
+            .call(|db| {
+                let pragma = |name: &str| -> rusqlite::Result<u64> {
+                    db.conn
+                        .query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+                };
+                Ok((pragma("page_count")? - pragma("freelist_count")?) * pragma("page_size")?)
+            })
+            .await
     }
 }
 

@@ -35,7 +35,7 @@ impl SqliteFactory {
 impl StoreFactory for SqliteFactory {
     async fn open(&self) -> Storage {
         match SqliteStore::open(&self.path, self.options.clone()) {
-            Ok(store) => store.storage(),
+            Ok(store) => std::sync::Arc::new(store).storage(),
             Err(e) => panic!("cannot open {}: {e}", self.path.display()),
         }
     }

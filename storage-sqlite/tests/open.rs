@@ -93,9 +93,7 @@ async fn a_full_database_refuses_writes_and_keeps_what_it_has() {
         max_size_bytes: Some(256 * 1024),
         ..SqliteOptions::default()
     };
-    let storage = SqliteStore::open(&path, options.clone())
-        .expect("open")
-        .storage();
+    let storage = Arc::new(SqliteStore::open(&path, options.clone()).expect("open")).storage();
     let mut written = 0;
     let error = loop {
         match storage.packets.write(vec![enqueue(written + 1)]).await {
@@ -120,7 +118,7 @@ async fn a_full_database_refuses_writes_and_keeps_what_it_has() {
         (1..=written).collect::<Vec<_>>()
     );
     drop(storage);
-    let storage = SqliteStore::open(&path, options).expect("reopen").storage();
+    let storage = Arc::new(SqliteStore::open(&path, options).expect("reopen")).storage();
     assert_eq!(
         read(storage.clone()).await,
         (1..=written).collect::<Vec<_>>()
