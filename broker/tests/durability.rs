@@ -1,7 +1,8 @@
 //! The durability promise, proven on the real binary with SQLite: `kill -9`
 //! while publishers are publishing, restart, and every message whose PUBACK
-//! or PUBCOMP a publisher received reaches every persistent subscriber,
-//! in publish order, with no gap; subscriptions and retained messages too.
+//! or PUBCOMP a publisher received reaches every persistent subscriber
+//! (offline ones, and one online that had messages in flight), in publish
+//! order, with no gap; subscriptions and retained messages too.
 
 mod common;
 
@@ -115,6 +116,12 @@ async fn round(kill_after: Duration) {
     ) {}
     setter.disconnect().await;
 
+    // One more persistent subscriber stays online and never acknowledges:
+    // what is in flight to it when the broker dies must come back too.
+    let (mut online, _) =
+        Mqtt::connect_with(port, &format!("sub-{SUBSCRIBERS}"), false, true).await;
+    online.subscribe("load/#", QoS::ExactlyOnce).await;
+
     let counts: Vec<Arc<Counts>> = (0..PUBLISHERS).map(|_| Arc::default()).collect();
     let publishers: Vec<_> = (0..PUBLISHERS)
         .map(|j| tokio::spawn(publish_until_killed(port, j, counts[j].clone())))
@@ -125,6 +132,7 @@ async fn round(kill_after: Duration) {
         .map(|c| c.acked.load(Ordering::SeqCst))
         .collect();
     broker.kill9();
+    drop(online);
     for p in publishers {
         tokio::time::timeout(Duration::from_secs(20), p)
             .await
@@ -146,7 +154,7 @@ async fn round(kill_after: Duration) {
 
     let broker = BrokerProcess::start(dir.path(), &storage);
     let port = broker.port;
-    let drains: Vec<_> = (0..SUBSCRIBERS)
+    let drains: Vec<_> = (0..=SUBSCRIBERS)
         .map(|i| tokio::spawn(drain(port, i)))
         .collect();
     for (i, d) in drains.into_iter().enumerate() {

@@ -147,7 +147,14 @@ pub struct Mqtt {
 impl Mqtt {
     /// Connect and wait for CONNACK; returns the client and session-present.
     pub async fn connect(port: u16, id: &str, clean: bool) -> (Mqtt, bool) {
+        Self::connect_with(port, id, clean, false).await
+    }
+
+    /// [`Mqtt::connect`]; with `manual_acks`, received messages are never
+    /// acknowledged unless the test does it.
+    pub async fn connect_with(port: u16, id: &str, clean: bool, manual_acks: bool) -> (Mqtt, bool) {
         let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        o.set_manual_acks(manual_acks);
         o.set_clean_session(clean)
             .set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(1 << 20, 1 << 20)
