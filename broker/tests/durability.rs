@@ -90,11 +90,11 @@ async fn drain(port: u16, i: usize) -> Vec<Vec<u64>> {
     got
 }
 
-/// One round: set up, publish, kill at `kill_after`, restart, check.
-async fn round(kill_after: Duration) {
+/// One round on the store at `url`: set up, publish, kill at `kill_after`,
+/// restart on the same store, check.
+async fn round(url: &str, kill_after: Duration) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("broker.db").display());
-    let storage = ["--storage", url.as_str()];
+    let storage = ["--storage", url];
     let broker = BrokerProcess::start(dir.path(), &storage);
     let port = broker.port;
 
@@ -210,11 +210,26 @@ async fn round(kill_after: Duration) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_while_publishing_loses_no_acknowledged_message() {
-    // Early, middle and late in the publishing, at a random point in each window.
+/// Three rounds, each on a fresh store from `store`, killed early, in the
+/// middle and late in the publishing, at a random point in each window.
+async fn rounds(store: impl Fn(usize) -> String) {
     let mut rng = rand::rng();
-    for (from, to) in [(150, 400), (400, 900), (900, 1500)] {
-        round(Duration::from_millis(rng.random_range(from..to))).await;
+    for (i, (from, to)) in [(150, 400), (400, 900), (900, 1500)]
+        .into_iter()
+        .enumerate()
+    {
+        round(&store(i), Duration::from_millis(rng.random_range(from..to))).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_on_sqlite_loses_no_acknowledged_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    rounds(|i| {
+        format!(
+            "sqlite://{}",
+            dir.path().join(format!("round-{i}.db")).display()
+        )
+    })
+    .await;
 }
