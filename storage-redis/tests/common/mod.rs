@@ -1,0 +1,65 @@
+//! Shared by the integration tests: where Redis is, fresh key prefixes,
+//! and cleaning them up.
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How to get a Redis for these tests, for failure messages.
+pub const HOW_TO_START: &str = "these tests need a Redis server: start one with \
+    `redis-server --port 6379 --appendonly yes`, or set REDIS_URL to a reachable one \
+    (e.g. REDIS_URL=redis://127.0.0.1:6380/)";
+
+/// The Redis the tests use: `REDIS_URL`, default `redis://127.0.0.1:6379/`.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
+}
+
+/// A synchronous connection to `url`, or a panic saying how to start Redis.
+pub fn connect(url: &str) -> redis::Connection {
+    let client = redis::Client::open(url)
+        .unwrap_or_else(|e| panic!("REDIS_URL {url} is not a Redis URL ({e}); {HOW_TO_START}"));
+    let mut conn = client
+        .get_connection_with_timeout(Duration::from_secs(3))
+        .unwrap_or_else(|e| panic!("cannot reach Redis at {url} ({e}); {HOW_TO_START}"));
+    redis::cmd("PING")
+        .query::<String>(&mut conn)
+        .unwrap_or_else(|e| panic!("Redis at {url} does not answer PING ({e}); {HOW_TO_START}"));
+    conn
+}
+
+/// A key prefix no other test (or test run) uses.
+pub fn unique_prefix(tag: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!(
+        "mqtt-test:{tag}:{}-{nanos}-{}:",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Delete every key under `prefix` (which holds no glob characters).
+pub fn delete_prefix(conn: &mut redis::Connection, prefix: &str) -> redis::RedisResult<()> {
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query(conn)?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK").arg(keys).query::<()>(conn)?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}

@@ -1,0 +1,61 @@
+//! The storage conformance suite, run against [`RedisStore`] on a real
+//! Redis: `REDIS_URL` (default `redis://127.0.0.1:6379/`). The tests fail,
+//! never skip, when it cannot be reached.
+
+mod common;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use broker_core::storage::Storage;
+use broker_core::testkit::StoreFactory;
+use common::{connect, delete_prefix, redis_url, unique_prefix, HOW_TO_START};
+use storage_redis::{RedisOptions, RedisStore};
+
+/// A fresh key prefix per factory; `open` connects again to the same
+/// prefix, so the reopen case reads back what an earlier handle wrote. The
+/// prefix's keys are deleted when the factory goes.
+struct RedisFactory {
+    url: String,
+    prefix: String,
+}
+
+impl RedisFactory {
+    fn new() -> Self {
+        let url = redis_url();
+        // Fail here, with instructions, rather than in the middle of a case.
+        drop(connect(&url));
+        RedisFactory {
+            url,
+            prefix: unique_prefix("conformance"),
+        }
+    }
+}
+
+#[async_trait]
+impl StoreFactory for RedisFactory {
+    async fn open(&self) -> Storage {
+        let options = RedisOptions {
+            prefix: self.prefix.clone(),
+            ..RedisOptions::default()
+        };
+        match RedisStore::open(&self.url, options).await {
+            Ok(store) => Arc::new(store).storage(),
+            Err(e) => panic!("{e}; {HOW_TO_START}"),
+        }
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+}
+
+impl Drop for RedisFactory {
+    fn drop(&mut self) {
+        if let Err(e) = delete_prefix(&mut connect(&self.url), &self.prefix) {
+            eprintln!("could not delete the test keys under {}: {e}", self.prefix);
+        }
+    }
+}
+
+broker_core::conformance_tests!(RedisFactory::new());
