@@ -450,7 +450,10 @@ mod tests {
         }
         assert!(decode_message(Bytes::from_static(b"\x02\x01\x00")).is_err());
         assert!(decode_message(Bytes::from_static(b"\x01\x03\x00")).is_err());
-        assert!(decode_message(Bytes::from_static(&[1, 1, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01])).is_err());
+        assert!(decode_message(Bytes::from_static(&[
+            1, 1, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01
+        ]))
+        .is_err());
     }
 
     #[test]
@@ -476,7 +479,13 @@ mod tests {
                 Ok(PacketState::Released { packet_id: 65535 })
             );
         }
-        for bad in [&b""[..], b"x::\x01\x00\x00", b"1:\x01", b"1:70000:\x01\x00\x00", b"1::\x07\x00\x00"] {
+        for bad in [
+            &b""[..],
+            b"x::\x01\x00\x00",
+            b"1:\x01",
+            b"1:70000:\x01\x00\x00",
+            b"1::\x07\x00\x00",
+        ] {
             assert!(decode_entry(bad).is_err(), "{bad:?} decoded");
         }
     }
@@ -488,7 +497,10 @@ mod tests {
             expiry_secs: Some(0),
             disconnected_at_ms: None,
         };
-        assert_eq!(decode_session("c".into(), encode_session(&r).as_bytes()), Ok(r));
+        assert_eq!(
+            decode_session("c".into(), encode_session(&r).as_bytes()),
+            Ok(r)
+        );
         let o = SubscriptionOptions {
             qos: QoS::ExactlyOnce,
             no_local: true,

@@ -107,13 +107,22 @@ mod tests {
         let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert!(matches!(storage_error(&io), StorageError::Unavailable(_)));
         let timeout = RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
-        assert!(matches!(storage_error(&timeout), StorageError::Unavailable(_)));
+        assert!(matches!(
+            storage_error(&timeout),
+            StorageError::Unavailable(_)
+        ));
         let loading = RedisError::from((ErrorKind::BusyLoadingError, "loading"));
-        assert!(matches!(storage_error(&loading), StorageError::Unavailable(_)));
+        assert!(matches!(
+            storage_error(&loading),
+            StorageError::Unavailable(_)
+        ));
         let oom = redis::make_extension_error("OOM".into(), Some("maxmemory".into()));
         assert!(matches!(storage_error(&oom), StorageError::Unavailable(_)));
         let wrongtype = redis::make_extension_error("WRONGTYPE".into(), None);
-        assert!(matches!(storage_error(&wrongtype), StorageError::Corrupt(_)));
+        assert!(matches!(
+            storage_error(&wrongtype),
+            StorageError::Corrupt(_)
+        ));
         let other = RedisError::from((ErrorKind::ResponseError, "syntax"));
         assert!(matches!(storage_error(&other), StorageError::Backend(_)));
     }

@@ -328,12 +328,11 @@ impl RedisStore {
     pub async fn open(url: &str, options: RedisOptions) -> Result<RedisStore, OpenError> {
         let (connect_url, options) = options::split_url(url, options)?;
         let shown = redact(url);
-        let client = redis::Client::open(connect_url.as_str()).map_err(|e| {
-            OpenError::InvalidUrl {
+        let client =
+            redis::Client::open(connect_url.as_str()).map_err(|e| OpenError::InvalidUrl {
                 url: shown.clone(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         let keys = Keys {
             prefix: options.prefix.clone(),
         };
@@ -353,35 +352,33 @@ impl RedisStore {
                 })?;
             setup(&mut conn, &keys, &scripts, &shown).await
         };
-        let durability = tokio::time::timeout(limit, setup)
-            .await
-            .map_err(|_| OpenError::Timeout {
-                url: shown.clone(),
-                timeout: limit,
-            })??;
+        let durability =
+            tokio::time::timeout(limit, setup)
+                .await
+                .map_err(|_| OpenError::Timeout {
+                    url: shown.clone(),
+                    timeout: limit,
+                })??;
 
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(options.connection_timeout)
             .set_response_timeout(options.response_timeout)
-            // One retry 1-2 s after a failed reconnection; after that the
-            // next operation starts a new attempt, so recovery never waits
-            // behind a long backoff.
-            .set_number_of_retries(1)
-            .set_factor(2)
-            .set_max_delay(1000);
-        let conn = tokio::time::timeout(
-            limit,
-            ConnectionManager::new_with_config(client, config),
-        )
-        .await
-        .map_err(|_| OpenError::Timeout {
-            url: shown.clone(),
-            timeout: limit,
-        })?
-        .map_err(|source| OpenError::Connect {
-            url: shown.clone(),
-            source,
-        })?;
+            // One connection attempt per reconnection, no retries: while
+            // Redis is down each operation fails as soon as its attempt does
+            // (at once when refused) instead of waiting out a backoff, and
+            // the first operation after Redis is back reconnects. Concurrent
+            // operations share one attempt.
+            .set_number_of_retries(0);
+        let conn = tokio::time::timeout(limit, ConnectionManager::new_with_config(client, config))
+            .await
+            .map_err(|_| OpenError::Timeout {
+                url: shown.clone(),
+                timeout: limit,
+            })?
+            .map_err(|source| OpenError::Connect {
+                url: shown.clone(),
+                source,
+            })?;
 
         match durability {
             Durability::SnapshotsOnly | Durability::OsFlush | Durability::Unknown => {
@@ -509,7 +506,12 @@ impl RedisStore {
     }
 
     /// A message body, from the cache when another entry already holds it.
-    fn body(&self, id: MessageId, blob: Option<Vec<u8>>, what: &str) -> StorageResult<Arc<Message>> {
+    fn body(
+        &self,
+        id: MessageId,
+        blob: Option<Vec<u8>>,
+        what: &str,
+    ) -> StorageResult<Arc<Message>> {
         if let Some(m) = lock(&self.cache).get(id) {
             return Ok(m);
         }
@@ -517,7 +519,10 @@ impl RedisStore {
         let m = codec::decode_message(Bytes::from(blob))
             .map_err(|e| corrupt(&format!("{what}, body of message {id}"), e))?;
         if m.id != id {
-            return Err(corrupt(what, format!("body under id {id} holds message {}", m.id)));
+            return Err(corrupt(
+                what,
+                format!("body under id {id} holds message {}", m.id),
+            ));
         }
         Ok(lock(&self.cache).insert(m))
     }
@@ -951,7 +956,10 @@ impl RetainedStore for RedisStore {
         let reply: Value = self.call(cmd.query_async(&mut conn)).await?;
         let mut topics = Vec::new();
         for t in array(reply, "retained index")? {
-            let t = utf8(bulk(t, "retained index")?.unwrap_or_default(), "retained topic")?;
+            let t = utf8(
+                bulk(t, "retained index")?.unwrap_or_default(),
+                "retained topic",
+            )?;
             if topic::matches(filter, &t) {
                 topics.push(t);
             }
@@ -992,10 +1000,22 @@ mod tests {
                 .collect::<HashMap<_, _>>()
         };
         for (pairs, want) in [
-            (&[("appendonly", "no"), ("appendfsync", "always")][..], Durability::SnapshotsOnly),
-            (&[("appendonly", "yes"), ("appendfsync", "always")], Durability::EveryWrite),
-            (&[("appendonly", "yes"), ("appendfsync", "everysec")], Durability::EverySecond),
-            (&[("appendonly", "yes"), ("appendfsync", "no")], Durability::OsFlush),
+            (
+                &[("appendonly", "no"), ("appendfsync", "always")][..],
+                Durability::SnapshotsOnly,
+            ),
+            (
+                &[("appendonly", "yes"), ("appendfsync", "always")],
+                Durability::EveryWrite,
+            ),
+            (
+                &[("appendonly", "yes"), ("appendfsync", "everysec")],
+                Durability::EverySecond,
+            ),
+            (
+                &[("appendonly", "yes"), ("appendfsync", "no")],
+                Durability::OsFlush,
+            ),
             (&[], Durability::Unknown),
         ] {
             assert_eq!(Durability::from_config(&config(pairs)), want, "{pairs:?}");

@@ -106,7 +106,11 @@ pub(crate) fn split_url(
             "timeout_ms" => options.response_timeout = millis(key)?,
             "connect_timeout_ms" => options.connection_timeout = millis(key)?,
             k if PASSED_THROUGH.contains(&k) => passed.push(pair),
-            other => return Err(invalid(format!("unknown parameter `{other}` (known: {KNOWN})"))),
+            other => {
+                return Err(invalid(format!(
+                    "unknown parameter `{other}` (known: {KNOWN})"
+                )))
+            }
         }
     }
     if options.prefix.is_empty() {
@@ -186,7 +190,10 @@ mod tests {
         assert_eq!(o.connection_timeout, Duration::from_millis(9));
 
         let (connect, o) = split_url("redis://h/", RedisOptions::default()).expect("valid");
-        assert_eq!((connect.as_str(), o), ("redis://h/", RedisOptions::default()));
+        assert_eq!(
+            (connect.as_str(), o),
+            ("redis://h/", RedisOptions::default())
+        );
     }
 
     #[test]

@@ -3,8 +3,11 @@
 
 #![allow(dead_code)]
 
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use storage_redis::RedisOptions;
 
 /// How to get a Redis for these tests, for failure messages.
 pub const HOW_TO_START: &str = "these tests need a Redis server: start one with \
@@ -61,5 +64,22 @@ pub fn delete_prefix(conn: &mut redis::Connection, prefix: &str) -> redis::Redis
             return Ok(());
         }
         cursor = next;
+    }
+}
+
+/// A local port nothing listens on (at the time of asking).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free local port")
+}
+
+/// Options with `prefix` and both timeouts at `timeout`.
+pub fn options(prefix: &str, timeout: Duration) -> RedisOptions {
+    RedisOptions {
+        prefix: prefix.to_owned(),
+        connection_timeout: timeout,
+        response_timeout: timeout,
     }
 }

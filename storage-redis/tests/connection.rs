@@ -1,0 +1,99 @@
+//! Opening a store: clear errors, within the timeout, for unreachable
+//! hosts, wrong URLs and foreign key layouts.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{connect, delete_prefix, free_port, options, redis_url, unique_prefix};
+use storage_redis::{OpenError, RedisOptions, RedisStore};
+
+async fn open_err(url: &str, options: RedisOptions) -> (OpenError, Duration) {
+    let start = Instant::now();
+    match RedisStore::open(url, options).await {
+        Ok(store) => panic!("{url} opened: {store:?}"),
+        Err(e) => (e, start.elapsed()),
+    }
+}
+
+#[tokio::test]
+async fn nothing_listening_is_a_clear_error_at_once() {
+    let port = free_port();
+    let url = format!("redis://user:secret@127.0.0.1:{port}/0");
+    let (e, took) = open_err(&url, options("x:", Duration::from_secs(2))).await;
+    let msg = e.to_string();
+    assert!(matches!(e, OpenError::Connect { .. }), "{msg}");
+    assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
+    assert!(msg.contains("cannot connect to Redis"), "{msg}");
+    assert!(!msg.contains("secret"), "the password shows: {msg}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+}
+
+#[tokio::test]
+async fn unreachable_or_unknown_hosts_fail_within_the_timeout() {
+    let timeout = Duration::from_millis(500);
+    // 10.255.255.1 drops packets on most networks (or is unreachable at
+    // once); .invalid never resolves.
+    for url in [
+        "redis://10.255.255.1:6379/",
+        "redis://no-such-host.invalid:6379/",
+    ] {
+        let (e, took) = open_err(url, options("x:", timeout)).await;
+        let msg = e.to_string();
+        let host = url.trim_start_matches("redis://").trim_end_matches('/');
+        assert!(msg.contains(host), "{msg}");
+        assert!(
+            matches!(e, OpenError::Connect { .. } | OpenError::Timeout { .. }),
+            "{msg}"
+        );
+        // Connection and response timeouts bound open, with some slack.
+        assert!(
+            took < 2 * timeout + Duration::from_secs(1),
+            "{url}: took {took:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_urls_and_foreign_layouts_are_refused() {
+    let (e, _) = open_err("redis://127.0.0.1:6379/?cache=big", RedisOptions::default()).await;
+    assert!(e.to_string().contains("unknown parameter `cache`"), "{e}");
+    let (e, _) = open_err("http://127.0.0.1:6379/", RedisOptions::default()).await;
+    assert!(matches!(e, OpenError::InvalidUrl { .. }), "{e}");
+
+    // A prefix written by a later layout is not read.
+    let url = redis_url();
+    let mut conn = connect(&url);
+    let prefix = unique_prefix("layout");
+    redis::cmd("SET")
+        .arg(format!("{prefix}layout"))
+        .arg("99")
+        .query::<()>(&mut conn)
+        .expect("SET");
+    let (e, _) = open_err(&url, options(&prefix, Duration::from_secs(5))).await;
+    let msg = e.to_string();
+    delete_prefix(&mut conn, &prefix).expect("cleanup");
+    assert!(matches!(e, OpenError::Layout { .. }), "{msg}");
+    assert!(
+        msg.contains("layout version 99") && msg.contains(&prefix),
+        "{msg}"
+    );
+
+    // The prefix comes from the URL too, and a fresh prefix gets the layout.
+    let prefix = unique_prefix("url");
+    let store = RedisStore::open(&format!("{url}?prefix={prefix}"), RedisOptions::default())
+        .await
+        .expect("open with a prefix in the URL");
+    assert_eq!(store.prefix(), prefix);
+    let layout: String = redis::cmd("GET")
+        .arg(format!("{prefix}layout"))
+        .query(&mut conn)
+        .expect("GET");
+    assert_eq!(layout, "1");
+    store.clear().await.expect("clear");
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(&mut conn)
+        .expect("KEYS");
+    assert!(left.is_empty(), "clear left {left:?}");
+}
