@@ -1,1 +1,928 @@
-//! placeholder
+//! MongoDB implementation of the broker's storage traits
+//! (`mongodb://HOST:PORT/DB`), on the official `mongodb` driver.
+//!
+//! [`MongoStore`] implements [`PacketStore`], [`SubscriptionStore`] and
+//! [`RetainedStore`] in one database, in collections named after Mosca's.
+//! Like every adapter it knows nothing of MQTT (no packets, no protocol
+//! levels, no session logic such as expiry): it stores what the core gives
+//! it and reads queues back in the core's sequence order. It passes the
+//! conformance suite of `broker_core::testkit`.
+//!
+//! # Collections and indexes
+//! All created at [`MongoStore::open`], idempotently.
+//!
+//! | collection | key (index) | holds |
+//! |---|---|---|
+//! | `packets` | `{client: 1, seq: 1}` unique | one queue entry: `client`, `seq`, `message_id` (the body), the delivery (`qos`, `retain`, `subscription_ids` and `share` when present) and `state` (0 queued, 1 released with the PUBREL `packet_id`). Read in `seq` order only. |
+//! | `messages` | `_id` = message id | a body stored once however many entries point at it: `topic`, `payload`, `qos`, `retain`, `received_at`, the MQTT 5 properties present (`expires_at` as an absolute time, `payload_utf8`, `content_type`, `response_topic`, `correlation_data`, `user_properties` as `[key, value]` pairs), and `refs`, the number of `packets` documents pointing at it. The document goes when `refs` reaches 0. |
+//! | `incoming_qos2` | `{client: 1, packet_id: 1}` unique | packet ids of incoming QoS 2 messages awaiting PUBREL. |
+//! | `sessions` | `_id` = client id | persistent sessions: `expiry_secs` (absent: never expires), `disconnected_at` (absent: connected). A collection of its own rather than Mosca's mix of records and subscriptions in one, so that each document has one shape and loading sessions is two plain scans. |
+//! | `subscriptions` | `{client: 1, topic: 1}` unique | one per session and filter (Mosca's name for the filter: `topic`) with its options. |
+//! | `retained` | `{topic: 1}` unique | one retained message per topic: the body's fields as in `messages`, its id in `id`. |
+//! | `meta` | `_id` | `last_message_id`: a high-water mark of message ids (see below). |
+//!
+//! Numbers are 64-bit integers: sequence numbers and message ids stay below
+//! 2^53 by contract. There are no TTL indexes: session expiry counts from
+//! the disconnect and must purge the session's queue (and release the
+//! bodies it references) with it, which the core does through
+//! [`SubscriptionStore::delete_session`] and [`PacketOp::Purge`]; a TTL
+//! sweep would drop records behind its back and leave their queues and
+//! bodies behind (Mosca's TTL on subscriptions is how it lost sessions).
+//!
+//! # Transactions: a replica set is required
+//! Each [`PacketStore::write`] batch is one multi-document transaction, so
+//! it is applied atomically, and MongoDB allows those only on a replica set
+//! or a sharded cluster. A single node is enough: start `mongod --replSet
+//! rs0` and run `rs.initiate()` once, and connect with
+//! `?directConnection=true` (or the replica set name). A standalone server
+//! is refused at open with [`OpenError::NotReplicaSet`]. Transient
+//! transaction errors (write conflicts, a lost connection) are retried as
+//! the MongoDB documentation recommends, a bounded number of times; a
+//! commit whose outcome is unknown is committed again.
+//!
+//! Writes use write concern `majority` with journaling, so a write that
+//! returned survives a crash of the server (`kill -9` of a single-node
+//! `mongod` included). A URI that sets `w` or `journal` itself decides.
+//!
+//! # Few round trips per batch
+//! A batch is not sent one operation at a time: it is played in memory
+//! over what it touches of the stored state, and its net effect is written
+//! with one bulk command per kind: a `delete_many` of the removed and
+//! purged entries, an `insert_many` (ordered) of new bodies and one of new
+//! entries, one `update_many` with `$inc` per distinct reference count
+//! change, a `delete_many` of the bodies whose count reached 0, and one
+//! pipeline `update_many` for all state changes. A batch of new messages
+//! costs two inserts and the commit; acknowledgements add one read of the
+//! entries they name. See the `batch` module for how the rare cases (an
+//! enqueue over an existing entry, a body handed over to another session)
+//! are caught by the unique indexes and planned again.
+//!
+//! # Order
+//! Nothing relies on insertion order (Mosca read queues with
+//! `find({client})` and no sort, and replayed them out of order). A queue
+//! page is one aggregation: `$match` on the client and `seq > after`,
+//! `$sort: {seq: 1}` and `$limit`, which the `{client, seq}` index serves
+//! in order, then a `$lookup` of the bodies by `_id`. An entry's state
+//! changes in place, never by moving it.
+//!
+//! # Retained lookups
+//! A filter without wildcards is one exact query. Otherwise the filter's
+//! literal prefix (`a/b/` for `a/b/+/c`) becomes an anchored regular
+//! expression (`^a/b/`, metacharacters escaped) on `topic`, which MongoDB
+//! answers from the index range, and every candidate is matched exactly in
+//! Rust with [`broker_core::topic::matches`]. The prefix of `a/#` is `a/`,
+//! so `a` itself (which `a/#` also matches) is asked for in the same query.
+//!
+//! # The message id high-water mark
+//! [`PacketStore::last_message_id`] is the greater of the largest stored
+//! body id and `meta.last_message_id`. A batch raises the latter (`$max`)
+//! only when it deletes a body or never stores one (enqueued and removed in
+//! the same batch), so batches of new messages do not all write one hot
+//! document.
+//!
+//! # When the server goes away
+//! Every operation is bounded by [`MongoOptions::operation_timeout`] and
+//! fails with [`StorageError::Unavailable`] when the server cannot be
+//! reached (the driver waits at most its server selection timeout for one).
+//! The driver's pool reconnects by itself, so operations succeed again
+//! once the server is back. The loss and the recovery are logged once
+//! each, at `warn` and `info`.
+//!
+//! # Example
+//! ```no_run
+//! use std::sync::Arc;
+//!
+//! use broker_core::storage::Storage;
+//! use storage_mongo::{MongoOptions, MongoStore};
+//!
+//! # async fn run() -> Result<(), storage_mongo::OpenError> {
+//! let store = MongoStore::open(
+//!     "mongodb://127.0.0.1:27017/broker?directConnection=true",
+//!     MongoOptions::default(),
+//! )
+//! .await?;
+//! let storage: Storage = Arc::new(store).storage();
+//! # drop(storage);
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+mod batch;
+mod documents;
+mod error;
+mod txn;
+mod write;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use broker_core::message::{Message, MessageId, Seq};
+use broker_core::storage::{
+    PacketOp, PacketStore, QueuedPacket, RetainedStore, SessionRecord, Storage, StorageError,
+    StorageResult, StoredSession, SubscriptionRecord, SubscriptionStore,
+};
+use broker_core::topic;
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Document};
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
+
+pub use error::OpenError;
+
+use documents::{field, Fields};
+use error::{redact_uri, scrub, storage_error};
+use txn::{Abort, Health, TxnBody};
+
+/// Database used when neither [`MongoOptions::database`] nor the URI's
+/// path names one.
+pub const DEFAULT_DATABASE: &str = "broker";
+
+/// Settings of a [`MongoStore`]. Options given in the URI itself (such as
+/// `serverSelectionTimeoutMS`, `connectTimeoutMS`, `maxPoolSize`, `w`) take
+/// precedence over these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MongoOptions {
+    /// The database, overriding the one named in the URI's path. When
+    /// neither names one: [`DEFAULT_DATABASE`].
+    pub database: Option<String>,
+    /// How long opening a connection may take.
+    pub connect_timeout: Duration,
+    /// How long an operation waits for a server to send it to; past it,
+    /// operations fail with [`StorageError::Unavailable`].
+    pub server_selection_timeout: Duration,
+    /// Upper bound of any one store operation, retries included (and of
+    /// [`MongoStore::open`]). Keep it above the server selection timeout so
+    /// that errors name their cause.
+    pub operation_timeout: Duration,
+    /// Connections the driver's pool may hold.
+    pub max_pool_size: u32,
+}
+
+impl Default for MongoOptions {
+    fn default() -> Self {
+        MongoOptions {
+            database: None,
+            connect_timeout: Duration::from_secs(5),
+            server_selection_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(10),
+            max_pool_size: 16,
+        }
+    }
+}
+
+/// The collections of one store.
+pub(crate) struct Collections {
+    pub packets: Collection<Document>,
+    pub messages: Collection<Document>,
+    pub incoming_qos2: Collection<Document>,
+    pub sessions: Collection<Document>,
+    pub subscriptions: Collection<Document>,
+    pub retained: Collection<Document>,
+    pub meta: Collection<Document>,
+}
+
+impl Collections {
+    const NAMES: [&'static str; 7] = [
+        "packets",
+        "messages",
+        "incoming_qos2",
+        "sessions",
+        "subscriptions",
+        "retained",
+        "meta",
+    ];
+
+    fn new(db: &Database) -> Self {
+        Collections {
+            packets: db.collection("packets"),
+            messages: db.collection("messages"),
+            incoming_qos2: db.collection("incoming_qos2"),
+            sessions: db.collection("sessions"),
+            subscriptions: db.collection("subscriptions"),
+            retained: db.collection("retained"),
+            meta: db.collection("meta"),
+        }
+    }
+}
+
+/// Bodies already handed out, so that a restore reading the same message
+/// for many sessions shares one copy in memory, as the broker does.
+#[derive(Default)]
+struct BodyCache {
+    bodies: HashMap<MessageId, Weak<Message>>,
+    high_water: usize,
+}
+
+impl BodyCache {
+    fn get(&self, id: MessageId) -> Option<Arc<Message>> {
+        self.bodies.get(&id).and_then(Weak::upgrade)
+    }
+
+    fn share(&mut self, m: Message) -> Arc<Message> {
+        if let Some(known) = self.get(m.id) {
+            return known;
+        }
+        let m = Arc::new(m);
+        self.bodies.insert(m.id, Arc::downgrade(&m));
+        if self.bodies.len() > self.high_water.max(1024) * 2 {
+            self.bodies.retain(|_, w| w.strong_count() > 0);
+            self.high_water = self.bodies.len();
+        }
+        m
+    }
+}
+
+/// A broker store in one MongoDB database; see the [crate documentation](crate).
+pub struct MongoStore {
+    client: Client,
+    colls: Collections,
+    database: String,
+    uri: String,
+    operation_timeout: Duration,
+    health: Health,
+    cache: Mutex<BodyCache>,
+}
+
+impl std::fmt::Debug for MongoStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MongoStore")
+            .field("uri", &self.uri)
+            .field("database", &self.database)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a database name is refused, if it is.
+fn invalid_database_name(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > 63 {
+        Some("it is longer than 63 bytes")
+    } else if name.contains(['/', '\\', '.', ' ', '"', '$', '\0']) {
+        Some("it contains one of / \\ . \" $, a space or a NUL")
+    } else {
+        None
+    }
+}
+
+impl MongoStore {
+    /// Connect to the server at `uri` (`mongodb://HOST:PORT/DB?OPTIONS` or
+    /// `mongodb+srv://...`), check that it can run transactions, and create
+    /// the collections and indexes that are missing. Fails within
+    /// [`MongoOptions::operation_timeout`].
+    pub async fn open(uri: &str, options: MongoOptions) -> Result<MongoStore, OpenError> {
+        let shown = redact_uri(uri);
+        let timeout = options.operation_timeout;
+        match tokio::time::timeout(timeout, Self::connect(uri, &shown, options)).await {
+            Ok(result) => result,
+            Err(_) => Err(OpenError::Timeout {
+                uri: shown,
+                after: timeout,
+            }),
+        }
+    }
+
+    async fn connect(
+        uri: &str,
+        shown: &str,
+        options: MongoOptions,
+    ) -> Result<MongoStore, OpenError> {
+        let invalid = |e: mongodb::error::Error| OpenError::InvalidUri {
+            uri: shown.to_owned(),
+            reason: scrub(&e.to_string(), uri),
+        };
+        let mut co = ClientOptions::parse(uri).await.map_err(invalid)?;
+        co.connect_timeout.get_or_insert(options.connect_timeout);
+        co.server_selection_timeout
+            .get_or_insert(options.server_selection_timeout);
+        co.max_pool_size.get_or_insert(options.max_pool_size);
+        co.write_concern
+            .get_or_insert_with(txn::durable_write_concern);
+        let database = options
+            .database
+            .clone()
+            .or_else(|| co.default_database.clone())
+            .unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
+        if let Some(reason) = invalid_database_name(&database) {
+            return Err(OpenError::InvalidDatabase {
+                uri: shown.to_owned(),
+                name: database,
+                reason,
+            });
+        }
+        let client = Client::with_options(co).map_err(invalid)?;
+
+        let hello = client
+            .database("admin")
+            .run_command(doc! { "hello": 1 })
+            .await
+            .map_err(|source| OpenError::Unreachable {
+                uri: shown.to_owned(),
+                source,
+            })?;
+        let replicated =
+            hello.get_str("setName").is_ok() || hello.get_str("msg").is_ok_and(|m| m == "isdbgrid");
+        if !replicated {
+            return Err(OpenError::NotReplicaSet {
+                uri: shown.to_owned(),
+            });
+        }
+
+        let db = client.database(&database);
+        Self::setup(&db).await.map_err(|source| OpenError::Setup {
+            uri: shown.to_owned(),
+            database: database.clone(),
+            source,
+        })?;
+        tracing::info!(uri = %shown, database = %database, "MongoDB store open");
+        Ok(MongoStore {
+            colls: Collections::new(&db),
+            client,
+            database,
+            uri: shown.to_owned(),
+            operation_timeout: options.operation_timeout,
+            health: Health::new(shown.to_owned()),
+            cache: Mutex::new(BodyCache::default()),
+        })
+    }
+
+    /// Create the missing collections (outside any transaction, which older
+    /// servers require) and the indexes (a no-op when they exist).
+    async fn setup(db: &Database) -> mongodb::error::Result<()> {
+        let existing = db.list_collection_names().await?;
+        for name in Collections::NAMES {
+            if !existing.iter().any(|e| e == name) {
+                match db.create_collection(name).await {
+                    Ok(()) => {}
+                    // Created meanwhile by another broker: NamespaceExists.
+                    Err(e) if matches!(&*e.kind, mongodb::error::ErrorKind::Command(c) if c.code == 48) =>
+                        {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let unique = |keys: Document| {
+            IndexModel::builder()
+                .keys(keys)
+                .options(IndexOptions::builder().unique(true).build())
+                .build()
+        };
+        let colls = Collections::new(db);
+        colls
+            .packets
+            .create_index(unique(doc! { field::CLIENT: 1, field::SEQ: 1 }))
+            .await?;
+        colls
+            .incoming_qos2
+            .create_index(unique(doc! { field::CLIENT: 1, field::PACKET_ID: 1 }))
+            .await?;
+        colls
+            .subscriptions
+            .create_index(unique(doc! { field::CLIENT: 1, field::TOPIC: 1 }))
+            .await?;
+        colls
+            .retained
+            .create_index(unique(doc! { field::TOPIC: 1 }))
+            .await?;
+        Ok(())
+    }
+
+    /// The broker's view of this store: all three traits backed by it.
+    pub fn storage(self: &Arc<Self>) -> Storage {
+        Storage::from_backend(self.clone())
+    }
+
+    /// The database in use.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// The server's URI, password hidden.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Run one store operation: bounded by the operation timeout, its
+    /// outcome noted for the availability log.
+    async fn guard<T>(
+        &self,
+        what: &str,
+        operation: impl Future<Output = StorageResult<T>>,
+    ) -> StorageResult<T> {
+        let result = match tokio::time::timeout(self.operation_timeout, operation).await {
+            Ok(result) => result,
+            Err(_) => Err(StorageError::Unavailable(format!(
+                "MongoDB at {} did not complete {what} within {:?}",
+                self.uri, self.operation_timeout
+            ))),
+        };
+        self.health.observe(&result);
+        result
+    }
+
+    async fn transaction<B: TxnBody>(&self, body: &mut B) -> StorageResult<B::Output> {
+        txn::run(&self.client, &self.colls, body).await
+    }
+
+    /// One page of a queue; `Ok(None)` when an entry's body was missing,
+    /// which a concurrent acknowledgement can cause between the two reads
+    /// of an aggregation outside a transaction.
+    fn decode_page(&self, docs: Vec<Document>) -> StorageResult<Option<Vec<QueuedPacket>>> {
+        let mut out = Vec::with_capacity(docs.len());
+        for mut doc in docs {
+            let mut f = Fields::new(&mut doc, "packets");
+            let seq = f.u64(field::SEQ)?;
+            let id = f.u64(field::MESSAGE_ID)?;
+            let (delivery, state) = documents::entry_from_doc(&mut f)?;
+            let cached = self.lock_cache().get(id);
+            let message = match cached {
+                Some(m) => m,
+                None => {
+                    let Some(body) = f.take_first_doc(field::BODY)? else {
+                        return Ok(None);
+                    };
+                    let m = documents::message_from_doc(body, "messages", field::ID)?;
+                    if m.id != id {
+                        return Err(StorageError::Corrupt(format!(
+                            "queue entry {seq} points at message {id} but got body {}",
+                            m.id
+                        )));
+                    }
+                    self.lock_cache().share(m)
+                }
+            };
+            out.push(QueuedPacket {
+                seq,
+                message,
+                delivery,
+                state,
+            });
+        }
+        Ok(Some(out))
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, BodyCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The aggregation reading one queue page with its bodies.
+fn queue_page_pipeline(client: &str, after: Option<i64>, limit: i64) -> Vec<Document> {
+    let mut filter = doc! { field::CLIENT: client };
+    if let Some(after) = after {
+        filter.insert(field::SEQ, doc! { "$gt": after });
+    }
+    vec![
+        doc! { "$match": filter },
+        doc! { "$sort": { field::SEQ: 1 } },
+        doc! { "$limit": limit },
+        doc! { "$lookup": {
+            "from": "messages",
+            "localField": field::MESSAGE_ID,
+            "foreignField": field::ID,
+            "as": field::BODY,
+        } },
+    ]
+}
+
+/// Cursor batch size for a queue page: the whole page in the first reply.
+fn page_batch_size(limit: usize) -> u32 {
+    u32::try_from(limit.min(10_000)).unwrap_or(10_000)
+}
+
+/// A queue page read again inside a snapshot transaction.
+struct ConsistentPage {
+    pipeline: Vec<Document>,
+    batch_size: u32,
+}
+
+#[async_trait]
+impl TxnBody for ConsistentPage {
+    type Output = Vec<Document>;
+
+    async fn run(
+        &mut self,
+        colls: &Collections,
+        s: &mut ClientSession,
+    ) -> Result<Vec<Document>, Abort> {
+        let mut cursor = colls
+            .packets
+            .aggregate(self.pipeline.clone())
+            .batch_size(self.batch_size)
+            .session(&mut *s)
+            .await?;
+        let mut docs = Vec::new();
+        while let Some(doc) = cursor.next(&mut *s).await {
+            docs.push(doc?);
+        }
+        Ok(docs)
+    }
+}
+
+/// Deletes a session's subscriptions and record together.
+struct DeleteSession<'a> {
+    client: &'a str,
+}
+
+#[async_trait]
+impl TxnBody for DeleteSession<'_> {
+    type Output = ();
+
+    async fn run(&mut self, colls: &Collections, s: &mut ClientSession) -> Result<(), Abort> {
+        colls
+            .subscriptions
+            .delete_many(doc! { field::CLIENT: self.client })
+            .session(&mut *s)
+            .await?;
+        colls
+            .sessions
+            .delete_one(doc! { field::ID: self.client })
+            .session(&mut *s)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Inserts or replaces subscriptions of a session, all or none.
+struct AddSubscriptions<'a> {
+    client: &'a str,
+    filters: Vec<&'a str>,
+    docs: Vec<Document>,
+}
+
+#[async_trait]
+impl TxnBody for AddSubscriptions<'_> {
+    type Output = ();
+
+    async fn run(&mut self, colls: &Collections, s: &mut ClientSession) -> Result<(), Abort> {
+        colls
+            .subscriptions
+            .delete_many(doc! {
+                field::CLIENT: self.client,
+                field::TOPIC: { "$in": &self.filters },
+            })
+            .session(&mut *s)
+            .await?;
+        colls
+            .subscriptions
+            .insert_many(&self.docs)
+            .session(&mut *s)
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl PacketStore for MongoStore {
+    async fn write(&self, ops: Vec<PacketOp>) -> StorageResult<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.guard("a write", async {
+            let mut body = write::WriteBatch {
+                ops: &ops,
+                careful: false,
+            };
+            self.transaction(&mut body).await
+        })
+        .await
+    }
+
+    async fn read_queue(
+        &self,
+        client: &str,
+        after: Option<Seq>,
+        limit: usize,
+    ) -> StorageResult<Vec<QueuedPacket>> {
+        // Sequence numbers stay below 2^53: nothing comes after a larger one.
+        let after = match after.map(i64::try_from) {
+            None => None,
+            Some(Ok(a)) => Some(a),
+            Some(Err(_)) => return Ok(Vec::new()),
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let pipeline = queue_page_pipeline(client, after, i64::try_from(limit).unwrap_or(i64::MAX));
+        let batch_size = page_batch_size(limit);
+        self.guard("a queue read", async {
+            let docs: Vec<Document> = self
+                .colls
+                .packets
+                .aggregate(pipeline.clone())
+                .batch_size(batch_size)
+                .await
+                .map_err(storage_error)?
+                .try_collect()
+                .await
+                .map_err(storage_error)?;
+            if let Some(page) = self.decode_page(docs)? {
+                return Ok(page);
+            }
+            // A body went missing: read again from one snapshot.
+            let mut body = ConsistentPage {
+                pipeline,
+                batch_size,
+            };
+            let docs = self.transaction(&mut body).await?;
+            self.decode_page(docs)?.ok_or_else(|| {
+                StorageError::Corrupt(format!(
+                    "a queue entry of client {client:?} points at a message body that is not stored"
+                ))
+            })
+        })
+        .await
+    }
+
+    async fn incoming_qos2(&self, client: &str) -> StorageResult<Vec<u16>> {
+        self.guard("a read of incoming QoS 2 state", async {
+            let docs: Vec<Document> = self
+                .colls
+                .incoming_qos2
+                .find(doc! { field::CLIENT: client })
+                .sort(doc! { field::PACKET_ID: 1 })
+                .projection(doc! { field::ID: 0, field::PACKET_ID: 1 })
+                .await
+                .map_err(storage_error)?
+                .try_collect()
+                .await
+                .map_err(storage_error)?;
+            docs.into_iter()
+                .map(|mut d| Fields::new(&mut d, "incoming_qos2").int(field::PACKET_ID))
+                .collect()
+        })
+        .await
+    }
+
+    async fn last_message_id(&self) -> StorageResult<MessageId> {
+        self.guard("a read of the last message id", async {
+            // Bodies first, then the mark: a batch that deletes the largest
+            // body raises the mark in the same transaction, so whichever
+            // read misses it, the other sees it.
+            let largest = self
+                .colls
+                .messages
+                .find_one(doc! {})
+                .sort(doc! { field::ID: -1 })
+                .projection(doc! { field::ID: 1 })
+                .await
+                .map_err(storage_error)?;
+            let mark = self
+                .colls
+                .meta
+                .find_one(doc! { field::ID: write::LAST_MESSAGE_ID })
+                .await
+                .map_err(storage_error)?;
+            let largest = match largest {
+                Some(mut d) => Fields::new(&mut d, "messages").u64(field::ID)?,
+                None => 0,
+            };
+            let mark = match mark {
+                Some(mut d) => Fields::new(&mut d, "meta").u64(field::VALUE)?,
+                None => 0,
+            };
+            Ok(largest.max(mark))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl SubscriptionStore for MongoStore {
+    async fn save_session(&self, record: &SessionRecord) -> StorageResult<()> {
+        let doc = documents::session_doc(record)?;
+        self.guard("a session write", async {
+            self.colls
+                .sessions
+                .replace_one(doc! { field::ID: &record.client_id }, doc)
+                .upsert(true)
+                .await
+                .map_err(storage_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_session(&self, client: &str) -> StorageResult<()> {
+        self.guard("a session deletion", async {
+            self.transaction(&mut DeleteSession { client }).await
+        })
+        .await
+    }
+
+    async fn add_subscriptions(
+        &self,
+        client: &str,
+        subscriptions: &[SubscriptionRecord],
+    ) -> StorageResult<()> {
+        // The last of several with one filter wins, as if added one by one.
+        let mut latest: HashMap<&str, &SubscriptionRecord> = HashMap::new();
+        for s in subscriptions {
+            latest.insert(&s.filter, s);
+        }
+        if latest.is_empty() {
+            return Ok(());
+        }
+        let mut body = AddSubscriptions {
+            client,
+            filters: latest.keys().copied().collect(),
+            docs: latest
+                .values()
+                .map(|s| documents::subscription_doc(client, &s.filter, &s.options))
+                .collect(),
+        };
+        self.guard("a subscription write", self.transaction(&mut body))
+            .await
+    }
+
+    async fn remove_subscriptions(&self, client: &str, filters: &[String]) -> StorageResult<()> {
+        if filters.is_empty() {
+            return Ok(());
+        }
+        self.guard("a subscription deletion", async {
+            self.colls
+                .subscriptions
+                .delete_many(doc! { field::CLIENT: client, field::TOPIC: { "$in": filters } })
+                .await
+                .map_err(storage_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn load_sessions(&self) -> StorageResult<Vec<StoredSession>> {
+        self.guard("a read of the sessions", async {
+            let records: Vec<Document> = self
+                .colls
+                .sessions
+                .find(doc! {})
+                .sort(doc! { field::ID: 1 })
+                .await
+                .map_err(storage_error)?
+                .try_collect()
+                .await
+                .map_err(storage_error)?;
+            let mut sessions = Vec::with_capacity(records.len());
+            let mut index: HashMap<String, usize> = HashMap::with_capacity(records.len());
+            for d in records {
+                let record = documents::session_from_doc(d)?;
+                index.insert(record.client_id.clone(), sessions.len());
+                sessions.push(StoredSession {
+                    record,
+                    subscriptions: Vec::new(),
+                });
+            }
+            let mut cursor = self
+                .colls
+                .subscriptions
+                .find(doc! {})
+                .await
+                .map_err(storage_error)?;
+            while let Some(d) = cursor.try_next().await.map_err(storage_error)? {
+                let (client, filter, options) = documents::subscription_from_doc(d)?;
+                // Subscriptions of a session without a record are not restored.
+                if let Some(&i) = index.get(&client) {
+                    sessions[i]
+                        .subscriptions
+                        .push(SubscriptionRecord { filter, options });
+                }
+            }
+            Ok(sessions)
+        })
+        .await
+    }
+}
+
+/// `s` as a regular expression matching itself literally.
+fn escape_regex(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if matches!(
+            c,
+            '\\' | '^' | '$' | '.' | '|' | '?' | '*' | '+' | '(' | ')' | '[' | ']' | '{' | '}'
+        ) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The query of a retained lookup by `filter` (see the crate docs).
+fn retained_query(filter: &str) -> Document {
+    if !topic::has_wildcard(filter) {
+        return doc! { field::TOPIC: filter };
+    }
+    let prefix = topic::literal_prefix(filter);
+    let mut alternatives = Vec::new();
+    if !prefix.is_empty() {
+        alternatives.push(doc! { field::TOPIC: {
+            "$regex": format!("^{}", escape_regex(prefix)),
+        } });
+    }
+    // `a/#` also matches `a` itself, outside the `a/` prefix.
+    if let Some(parent) = prefix.strip_suffix('/') {
+        if topic::matches(filter, parent) {
+            alternatives.push(doc! { field::TOPIC: parent });
+        }
+    }
+    match alternatives.len() {
+        0 => doc! {},
+        1 => alternatives.pop().unwrap_or_default(),
+        _ => doc! { "$or": alternatives },
+    }
+}
+
+#[async_trait]
+impl RetainedStore for MongoStore {
+    async fn set_retained(&self, message: Arc<Message>) -> StorageResult<()> {
+        let doc = documents::retained_doc(&message)?;
+        self.guard("a retained message write", async {
+            self.colls
+                .retained
+                .replace_one(doc! { field::TOPIC: &message.topic }, doc)
+                .upsert(true)
+                .await
+                .map_err(storage_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_retained(&self, topic: &str) -> StorageResult<()> {
+        self.guard("a retained message deletion", async {
+            self.colls
+                .retained
+                .delete_one(doc! { field::TOPIC: topic })
+                .await
+                .map_err(storage_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn lookup_retained(&self, filter: &str) -> StorageResult<Vec<Arc<Message>>> {
+        self.guard("a retained message lookup", async {
+            let mut cursor = self
+                .colls
+                .retained
+                .find(retained_query(filter))
+                .projection(doc! { field::ID: 0 })
+                .await
+                .map_err(storage_error)?;
+            let mut out = Vec::new();
+            while let Some(d) = cursor.try_next().await.map_err(storage_error)? {
+                let m = documents::message_from_doc(d, "retained", field::RETAINED_ID)?;
+                if topic::matches(filter, &m.topic) {
+                    out.push(Arc::new(m));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regex_escapes_metacharacters_only() {
+        assert_eq!(escape_regex("a/b c/ä"), "a/b c/ä");
+        assert_eq!(escape_regex("$SYS/a.b"), "\\$SYS/a\\.b");
+        assert_eq!(
+            escape_regex("(x)[y]{z}|^*?\\"),
+            "\\(x\\)\\[y\\]\\{z\\}\\|\\^\\*\\?\\\\"
+        );
+    }
+
+    #[test]
+    fn retained_queries() {
+        assert_eq!(retained_query("a/b"), doc! { "topic": "a/b" });
+        assert_eq!(retained_query("#"), doc! {});
+        assert_eq!(retained_query("+/x"), doc! {});
+        assert_eq!(
+            retained_query("$SYS/+"),
+            doc! { "topic": { "$regex": "^\\$SYS/" } }
+        );
+        assert_eq!(
+            retained_query("a/#"),
+            doc! { "$or": [{ "topic": { "$regex": "^a/" } }, { "topic": "a" }] }
+        );
+        assert_eq!(retained_query("a/+"), doc! { "topic": { "$regex": "^a/" } });
+    }
+
+    #[test]
+    fn database_names() {
+        assert!(invalid_database_name("broker").is_none());
+        assert!(invalid_database_name("").is_some());
+        assert!(invalid_database_name("a.b").is_some());
+        assert!(invalid_database_name(&"x".repeat(64)).is_some());
+    }
+}
