@@ -217,3 +217,122 @@ impl Mqtt {
         .await;
     }
 }
+
+/// A database server private to one test (Redis or the MongoDB-compatible
+/// server), on its own port and data directory, so the test can stop and
+/// restart it. The commands come from `REDIS_SERVER_BIN` / `MONGO_SERVER_BIN`
+/// (set by scripts/test).
+pub struct DbServer {
+    kind: DbKind,
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DbKind {
+    Redis,
+    Mongo,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl DbServer {
+    pub fn start(kind: DbKind) -> DbServer {
+        let mut server = DbServer {
+            kind,
+            port: free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    fn command(&self) -> Command {
+        let (var, default) = match self.kind {
+            DbKind::Redis => ("REDIS_SERVER_BIN", "redis-server"),
+            DbKind::Mongo => ("MONGO_SERVER_BIN", "secantusd-py"),
+        };
+        let bin = std::env::var(var).unwrap_or_else(|_| default.into());
+        let mut c = Command::new(&bin);
+        let port = self.port.to_string();
+        let dir = self.dir.path().to_str().expect("utf-8 path").to_owned();
+        match self.kind {
+            DbKind::Redis => c.args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                &dir,
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+            ]),
+            DbKind::Mongo => c.args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "--storage-path",
+                &dir,
+            ]),
+        };
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        c
+    }
+
+    /// Start (again) on the same port and data.
+    pub fn restart(&mut self) {
+        let child = self.command().spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start the {:?} server ({e}); run the tests with scripts/test, which \
+                 installs it, or set REDIS_SERVER_BIN / MONGO_SERVER_BIN",
+                self.kind
+            )
+        });
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?} server did not listen on {}",
+                self.kind,
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stop it as an operator would (SIGTERM), and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while child.try_wait().ok().flatten().is_none() {
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for DbServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
