@@ -233,3 +233,16 @@ async fn kill_9_on_sqlite_loses_no_acknowledged_message() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_on_redis_loses_no_acknowledged_message() {
+    // The Redis of scripts/test runs with appendonly yes; the broker is what dies here.
+    let run = common::unique("kill9");
+    rounds(|i| common::redis_url(&format!("{run}-{i}"))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_on_mongodb_loses_no_acknowledged_message() {
+    let run = common::unique("kill9").replace('-', "_");
+    rounds(|i| common::mongodb_url(&format!("{run}_{i}"))).await;
+}

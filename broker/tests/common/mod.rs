@@ -336,3 +336,60 @@ impl Drop for DbServer {
         }
     }
 }
+
+/// The Redis the tests use (`REDIS_URL`, default `redis://127.0.0.1:6379/`),
+/// with a key prefix of its own. Fails, saying how to start one, when it is
+/// not reachable.
+pub fn redis_url(prefix: &str) -> String {
+    let base = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+    require_reachable(&base, 6379, "redis-server --port 6379 --appendonly yes");
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}prefix={prefix}:")
+}
+
+/// The MongoDB server the tests use (`MONGODB_URI`, default
+/// `mongodb://127.0.0.1:27017/?directConnection=true`), naming database
+/// `db`. Fails, saying how to start one, when it is not reachable.
+pub fn mongodb_url(db: &str) -> String {
+    let base = std::env::var("MONGODB_URI")
+        .unwrap_or_else(|_| "mongodb://127.0.0.1:27017/?directConnection=true".into());
+    require_reachable(
+        &base,
+        27017,
+        "the MongoDB-compatible server of shared/MONGODB.md, or a mongod replica set",
+    );
+    let (scheme, rest) = base.split_once("://").expect("a URI with a scheme");
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (hosts, tail) = rest.split_at(end);
+    let query = tail.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let sep = if query.is_empty() { "" } else { "?" };
+    format!("{scheme}://{hosts}/{db}{sep}{query}")
+}
+
+fn require_reachable(url: &str, default_port: u16, how: &str) {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let hostport = &rest[..rest.find(['/', '?', ',']).unwrap_or(rest.len())];
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse().unwrap_or(default_port)),
+        None => (hostport, default_port),
+    };
+    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
+    assert!(
+        reachable,
+        "no server at {url}: run the tests with scripts/test, which starts one, \
+         or start {how} and point the URL variable at it"
+    );
+}
+
+/// A name unique to this test run.
+pub fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{name}-{}-{nanos}", std::process::id())
+}
