@@ -5,36 +5,7 @@
 //! and decoding it copies nothing of the payload. Session records and
 //! subscription options, read once at start, are JSON for readability.
 //!
-//! # Message body (version 1)
-//! ```text
-//! u8      format version (1)
-//! u8      QoS
-//! u8      flags: 1 retain, 2 payload format present, 4 payload format is UTF-8,
-//!         8 expiry present, 16 content type present, 32 response topic present,
-//!         64 correlation data present
-//! varint  message id
-//! varint  reception time (ms since the epoch)
-//! varint  expiry time (ms since the epoch)          if flag 8
-//! bytes   topic
-//! bytes   content type                              if flag 16
-//! bytes   response topic                            if flag 32
-//! bytes   correlation data                          if flag 64
-//! varint  number of user properties, then each as bytes key, bytes value
-//! ...     the payload: every remaining byte
-//! ```
-//! `varint` is unsigned LEB128; `bytes` is a varint length and the bytes.
-//!
-//! # Queue entry
-//! `"<message id>:<state>:<delivery>"`: the id in decimal (the Lua scripts
-//! read it to count references), the state empty for queued or the PUBREL
-//! packet id in decimal for released (rewritten in place by `SetState`), and
-//! the delivery in binary:
-//! ```text
-//! u8      QoS
-//! u8      flags: 1 retain, 2 shared
-//! varint  number of subscription identifiers, then each as a varint
-//! ...     the shared subscription (`$share/...`): every remaining byte, if flag 2
-//! ```
+//! The formats are described in the crate documentation (`Value formats`).
 
 use broker_core::message::{Message, MessageId, MessageProperties, QoS};
 use broker_core::storage::{Delivery, PacketState, SessionRecord, StorageError};

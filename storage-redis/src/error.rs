@@ -22,7 +22,7 @@ pub enum OpenError {
     },
     /// Redis could not be reached, or refused the connection (refused,
     /// unknown host, authentication, unknown database).
-    #[error("cannot connect to Redis at {url}: {source} (is redis-server running there?)")]
+    #[error("cannot connect to Redis at {url}: {source}")]
     Connect {
         /// The URL, password hidden.
         url: String,

@@ -7,7 +7,7 @@
 //! ([`redis::aio::ConnectionManager`]). Like every adapter it knows nothing
 //! of MQTT: it stores what the core gives it and reads queues back in the
 //! core's sequence order; the only topic logic it uses is the core's
-//! [`topic::matches`](broker_core::topic::matches) for retained lookups. It
+//! [`topic::matches`] for retained lookups. It
 //! passes the conformance suite of `broker_core::testkit`.
 //!
 //! # Key layout (version 1)
@@ -30,9 +30,44 @@
 //! | `P retained_index` | sorted set | every retained topic at score 0, for `ZRANGEBYLEX`. |
 //!
 //! A key's type tag comes before the client id and every tag ends in `:`,
-//! so client ids containing `:` (or anything else) never collide. The
-//! binary formats are described in the `codec` module's source; payloads
-//! are never re-encoded (no base64, no JSON).
+//! so client ids containing `:` (or anything else) never collide.
+//!
+//! # Value formats
+//! Message bodies and queue entries, written and read on every publish,
+//! are compact binary with the payload as raw bytes (never base64 or JSON);
+//! decoding a body shares the payload with the reply buffer instead of
+//! copying it. Session records and subscription options, read once at
+//! start, are JSON for readability in `redis-cli`.
+//!
+//! A message body (in `msg:{id}` and `retained`), format version 1:
+//! ```text
+//! u8      format version (1)
+//! u8      QoS
+//! u8      flags: 1 retain, 2 payload format present, 4 payload format is UTF-8,
+//!         8 expiry present, 16 content type present, 32 response topic present,
+//!         64 correlation data present
+//! varint  message id
+//! varint  reception time (ms since the epoch)
+//! varint  expiry time (ms since the epoch)          if flag 8
+//! bytes   topic
+//! bytes   content type                              if flag 16
+//! bytes   response topic                            if flag 32
+//! bytes   correlation data                          if flag 64
+//! varint  number of user properties, then each as bytes key, bytes value
+//! ...     the payload: every remaining byte
+//! ```
+//! `varint` is unsigned LEB128; `bytes` is a varint length and the bytes.
+//!
+//! A queue entry (in `entries:{client}`) is `{message id}:{state}:{delivery}`:
+//! the id in decimal, which the Lua scripts read to count references; the
+//! state, empty when queued or the PUBREL packet id in decimal when
+//! released, rewritten in place by `SetState`; and the delivery:
+//! ```text
+//! u8      QoS
+//! u8      flags: 1 retain, 2 shared
+//! varint  number of subscription identifiers, then each as a varint
+//! ...     the shared subscription (`$share/...`): every remaining byte, if flag 2
+//! ```
 //!
 //! # How order is kept
 //! A queue's order is its sorted set's score, the sequence number the core
@@ -54,7 +89,7 @@
 //! `MULTI`/`EXEC` pipelines. A retained lookup with wildcards takes two
 //! round trips: `ZRANGEBYLEX` over the filter's literal prefix on
 //! `retained_index` (never `KEYS` or `SCAN`), matching with
-//! [`topic::matches`](broker_core::topic::matches) here (including `a/#`
+//! [`topic::matches`] here (including `a/#`
 //! matching `a`), then `HMGET` of the matches.
 //!
 //! The scripts build key names from the prefix, so the store needs a

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use broker_core::storage::Storage;
 use broker_core::testkit::StoreFactory;
-use common::{connect, delete_prefix, redis_url, unique_prefix, HOW_TO_START};
+use common::{connect, redis_url, unique_prefix, Cleanup, HOW_TO_START};
 use storage_redis::{RedisOptions, RedisStore};
 
 /// A fresh key prefix per factory; `open` connects again to the same
@@ -18,6 +18,7 @@ use storage_redis::{RedisOptions, RedisStore};
 struct RedisFactory {
     url: String,
     prefix: String,
+    _cleanup: Cleanup,
 }
 
 impl RedisFactory {
@@ -25,9 +26,14 @@ impl RedisFactory {
         let url = redis_url();
         // Fail here, with instructions, rather than in the middle of a case.
         drop(connect(&url));
+        let prefix = unique_prefix("conformance");
         RedisFactory {
+            _cleanup: Cleanup {
+                url: url.clone(),
+                prefix: prefix.clone(),
+            },
             url,
-            prefix: unique_prefix("conformance"),
+            prefix,
         }
     }
 }
@@ -47,14 +53,6 @@ impl StoreFactory for RedisFactory {
 
     fn durable(&self) -> bool {
         true
-    }
-}
-
-impl Drop for RedisFactory {
-    fn drop(&mut self) {
-        if let Err(e) = delete_prefix(&mut connect(&self.url), &self.prefix) {
-            eprintln!("could not delete the test keys under {}: {e}", self.prefix);
-        }
     }
 }
 

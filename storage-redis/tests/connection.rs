@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{connect, delete_prefix, free_port, options, redis_url, unique_prefix};
+use common::{connect, free_port, options, redis_url, unique_prefix, Cleanup};
 use storage_redis::{OpenError, RedisOptions, RedisStore};
 
 async fn open_err(url: &str, options: RedisOptions) -> (OpenError, Duration) {
@@ -65,6 +65,10 @@ async fn bad_urls_and_foreign_layouts_are_refused() {
     let url = redis_url();
     let mut conn = connect(&url);
     let prefix = unique_prefix("layout");
+    let _cleanup = Cleanup {
+        url: url.clone(),
+        prefix: prefix.clone(),
+    };
     redis::cmd("SET")
         .arg(format!("{prefix}layout"))
         .arg("99")
@@ -72,7 +76,6 @@ async fn bad_urls_and_foreign_layouts_are_refused() {
         .expect("SET");
     let (e, _) = open_err(&url, options(&prefix, Duration::from_secs(5))).await;
     let msg = e.to_string();
-    delete_prefix(&mut conn, &prefix).expect("cleanup");
     assert!(matches!(e, OpenError::Layout { .. }), "{msg}");
     assert!(
         msg.contains("layout version 99") && msg.contains(&prefix),
@@ -81,6 +84,10 @@ async fn bad_urls_and_foreign_layouts_are_refused() {
 
     // The prefix comes from the URL too, and a fresh prefix gets the layout.
     let prefix = unique_prefix("url");
+    let _cleanup = Cleanup {
+        url: url.clone(),
+        prefix: prefix.clone(),
+    };
     let store = RedisStore::open(&format!("{url}?prefix={prefix}"), RedisOptions::default())
         .await
         .expect("open with a prefix in the URL");
@@ -96,4 +103,94 @@ async fn bad_urls_and_foreign_layouts_are_refused() {
         .query(&mut conn)
         .expect("KEYS");
     assert!(left.is_empty(), "clear left {left:?}");
+}
+
+/// One body however many sessions it is queued for, seen in the bytes Redis
+/// reports; it goes with its last reference, leaving no key behind; `clear`
+/// removes everything under the prefix.
+#[tokio::test]
+async fn fan_out_stores_the_body_once_and_clear_empties_the_prefix() {
+    use std::sync::Arc;
+
+    use broker_core::message::{Message, QoS};
+    use broker_core::storage::{Delivery, PacketOp, PacketStore, QueueTarget};
+
+    const SESSIONS: u64 = 100;
+    const PAYLOAD: usize = 16 * 1024;
+    let cleanup = Cleanup {
+        url: redis_url(),
+        prefix: unique_prefix("bytes"),
+    };
+    let store = RedisStore::open(
+        &cleanup.url,
+        options(&cleanup.prefix, Duration::from_secs(5)),
+    )
+    .await
+    .expect("open");
+    let empty = store.used_bytes().await.expect("used_bytes");
+    let mut m = Message::new("t/fan", vec![7u8; PAYLOAD], QoS::AtLeastOnce, false);
+    m.id = 1;
+    let targets = (0..SESSIONS)
+        .map(|i| QueueTarget {
+            client: Arc::from(format!("fan-{i}")),
+            seq: 1,
+            delivery: Delivery::new(QoS::AtLeastOnce),
+        })
+        .collect();
+    store
+        .write(vec![PacketOp::Enqueue {
+            message: Arc::new(m),
+            targets,
+        }])
+        .await
+        .expect("write");
+    let used = store.used_bytes().await.expect("used_bytes") - empty;
+    eprintln!(
+        "{PAYLOAD}-byte message queued for {SESSIONS} sessions: {used} bytes, {} per session",
+        (used - PAYLOAD as u64) / SESSIONS
+    );
+    assert!(
+        used > PAYLOAD as u64 && used < 2 * PAYLOAD as u64 + SESSIONS * 1024,
+        "{used} bytes for one {PAYLOAD}-byte body queued {SESSIONS} times"
+    );
+
+    // The body stays while one entry references it, and goes with the last.
+    let mut conn = connect(&redis_url());
+    let body_key = format!("{}msg:1", store.prefix());
+    let remove = |i: u64| PacketOp::Remove {
+        client: Arc::from(format!("fan-{i}")),
+        seq: 1,
+    };
+    store
+        .write((0..SESSIONS - 1).map(remove).collect())
+        .await
+        .expect("remove all but one");
+    let refs: Option<u64> = redis::cmd("HGET")
+        .arg(&body_key)
+        .arg("refs")
+        .query(&mut conn)
+        .expect("HGET");
+    assert_eq!(refs, Some(1), "references left on the body");
+    store
+        .write(vec![remove(SESSIONS - 1)])
+        .await
+        .expect("remove the last");
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&body_key)
+        .query(&mut conn)
+        .expect("EXISTS");
+    assert!(!exists, "the body outlived its last reference");
+    let mut left: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", store.prefix()))
+        .query(&mut conn)
+        .expect("KEYS");
+    left.sort();
+    let want: Vec<String> = ["last_message_id", "layout"]
+        .iter()
+        .map(|k| format!("{}{k}", store.prefix()))
+        .collect();
+    assert_eq!(left, want, "keys left after every entry went");
+
+    store.clear().await.expect("clear");
+    assert_eq!(store.used_bytes().await.expect("used_bytes"), 0);
 }

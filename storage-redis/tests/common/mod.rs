@@ -83,3 +83,17 @@ pub fn options(prefix: &str, timeout: Duration) -> RedisOptions {
         response_timeout: timeout,
     }
 }
+
+/// Deletes every key under `prefix` when dropped, also when a test panics.
+pub struct Cleanup {
+    pub url: String,
+    pub prefix: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Err(e) = delete_prefix(&mut connect(&self.url), &self.prefix) {
+            eprintln!("could not delete the test keys under {}: {e}", self.prefix);
+        }
+    }
+}
