@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use super::aliases::{AliasError, InboundAliases};
 use super::{message_properties, Close, Control, PropertyError};
@@ -371,10 +372,15 @@ impl Reader {
             };
             if wanted && !granted.shared {
                 options.qos = granted.qos;
-                self.broker
+                // The subscription stands either way: a store that cannot be
+                // read costs the retained messages, not the connection.
+                if let Err(e) = self
+                    .broker
                     .deliver_retained(&self.session, &filter, &options)
                     .await
-                    .map_err(Close::Storage)?;
+                {
+                    warn!(client = %self.session.client_id, %filter, error = %e, "retained messages not delivered");
+                }
             }
         }
         Ok(())
