@@ -7,8 +7,8 @@
 //! ([`redis::aio::ConnectionManager`]). Like every adapter it knows nothing
 //! of MQTT: it stores what the core gives it and reads queues back in the
 //! core's sequence order; the only topic logic it uses is the core's
-//! [`topic::matches`] for retained lookups. It
-//! passes the conformance suite of `broker_core::testkit`.
+//! [`topic::matches`] for retained lookups. It passes the conformance suite
+//! of `broker_core::testkit`.
 //!
 //! # Key layout (version 1)
 //! Every key starts with the configured prefix `P` (default `mqtt:`, see
@@ -119,12 +119,14 @@
 //! # When Redis is down
 //! Every operation fails with [`StorageError::Unavailable`] within
 //! [`RedisOptions::response_timeout`] (a reconnection included), never
-//! hangs; the connection is re-established in the background and operations
-//! work again once Redis is back. The loss and the recovery are logged once
-//! each (`warn`, then `info`), not once per operation. A failed `write` may
-//! or may not have been applied (the answer was lost, not necessarily the
-//! script): the broker does not acknowledge the publish, and a resent one is
-//! queued at its new seq.
+//! hangs. A lost connection is replaced on demand: while Redis is down each
+//! operation makes one connection attempt (shared by concurrent operations)
+//! and fails as soon as it does, at once when the connection is refused, so
+//! operations work again as soon as Redis is back, without waiting out a
+//! backoff. The loss and the recovery are logged once each (`warn`, then
+//! `info`), not once per operation. As with any networked database, a
+//! `write` that failed on a lost connection or a timeout may or may not have
+//! been applied: the reply was lost, not necessarily the script.
 //!
 //! # Example
 //! ```no_run
