@@ -244,8 +244,9 @@ impl<'s, 'a> Player<'s, 'a> {
     fn play(&mut self, op: &'a PacketOp) {
         match op {
             PacketOp::Enqueue { message, targets } => {
-                if !self.bodies.contains_key(&message.id) {
-                    self.bodies.insert(message.id, message);
+                if let std::collections::hash_map::Entry::Vacant(e) = self.bodies.entry(message.id)
+                {
+                    e.insert(message);
                     self.enqueued.push(message.id);
                 }
                 for t in targets {

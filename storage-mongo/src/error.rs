@@ -34,7 +34,7 @@ pub enum OpenError {
     },
     /// No server answered within the server selection timeout, or the
     /// server refused the connection (authentication, TLS, ...).
-    #[error("cannot reach MongoDB at {uri}: {source}")]
+    #[error("cannot reach MongoDB at {uri}: {}", describe(source))]
     Unreachable {
         /// The URI, password hidden.
         uri: String,
@@ -154,16 +154,42 @@ pub(crate) fn is_server_selection(e: &Error) -> bool {
     matches!(&*e.kind, ErrorKind::ServerSelection { .. })
 }
 
+/// The gist of a driver error, without the driver's bookkeeping (labels,
+/// sources, raw server responses) that its `Display` adds.
+pub(crate) fn describe(e: &Error) -> String {
+    match &*e.kind {
+        ErrorKind::ServerSelection { message, .. } => message.clone(),
+        ErrorKind::Io(io) => format!("I/O error: {io}"),
+        ErrorKind::ConnectionPoolCleared { message, .. } => message.clone(),
+        ErrorKind::Command(c) => format!("{} ({}): {}", c.code_name, c.code, c.message),
+        ErrorKind::Write(WriteFailure::WriteError(w)) => {
+            format!("write error {}: {}", w.code, w.message)
+        }
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => {
+            format!("write concern error {}: {}", w.code, w.message)
+        }
+        ErrorKind::InsertMany(i) => match (&i.write_errors, &i.write_concern_error) {
+            (Some(errors), _) if !errors.is_empty() => {
+                format!("write error {}: {}", errors[0].code, errors[0].message)
+            }
+            (_, Some(w)) => format!("write concern error {}: {}", w.code, w.message),
+            _ => e.to_string(),
+        },
+        _ => e.to_string(),
+    }
+}
+
 /// A runtime driver error as the broker sees it: conditions that may pass
 /// are `Unavailable`, documents the driver cannot decode `Corrupt`, the
 /// rest `Backend`.
 pub(crate) fn storage_error(e: Error) -> StorageError {
+    let message = format!("MongoDB: {}", describe(&e));
     if is_unavailable(&e) {
-        return StorageError::Unavailable(format!("MongoDB: {e}"));
+        return StorageError::Unavailable(message);
     }
     match &*e.kind {
-        ErrorKind::BsonDeserialization(_) => StorageError::Corrupt(format!("MongoDB: {e}")),
-        _ => StorageError::Backend(format!("MongoDB: {e}")),
+        ErrorKind::BsonDeserialization(_) => StorageError::Corrupt(message),
+        _ => StorageError::Backend(message),
     }
 }
 

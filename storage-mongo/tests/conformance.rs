@@ -1,4 +1,4 @@
-//! The storage conformance suite, run against [`MongoStore`] on the server
+//! The storage conformance suite, run against `MongoStore` on the server
 //! at `MONGODB_URI` (default `mongodb://127.0.0.1:27017/?directConnection=true`).
 //!
 //! Each factory uses a database of its own, dropped when the factory goes.
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use broker_core::storage::Storage;
 use broker_core::testkit::StoreFactory;
-use storage_mongo::{MongoOptions, MongoStore};
+use storage_mongo::MongoOptions;
 
 /// A fresh database per factory; `open` opens that same database again, so
 /// the reopen case reads back what an earlier handle committed.

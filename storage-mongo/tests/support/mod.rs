@@ -88,6 +88,23 @@ pub fn server_bin() -> String {
         .unwrap_or_else(|| "secantusd-py".to_owned())
 }
 
+/// Extra arguments of the private servers: `MONGO_SERVER_ARGS`
+/// (whitespace-separated), by default `--sync-on-commit`.
+///
+/// The store commits with write concern `{w: majority, j: true}`, which
+/// mongod honours on `commitTransaction`. SecantusDB honours `j: true` on
+/// single writes but not on transaction commits (its journal is flushed in
+/// the background), so a SIGKILL right after a commit can lose it unless
+/// the server syncs every commit, which `--sync-on-commit` makes it do.
+/// For a server command that does not know that flag, set
+/// `MONGO_SERVER_ARGS` (to an empty string for none).
+pub fn server_args() -> Vec<String> {
+    match std::env::var("MONGO_SERVER_ARGS") {
+        Ok(args) => args.split_whitespace().map(str::to_owned).collect(),
+        Err(_) => vec!["--sync-on-commit".to_owned()],
+    }
+}
+
 /// A port nothing listens on (just now).
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
@@ -146,6 +163,7 @@ impl PrivateServer {
             .arg(self.port.to_string())
             .arg("--storage-path")
             .arg(self.data_dir())
+            .args(server_args())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err_log)
