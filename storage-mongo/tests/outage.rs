@@ -62,6 +62,54 @@ async fn unreachable_server_is_named_within_the_timeout() {
 }
 
 #[tokio::test]
+async fn timeout_ms_in_the_uri_bounds_open() {
+    let port = support::free_port();
+    // The driver would wait 30 s for a server; `timeoutMS` cuts it short.
+    let uri = format!(
+        "mongodb://127.0.0.1:{port}/?directConnection=true&serverSelectionTimeoutMS=30000&timeoutMS=700"
+    );
+    let started = Instant::now();
+    match MongoStore::open(&uri, MongoOptions::default()).await {
+        Err(OpenError::Timeout { after, .. }) => assert_eq!(after, Duration::from_millis(700)),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_millis(700) + SLACK);
+}
+
+#[tokio::test]
+async fn a_server_that_never_answers_times_out() {
+    // Accepts connections and never says a word.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    let options = MongoOptions {
+        connect_timeout: Duration::from_secs(30),
+        server_selection_timeout: Duration::from_secs(30),
+        operation_timeout: Duration::from_secs(2),
+        ..MongoOptions::default()
+    };
+    let started = Instant::now();
+    let result = MongoStore::open(
+        &format!("mongodb://127.0.0.1:{port}/?directConnection=true"),
+        options,
+    )
+    .await;
+    assert!(result.is_err(), "opened a store on a silent server");
+    assert!(
+        started.elapsed() < Duration::from_secs(2) + SLACK,
+        "open on a silent server took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn invalid_uris_are_refused_without_showing_secrets() {
     for uri in [
         "redis://127.0.0.1:6379/",
@@ -293,5 +341,47 @@ async fn a_store_reopened_after_a_crash_finds_its_data() {
             .await
             .expect("last_message_id"),
         5
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_server_fails_operations_within_the_timeout() {
+    let server = PrivateServer::start();
+    let proxy = support::Proxy::start(server.port()).await;
+    let options = short_timeouts();
+    let store = Arc::new(support::open_or_fail(&proxy.uri(), options.clone()).await);
+    let storage = store.storage();
+    storage
+        .packets
+        .write(vec![enqueue(1, "p", 1)])
+        .await
+        .expect("enqueue");
+
+    // Packets stop flowing; no connection is closed.
+    proxy.freeze(true);
+    let started = Instant::now();
+    let result = storage.packets.write(vec![enqueue(2, "p", 2)]).await;
+    assert_unavailable("write", result, started.elapsed(), &options);
+    let started = Instant::now();
+    let result = storage.packets.read_queue("p", None, 10).await;
+    assert_unavailable("read_queue", result, started.elapsed(), &options);
+
+    proxy.freeze(false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match storage.packets.write(vec![enqueue(3, "p", 3)]).await {
+            Ok(()) => break,
+            Err(StorageError::Unavailable(reason)) if Instant::now() < deadline => {
+                eprintln!("not back yet: {reason}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the store did not recover after the partition: {e}"),
+        }
+    }
+    // The write cut off by the timeout may or may not have committed.
+    let got = seqs(&storage, "p").await;
+    assert!(
+        got == vec![1, 2, 3] || got == vec![1, 3],
+        "queue after the partition: {got:?}"
     );
 }
