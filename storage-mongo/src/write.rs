@@ -22,6 +22,9 @@ pub(crate) const LAST_MESSAGE_ID: &str = "last_message_id";
 /// few round trips as the server's 16 MiB replies allow.
 const READ_BATCH: u32 = 10_000;
 
+/// State changes per pipeline update.
+const SET_STATE_CHUNK: usize = 128;
+
 /// One `PacketStore::write` call, as a transaction body.
 pub(crate) struct WriteBatch<'o> {
     pub ops: &'o [PacketOp],
@@ -216,8 +219,10 @@ async fn execute(colls: &Collections, s: &mut ClientSession, plan: &Plan<'_>) ->
             .collect::<Result<Vec<_>, _>>()?;
         colls.packets.insert_many(docs).session(&mut *s).await?;
     }
-    if !plan.set_states.is_empty() {
-        set_states(colls, s, &plan.set_states).await?;
+    // A `$switch` is evaluated branch by branch for each entry it updates:
+    // chunks keep that linear in the batch size.
+    for chunk in plan.set_states.chunks(SET_STATE_CHUNK) {
+        set_states(colls, s, chunk).await?;
     }
     if !plan.qos2_delete_clients.is_empty() || !plan.qos2_delete.is_empty() {
         let mut alternatives = Vec::new();

@@ -147,6 +147,21 @@ async fn bodies_are_stored_once_and_go_with_their_last_reference() {
         "one body for three entries"
     );
 
+    // Handed over to another session in a later batch: referenced again,
+    // not stored twice.
+    storage
+        .packets
+        .write(vec![enqueue(7, "d", 1)])
+        .await
+        .expect("hand-over");
+    let body = messages
+        .find_one(doc! { "_id": 7_i64 })
+        .await
+        .expect("find")
+        .expect("the body is stored");
+    assert_eq!(body.get_i64("refs"), Ok(4), "{body}");
+    assert_eq!(messages.count_documents(doc! {}).await.expect("count"), 1);
+
     let remove = |c: &str| PacketOp::Remove {
         client: Arc::from(c),
         seq: 1,
@@ -161,12 +176,12 @@ async fn bodies_are_stored_once_and_go_with_their_last_reference() {
         .await
         .expect("find")
         .expect("the body is still referenced");
-    assert_eq!(body.get_i64("refs"), Ok(1), "{body}");
+    assert_eq!(body.get_i64("refs"), Ok(2), "{body}");
     storage
         .packets
-        .write(vec![remove("c"), remove("c")])
+        .write(vec![remove("c"), remove("d"), remove("c")])
         .await
-        .expect("last ack, twice");
+        .expect("last acks, one twice");
     assert_eq!(
         messages.count_documents(doc! {}).await.expect("count"),
         0,
@@ -247,4 +262,70 @@ async fn damaged_documents_are_corrupt_not_panics() {
         ),
         "a high-water mark that is not a number"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_state_changes_in_one_batch() {
+    use broker_core::storage::PacketState;
+
+    let f = Fixture::new("states").await;
+    let storage = f.store.storage();
+    let n = 300;
+    storage
+        .packets
+        .write((1..=n).map(|i| enqueue(i, "s", i)).collect())
+        .await
+        .expect("enqueue");
+    let released = |i: u64| PacketState::Released {
+        packet_id: i as u16,
+    };
+    storage
+        .packets
+        .write(
+            (1..=n)
+                .map(|i| PacketOp::SetState {
+                    client: Arc::from("s"),
+                    seq: i,
+                    state: released(i),
+                })
+                .collect(),
+        )
+        .await
+        .expect("release all");
+    // And back to queued for every third one.
+    storage
+        .packets
+        .write(
+            (1..=n)
+                .filter(|i| i % 3 == 0)
+                .map(|i| PacketOp::SetState {
+                    client: Arc::from("s"),
+                    seq: i,
+                    state: PacketState::Queued,
+                })
+                .collect(),
+        )
+        .await
+        .expect("queue some again");
+    let page = storage
+        .packets
+        .read_queue("s", None, 1000)
+        .await
+        .expect("read_queue");
+    assert_eq!(page.len(), n as usize);
+    for (i, p) in (1..=n).zip(&page) {
+        assert_eq!(p.seq, i);
+        let want = if i % 3 == 0 {
+            PacketState::Queued
+        } else {
+            released(i)
+        };
+        assert_eq!(p.state, want, "state of seq {i}");
+    }
+    let stray =
+        f.db.collection::<Document>("packets")
+            .count_documents(doc! { "state": 0, "packet_id": { "$exists": true } })
+            .await
+            .expect("count");
+    assert_eq!(stray, 0, "queued entries kept a PUBREL packet id");
 }

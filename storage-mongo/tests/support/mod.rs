@@ -51,7 +51,7 @@ pub fn fresh_database(tag: &str) -> String {
 pub async fn open_or_fail(uri: &str, options: MongoOptions) -> MongoStore {
     match MongoStore::open(uri, options).await {
         Ok(store) => store,
-        Err(e) => panic!("cannot open a MongoDB store at {uri}: {e}\n{HOW_TO_START}"),
+        Err(e) => panic!("{e}\n{HOW_TO_START}"),
     }
 }
 
