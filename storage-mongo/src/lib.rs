@@ -35,14 +35,16 @@
 //! or a sharded cluster. A single node is enough: start `mongod --replSet
 //! rs0` and run `rs.initiate()` once, and connect with
 //! `?directConnection=true` (or the replica set name). A standalone server
-//! is refused at open with [`OpenError::NotReplicaSet`]. Transient
+//! is refused at open with [`OpenError::NotReplicaSet`]. MongoDB 4.2 or
+//! newer is needed (state changes use an update pipeline). Transient
 //! transaction errors (write conflicts, a lost connection) are retried as
 //! the MongoDB documentation recommends, a bounded number of times; a
 //! commit whose outcome is unknown is committed again.
 //!
-//! Writes use write concern `majority` with journaling, so a write that
-//! returned survives a crash of the server (`kill -9` of a single-node
-//! `mongod` included). A URI that sets `w` or `journal` itself decides.
+//! Writes and commits use write concern `majority` with journaling, so a
+//! write that returned survives a crash of the server (`kill -9` of a
+//! single-node `mongod` included). A URI that sets `w`, `journal` or
+//! `wtimeoutMS` itself decides instead.
 //!
 //! # Few round trips per batch
 //! A batch is not sent one operation at a time: it is played in memory
@@ -109,6 +111,10 @@
 //! per case, and fails (never skips) when there is none; `scripts/test`
 //! starts one. The outage tests start private servers with
 //! `MONGO_SERVER_BIN` (default `secantusd-py`), which they kill and restart.
+//! SecantusDB, the MongoDB-compatible server the tests use, honours
+//! `j: true` on single writes but not on `commitTransaction`, so those
+//! servers get `--sync-on-commit` (`MONGO_SERVER_ARGS` overrides it); a
+//! real `mongod` needs nothing of the kind.
 //!
 //! # Example
 //! ```no_run
@@ -151,7 +157,7 @@ use broker_core::storage::{
 use broker_core::topic;
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
-use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::options::{ClientOptions, IndexOptions, TransactionOptions};
 use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
 
 pub use error::OpenError;
@@ -266,6 +272,7 @@ pub struct MongoStore {
     database: String,
     uri: String,
     operation_timeout: Duration,
+    txn_options: TransactionOptions,
     health: Health,
     cache: Mutex<BodyCache>,
 }
@@ -330,8 +337,10 @@ impl MongoStore {
         co.server_selection_timeout
             .get_or_insert(options.server_selection_timeout);
         co.max_pool_size.get_or_insert(options.max_pool_size);
-        co.write_concern
-            .get_or_insert_with(txn::durable_write_concern);
+        let write_concern = co
+            .write_concern
+            .get_or_insert_with(txn::durable_write_concern)
+            .clone();
         let database = options
             .database
             .clone()
@@ -375,6 +384,7 @@ impl MongoStore {
             database,
             uri: shown.to_owned(),
             operation_timeout: options.operation_timeout,
+            txn_options: txn::transaction_options(write_concern),
             health: Health::new(shown.to_owned()),
             cache: Mutex::new(BodyCache::default()),
         })
@@ -455,7 +465,7 @@ impl MongoStore {
     }
 
     async fn transaction<B: TxnBody>(&self, body: &mut B) -> StorageResult<B::Output> {
-        txn::run(&self.client, &self.colls, body).await
+        txn::run(&self.client, &self.txn_options, &self.colls, body).await
     }
 
     /// One page of a queue; `Ok(None)` when an entry's body was missing,

@@ -66,10 +66,11 @@ pub(crate) fn durable_write_concern() -> WriteConcern {
         .build()
 }
 
-fn transaction_options() -> TransactionOptions {
+/// Transactions read from a snapshot and commit with `write_concern`.
+pub(crate) fn transaction_options(write_concern: WriteConcern) -> TransactionOptions {
     TransactionOptions::builder()
         .read_concern(ReadConcern::snapshot())
-        .write_concern(durable_write_concern())
+        .write_concern(write_concern)
         .build()
 }
 
@@ -86,6 +87,7 @@ fn worth_retrying(e: &Error) -> bool {
 /// whole in time.
 pub(crate) async fn run<B: TxnBody>(
     client: &Client,
+    options: &TransactionOptions,
     colls: &Collections,
     body: &mut B,
 ) -> StorageResult<B::Output> {
@@ -99,7 +101,7 @@ pub(crate) async fn run<B: TxnBody>(
         let mut session = client.start_session().await.map_err(storage_error)?;
         session
             .start_transaction()
-            .with_options(transaction_options())
+            .with_options(options.clone())
             .await
             .map_err(storage_error)?;
         match body.run(colls, &mut session).await {
