@@ -145,6 +145,7 @@ mod write;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::future::IntoFuture;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -767,12 +768,15 @@ impl SubscriptionStore for MongoStore {
     async fn save_session(&self, record: &SessionRecord) -> StorageResult<()> {
         let doc = documents::session_doc(record)?;
         self.guard("a session write", async {
-            self.colls
-                .sessions
-                .replace_one(doc! { field::ID: &record.client_id }, doc)
-                .upsert(true)
-                .await
-                .map_err(storage_error)?;
+            txn::retry_conflicts(|| {
+                self.colls
+                    .sessions
+                    .replace_one(doc! { field::ID: &record.client_id }, doc.clone())
+                    .upsert(true)
+                    .into_future()
+            })
+            .await
+            .map_err(storage_error)?;
             Ok(())
         })
         .await
@@ -815,11 +819,14 @@ impl SubscriptionStore for MongoStore {
             return Ok(());
         }
         self.guard("a subscription deletion", async {
-            self.colls
-                .subscriptions
-                .delete_many(doc! { field::CLIENT: client, field::TOPIC: { "$in": filters } })
-                .await
-                .map_err(storage_error)?;
+            txn::retry_conflicts(|| {
+                self.colls
+                    .subscriptions
+                    .delete_many(doc! { field::CLIENT: client, field::TOPIC: { "$in": filters } })
+                    .into_future()
+            })
+            .await
+            .map_err(storage_error)?;
             Ok(())
         })
         .await
@@ -913,12 +920,15 @@ impl RetainedStore for MongoStore {
     async fn set_retained(&self, message: Arc<Message>) -> StorageResult<()> {
         let doc = documents::retained_doc(&message)?;
         self.guard("a retained message write", async {
-            self.colls
-                .retained
-                .replace_one(doc! { field::TOPIC: &message.topic }, doc)
-                .upsert(true)
-                .await
-                .map_err(storage_error)?;
+            txn::retry_conflicts(|| {
+                self.colls
+                    .retained
+                    .replace_one(doc! { field::TOPIC: &message.topic }, doc.clone())
+                    .upsert(true)
+                    .into_future()
+            })
+            .await
+            .map_err(storage_error)?;
             Ok(())
         })
         .await
@@ -926,11 +936,14 @@ impl RetainedStore for MongoStore {
 
     async fn delete_retained(&self, topic: &str) -> StorageResult<()> {
         self.guard("a retained message deletion", async {
-            self.colls
-                .retained
-                .delete_one(doc! { field::TOPIC: topic })
-                .await
-                .map_err(storage_error)?;
+            txn::retry_conflicts(|| {
+                self.colls
+                    .retained
+                    .delete_one(doc! { field::TOPIC: topic })
+                    .into_future()
+            })
+            .await
+            .map_err(storage_error)?;
             Ok(())
         })
         .await

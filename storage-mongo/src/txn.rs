@@ -16,8 +16,10 @@ use mongodb::{Client, ClientSession};
 use crate::error::{is_server_selection, storage_error};
 use crate::Collections;
 
-/// Attempts of one transaction (the first included) before giving up.
-const MAX_ATTEMPTS: u32 = 10;
+/// Attempts of one transaction (the first included) before giving up. High
+/// on purpose: under contention conflicts can repeat, and the operation
+/// timeout of the caller is what bounds the whole (at ~0.5 s a retry).
+const MAX_ATTEMPTS: u32 = 1000;
 /// Retries of a commit whose outcome is unknown.
 const MAX_COMMIT_RETRIES: u32 = 3;
 
@@ -75,9 +77,29 @@ pub(crate) fn transaction_options(write_concern: WriteConcern) -> TransactionOpt
 }
 
 /// A transient error worth another attempt now. Server selection errors
-/// are not: the driver already waited its whole timeout for a server.
+/// are not: the driver already waited its whole timeout for a server. A
+/// write conflict is retried even without the `TransientTransactionError`
+/// label (MongoDB adds it; not every compatible server does).
 fn worth_retrying(e: &Error) -> bool {
-    e.contains_label(TRANSIENT_TRANSACTION_ERROR) && !is_server_selection(e)
+    (e.contains_label(TRANSIENT_TRANSACTION_ERROR) || is_write_conflict(e))
+        && !is_server_selection(e)
+}
+
+/// Code of a write conflict between transactions.
+const WRITE_CONFLICT: i32 = 112;
+
+pub(crate) fn is_write_conflict(e: &Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match &*e.kind {
+        ErrorKind::Command(c) => c.code == WRITE_CONFLICT,
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == WRITE_CONFLICT,
+        ErrorKind::InsertMany(i) => i
+            .write_errors
+            .iter()
+            .flatten()
+            .any(|w| w.code == WRITE_CONFLICT),
+        _ => false,
+    }
 }
 
 /// Run `body` in a transaction: retried from the start on
@@ -143,6 +165,26 @@ async fn commit(session: &mut ClientSession) -> Result<(), Error> {
             {
                 retries += 1;
                 tracing::debug!(retries, error = %e, "MongoDB commit result unknown; committing again");
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Run a single write again while it meets a write conflict (a transaction
+/// holds what it touches); the caller's operation timeout bounds the whole.
+pub(crate) async fn retry_conflicts<T, F, Fut>(mut op: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let mut attempt = 0;
+    loop {
+        match op().await {
+            Err(e) if is_write_conflict(&e) => {
+                attempt += 1;
+                tracing::debug!(attempt, error = %e, "MongoDB write conflict; retrying");
+                tokio::time::sleep(backoff(attempt)).await;
             }
             result => return result,
         }

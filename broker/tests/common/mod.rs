@@ -393,3 +393,9 @@ pub fn unique(name: &str) -> String {
         .unwrap_or(0);
     format!("{name}-{}-{nanos}", std::process::id())
 }
+
+/// `url` with one more query parameter.
+pub fn with_param(url: &str, param: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{param}")
+}
