@@ -146,14 +146,14 @@ mod write;
 use std::collections::HashMap;
 use std::future::Future;
 use std::future::IntoFuture;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use broker_core::message::{Message, MessageId, Seq};
 use broker_core::storage::{
-    PacketOp, PacketStore, QueuedPacket, RetainedStore, SessionRecord, Storage, StorageError,
-    StorageResult, StoredSession, SubscriptionRecord, SubscriptionStore,
+    BodyCache, PacketOp, PacketStore, QueuedPacket, RetainedStore, SessionRecord, Storage,
+    StorageError, StorageResult, StoredSession, SubscriptionRecord, SubscriptionStore,
 };
 use broker_core::topic;
 use futures::TryStreamExt;
@@ -236,33 +236,6 @@ impl Collections {
             retained: db.collection("retained"),
             meta: db.collection("meta"),
         }
-    }
-}
-
-/// Bodies already handed out, so that a restore reading the same message
-/// for many sessions shares one copy in memory, as the broker does.
-#[derive(Default)]
-struct BodyCache {
-    bodies: HashMap<MessageId, Weak<Message>>,
-    high_water: usize,
-}
-
-impl BodyCache {
-    fn get(&self, id: MessageId) -> Option<Arc<Message>> {
-        self.bodies.get(&id).and_then(Weak::upgrade)
-    }
-
-    fn share(&mut self, m: Message) -> Arc<Message> {
-        if let Some(known) = self.get(m.id) {
-            return known;
-        }
-        let m = Arc::new(m);
-        self.bodies.insert(m.id, Arc::downgrade(&m));
-        if self.bodies.len() > self.high_water.max(1024) * 2 {
-            self.bodies.retain(|_, w| w.strong_count() > 0);
-            self.high_water = self.bodies.len();
-        }
-        m
     }
 }
 

@@ -158,14 +158,14 @@ mod scripts;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use async_trait::async_trait;
 use broker_core::message::{Message, MessageId, Seq};
 use broker_core::storage::{
-    PacketOp, PacketStore, QueuedPacket, RetainedStore, SessionRecord, Storage, StorageError,
-    StorageResult, StoredSession, SubscriptionRecord, SubscriptionStore,
+    BodyCache, PacketOp, PacketStore, QueuedPacket, RetainedStore, SessionRecord, Storage,
+    StorageError, StorageResult, StoredSession, SubscriptionRecord, SubscriptionStore,
 };
 use broker_core::topic;
 use bytes::Bytes;
@@ -267,30 +267,6 @@ impl Keys {
     }
     fn msg_prefix(&self) -> String {
         self.key("msg:")
-    }
-}
-
-/// Bodies already handed out, so that a restore reading the same message
-/// for many sessions shares one copy in memory, as the broker does.
-#[derive(Default)]
-struct BodyCache {
-    bodies: HashMap<MessageId, Weak<Message>>,
-    high_water: usize,
-}
-
-impl BodyCache {
-    fn get(&self, id: MessageId) -> Option<Arc<Message>> {
-        self.bodies.get(&id).and_then(Weak::upgrade)
-    }
-
-    fn insert(&mut self, m: Message) -> Arc<Message> {
-        let m = Arc::new(m);
-        self.bodies.insert(m.id, Arc::downgrade(&m));
-        if self.bodies.len() > self.high_water.max(1024) * 2 {
-            self.bodies.retain(|_, w| w.strong_count() > 0);
-            self.high_water = self.bodies.len();
-        }
-        m
     }
 }
 

@@ -2,11 +2,12 @@
 //! the worker thread, inside the transaction the caller opened.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use broker_core::message::{Message, MessageId, Seq};
 use broker_core::storage::{
-    PacketOp, QueueTarget, QueuedPacket, SessionRecord, StoredSession, SubscriptionRecord,
+    BodyCache, PacketOp, QueueTarget, QueuedPacket, SessionRecord, StoredSession,
+    SubscriptionRecord,
 };
 use broker_core::topic;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -15,29 +16,6 @@ use crate::rows::{
     bind_message, delivery_from_row, delivery_params, message_from_row, options_from_row,
     state_from_row, state_params, MESSAGE_COLUMNS, MESSAGE_COLUMN_COUNT,
 };
-
-/// Bodies already handed out, so that a restore reading the same message for
-/// many sessions shares one copy in memory, as the broker does.
-#[derive(Default)]
-pub(crate) struct BodyCache {
-    bodies: HashMap<MessageId, Weak<Message>>,
-    high_water: usize,
-}
-
-impl BodyCache {
-    fn share(&mut self, m: Message) -> Arc<Message> {
-        if let Some(known) = self.bodies.get(&m.id).and_then(Weak::upgrade) {
-            return known;
-        }
-        let m = Arc::new(m);
-        self.bodies.insert(m.id, Arc::downgrade(&m));
-        if self.bodies.len() > self.high_water.max(1024) * 2 {
-            self.bodies.retain(|_, w| w.strong_count() > 0);
-            self.high_water = self.bodies.len();
-        }
-        m
-    }
-}
 
 /// Apply a batch of packet-store operations, in order.
 pub(crate) fn apply(conn: &Connection, ops: &[PacketOp]) -> rusqlite::Result<()> {

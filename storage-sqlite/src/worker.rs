@@ -9,12 +9,11 @@
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use broker_core::storage::{StorageError, StorageResult};
+use broker_core::storage::{BodyCache, StorageError, StorageResult};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use crate::error::storage_error;
-use crate::sql::BodyCache;
 
 /// What the worker thread owns.
 pub(crate) struct Db {

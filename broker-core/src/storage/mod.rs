@@ -39,6 +39,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+
+mod body_cache;
+pub use body_cache::BodyCache;
 use serde::{Deserialize, Serialize};
 
 use crate::message::{Message, MessageId, QoS, Seq};
