@@ -438,6 +438,28 @@ impl MongoStore {
         result
     }
 
+    /// Insert or replace the one document of `coll` matching `filter`,
+    /// retrying write conflicts, within the operation timeout.
+    async fn upsert(
+        &self,
+        what: &str,
+        coll: &mongodb::Collection<Document>,
+        filter: Document,
+        doc: Document,
+    ) -> StorageResult<()> {
+        self.guard(what, async {
+            txn::retry_conflicts(|| {
+                coll.replace_one(filter.clone(), doc.clone())
+                    .upsert(true)
+                    .into_future()
+            })
+            .await
+            .map_err(storage_error)?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn transaction<B: TxnBody>(&self, body: &mut B) -> StorageResult<B::Output> {
         txn::run(&self.client, &self.txn_options, &self.colls, body).await
     }
@@ -740,19 +762,9 @@ impl PacketStore for MongoStore {
 impl SubscriptionStore for MongoStore {
     async fn save_session(&self, record: &SessionRecord) -> StorageResult<()> {
         let doc = documents::session_doc(record)?;
-        self.guard("a session write", async {
-            txn::retry_conflicts(|| {
-                self.colls
-                    .sessions
-                    .replace_one(doc! { field::ID: &record.client_id }, doc.clone())
-                    .upsert(true)
-                    .into_future()
-            })
+        let filter = doc! { field::ID: &record.client_id };
+        self.upsert("a session write", &self.colls.sessions, filter, doc)
             .await
-            .map_err(storage_error)?;
-            Ok(())
-        })
-        .await
     }
 
     async fn delete_session(&self, client: &str) -> StorageResult<()> {
@@ -892,18 +904,13 @@ fn retained_query(filter: &str) -> Document {
 impl RetainedStore for MongoStore {
     async fn set_retained(&self, message: Arc<Message>) -> StorageResult<()> {
         let doc = documents::retained_doc(&message)?;
-        self.guard("a retained message write", async {
-            txn::retry_conflicts(|| {
-                self.colls
-                    .retained
-                    .replace_one(doc! { field::TOPIC: &message.topic }, doc.clone())
-                    .upsert(true)
-                    .into_future()
-            })
-            .await
-            .map_err(storage_error)?;
-            Ok(())
-        })
+        let filter = doc! { field::TOPIC: &message.topic };
+        self.upsert(
+            "a retained message write",
+            &self.colls.retained,
+            filter,
+            doc,
+        )
         .await
     }
 
