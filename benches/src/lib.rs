@@ -1,0 +1,12 @@
+//! Benchmarks of the broker.
+//!
+//! - `benches/storage.rs` and `benches/trie.rs` (criterion): the four storage
+//!   backends side by side on the same workloads, and the core's
+//!   subscription trie. Run with `cargo bench -p benches`.
+//! - `broker-bench` (module `load`): an end-to-end load tool that speaks MQTT 3.1.1
+//!   over TCP to any broker, so that this broker and its peers are measured
+//!   by the same client in the same run.
+//! - `bench-chart`: draws the charts of `BENCHMARKS.md` from the load tool's
+//!   JSON results.
+//!
+//! Nothing here is part of the broker; the broker must not depend on it.
