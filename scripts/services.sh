@@ -22,6 +22,17 @@ stop_services() {
 }
 trap stop_services EXIT
 
+# The end of each started server's log, for a failed run: a server that
+# wedged or ran out of disk shows why there.
+show_service_logs() {
+    for log in "$SERVICES_DIR"/*.log; do
+        [ -f "$log" ] || continue
+        echo "--- last lines of $(basename "$log") (started by scripts/services.sh) ---" >&2
+        tail -n 40 "$log" >&2
+    done
+    df -h "$SERVICES_DIR" >&2 || true
+}
+
 reachable() { # host port
     timeout 1 bash -c "exec 3<>/dev/tcp/$1/$2" 2>/dev/null
 }

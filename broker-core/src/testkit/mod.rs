@@ -155,10 +155,25 @@ macro_rules! conformance_tests {
             #[tokio::test(flavor = "multi_thread")]
             async fn $case() {
                 let factory = $factory;
-                $crate::testkit::$case(&factory).await;
+                $crate::testkit::bounded(stringify!($case), $crate::testkit::$case(&factory)).await;
             }
         )*
     };
+}
+
+/// How long one conformance case may take, however slow the store: a store
+/// or server that stops answering fails its case instead of hanging the run.
+pub const CASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// Run the conformance case `name`, failing it after [`CASE_TIMEOUT`].
+pub async fn bounded(name: &str, case: impl std::future::Future<Output = ()>) {
+    if tokio::time::timeout(CASE_TIMEOUT, case).await.is_err() {
+        panic!(
+            "conformance case {name} did not finish within {} s: the store (or its server) \
+             stopped answering",
+            CASE_TIMEOUT.as_secs()
+        );
+    }
 }
 
 /// Re-exports used by [`conformance_tests!`]; not part of the API.

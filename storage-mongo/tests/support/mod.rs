@@ -72,7 +72,10 @@ pub fn drop_database(uri: &str, database: &str) {
             };
             options.server_selection_timeout = Some(Duration::from_secs(2));
             if let Ok(client) = mongodb::Client::with_options(options) {
-                let _ = client.database(&database).drop().await;
+                // Bounded: a server that stopped answering must not hang the
+                // test run in a destructor.
+                let db = client.database(&database);
+                let _ = tokio::time::timeout(Duration::from_secs(10), db.drop()).await;
             }
         });
     });
