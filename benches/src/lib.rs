@@ -10,3 +10,6 @@
 //!   JSON results.
 //!
 //! Nothing here is part of the broker; the broker must not depend on it.
+
+/// `broker-bench`: the end-to-end MQTT load tool (scenarios, client, accounting).
+pub mod load;
