@@ -28,7 +28,7 @@ const MAX_SECS: u64 = 600;
 
 /// End-to-end MQTT 3.1.1 load: the same client against any broker.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Cli {
     #[command(flatten)]
     global: Global,

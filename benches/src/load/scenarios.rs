@@ -275,9 +275,33 @@ fn finish_result(
     }
     r.errors = messages.len() as u64;
     if r.qos > 0 && r.losses > 0 {
+        // Where they are missing, for the first few (stream, subscriber) pairs.
+        let mut gaps = Vec::new();
+        'pairs: for (i, (sub, wanted)) in c.subscribers.iter().zip(routes).enumerate() {
+            for &stream in wanted {
+                let Some(sent) = c.streams.get(stream as usize) else {
+                    continue;
+                };
+                let empty = stats::BitSet::default();
+                let seen = sub.track(stream).map_or(&empty, |t| &t.seen);
+                if let Some((n, first, last)) = stats::missing_range(&sent.acked, seen) {
+                    if gaps.len() == 5 {
+                        gaps.push("...".to_string());
+                        break 'pairs;
+                    }
+                    gaps.push(format!(
+                        "stream {stream} to subscriber {i}: {n} missing between sequences {first} and {last} of {}",
+                        sent.sent
+                    ));
+                }
+            }
+        }
         failures.push(format!(
-            "{} acknowledged publishes were not delivered ({} of {} expected deliveries arrived)",
-            r.losses, acc.distinct, r.expected
+            "{} acknowledged publishes were not delivered ({} of {} expected deliveries arrived): {}",
+            r.losses,
+            acc.distinct,
+            r.expected,
+            gaps.join("; ")
         ));
     }
     if r.order_violations > 0 {

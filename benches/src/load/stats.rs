@@ -82,6 +82,23 @@ impl BitSet {
     }
 }
 
+/// Members of `acked` missing from `seen`: how many, the first and the last.
+pub fn missing_range(acked: &BitSet, seen: &BitSet) -> Option<(u64, u64, u64)> {
+    let mut count = 0;
+    let mut first = None;
+    let mut last = 0;
+    for (i, w) in acked.words.iter().enumerate() {
+        let m = w & !seen.words.get(i).copied().unwrap_or(0);
+        if m != 0 {
+            let base = i as u64 * 64;
+            first.get_or_insert(base + u64::from(m.trailing_zeros()));
+            last = base + 63 - u64::from(m.leading_zeros());
+            count += u64::from(m.count_ones());
+        }
+    }
+    first.map(|f| (count, f, last))
+}
+
 /// What one subscriber saw of one stream.
 #[derive(Debug, Clone, Default)]
 pub struct StreamTrack {
@@ -285,6 +302,20 @@ mod tests {
         c.insert(1000);
         assert_eq!(b.count_missing_from(&c), 1);
         assert_eq!(c.count_missing_from(&b), 0);
+    }
+
+    #[test]
+    fn missing_ranges() {
+        let mut acked = BitSet::default();
+        let mut seen = BitSet::default();
+        for i in 0..300 {
+            acked.insert(i);
+            if !(70..=130).contains(&i) && i != 200 {
+                seen.insert(i);
+            }
+        }
+        assert_eq!(missing_range(&acked, &seen), Some((62, 70, 200)));
+        assert_eq!(missing_range(&seen, &acked), None);
     }
 
     #[test]
