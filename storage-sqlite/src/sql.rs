@@ -493,7 +493,10 @@ mod tests {
             count(&conn, "SELECT count(*) FROM packets WHERE message_id = 2"),
             sessions as i64
         );
-        assert_eq!(count(&conn, "SELECT count(*) FROM packets"), sessions as i64);
+        assert_eq!(
+            count(&conn, "SELECT count(*) FROM packets"),
+            sessions as i64
+        );
         assert_eq!(count(&conn, "SELECT count(*) FROM messages"), 1);
         assert_eq!(
             count(&conn, "SELECT refs FROM messages WHERE id = 2"),
