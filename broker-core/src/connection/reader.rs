@@ -139,7 +139,7 @@ impl Reader {
 
     /// Ask the writer to send `last` (if any) and close the socket.
     pub(super) async fn close(&mut self, last: Option<v5::Packet>) {
-        let _ = self.control.send(Control::Close(last)).await;
+        let _ = self.control.send(Control::Close(last.map(Box::new))).await;
     }
 
     /// Hand a packet to the writer; a sent acknowledgement frees its quota.
@@ -157,7 +157,7 @@ impl Reader {
             _ => {}
         }
         self.control
-            .send(Control::Packet(p))
+            .send(Control::Packet(Box::new(p)))
             .await
             .map_err(|_| Close::WriteFailed)
     }

@@ -43,7 +43,8 @@ pub(super) async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let mut buf = BytesMut::with_capacity(8 * 1024);
+    // Grows with the traffic; an idle connection keeps next to nothing.
+    let mut buf = BytesMut::new();
     let mut out = Vec::new();
     let mut ops = Vec::new();
     let mut aliases = OutboundAliases::new(topic_alias_max);
@@ -52,7 +53,7 @@ pub(super) async fn run<S>(
         let mut last = None;
         while let Ok(c) = control.try_recv() {
             match c {
-                Control::Packet(p) => encode_control(&mut encoder, p, &mut buf, &client),
+                Control::Packet(p) => encode_control(&mut encoder, *p, &mut buf, &client),
                 Control::Close(p) => {
                     last = Some(p);
                     break;
@@ -61,7 +62,7 @@ pub(super) async fn run<S>(
         }
         if let Some(last) = last {
             if let Some(p) = last {
-                encode_control(&mut encoder, p, &mut buf, &client);
+                encode_control(&mut encoder, *p, &mut buf, &client);
             }
             let _ = write.write_all_buf(&mut buf).await;
             let _ = write.shutdown().await;
@@ -96,10 +97,10 @@ pub(super) async fn run<S>(
                 return;
             }
             c = control.recv() => match c {
-                Some(Control::Packet(p)) => encode_control(&mut encoder, p, &mut buf, &client),
+                Some(Control::Packet(p)) => encode_control(&mut encoder, *p, &mut buf, &client),
                 Some(Control::Close(p)) => {
                     if let Some(p) = p {
-                        encode_control(&mut encoder, p, &mut buf, &client);
+                        encode_control(&mut encoder, *p, &mut buf, &client);
                     }
                     let _ = write.write_all_buf(&mut buf).await;
                     let _ = write.shutdown().await;
