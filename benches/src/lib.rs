@@ -11,5 +11,10 @@
 //!
 //! Nothing here is part of the broker; the broker must not depend on it.
 
+/// The storage backends by name (`memory`, `sqlite`, `redis`, `mongo`),
+/// each opened fresh for a benchmark and cleaned up after it; chosen with
+/// `BENCH_BACKENDS`.
+pub mod backends;
+
 /// `broker-bench`: the end-to-end MQTT load tool (scenarios, client, accounting).
 pub mod load;
