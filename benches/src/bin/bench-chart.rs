@@ -110,6 +110,21 @@ fn scenario_name(r: &RunResult) -> String {
     )
 }
 
+/// How a persistent run spreads its messages: every message to every
+/// subscriber, or one topic (one session) per message.
+fn persistent_pattern(r: &RunResult) -> String {
+    let per_message = r.expected as f64 / r.acked.max(1) as f64;
+    let shape = if r.subscribers > 1 && per_message < 1.5 {
+        format!("{} sessions, a topic each", r.subscribers)
+    } else {
+        format!("fan-out to {} sessions", r.subscribers)
+    };
+    format!(
+        "QoS {}, {} publishers, {} messages, {shape}",
+        r.qos, r.publishers, r.acked
+    )
+}
+
 /// `value / base` as `1.23x`, or `-` without a baseline.
 fn ratio(value: f64, base: Option<f64>) -> String {
     match base {
@@ -197,28 +212,30 @@ fn tables(runs: &[RunResult], labels: &[String], baseline: &str) -> String {
         );
         let _ = writeln!(
             out,
-            "| target | subscribers | messages | QoS | acked publishes/s | vs {baseline} | drain deliveries/s | vs {baseline} | losses | duplicates | order violations |"
+            "| pattern | target | acked publishes/s | vs {baseline} | queued deliveries/s | drain deliveries/s | vs {baseline} | losses | duplicates | order violations |"
         );
-        let _ = writeln!(
-            out,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-        );
-        let base = persistent.iter().rev().find(|r| r.label == baseline);
-        for label in labels {
-            if let Some(r) = persistent.iter().rev().find(|r| &r.label == label) {
+        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let mut patterns: BTreeMap<String, BTreeMap<String, &RunResult>> = BTreeMap::new();
+        for r in &persistent {
+            patterns
+                .entry(persistent_pattern(r))
+                .or_default()
+                .insert(r.label.clone(), r);
+        }
+        for (pattern, row) in &patterns {
+            let base = row.get(baseline);
+            for label in labels {
+                let Some(r) = row.get(label) else { continue };
+                let fan_out = r.expected as f64 / r.acked.max(1) as f64;
+                let drain = r.drain_per_s.unwrap_or(0.0);
                 let _ = writeln!(
                     out,
-                    "| {label} | {} | {} | {} | {:.0} | {} | {:.0} | {} | {} | {} | {} |",
-                    r.subscribers,
-                    r.acked,
-                    r.qos,
+                    "| {pattern} | {label} | {:.0} | {} | {:.0} | {:.0} | {} | {} | {} | {} |",
                     r.publish_per_s,
                     ratio(r.publish_per_s, base.map(|b| b.publish_per_s)),
-                    r.drain_per_s.unwrap_or(0.0),
-                    ratio(
-                        r.drain_per_s.unwrap_or(0.0),
-                        base.and_then(|b| b.drain_per_s)
-                    ),
+                    r.publish_per_s * fan_out,
+                    drain,
+                    ratio(drain, base.and_then(|b| b.drain_per_s)),
                     r.losses,
                     r.duplicates,
                     r.order_violations
