@@ -8,6 +8,13 @@
 mod settings;
 mod storage_url;
 
+/// mimalloc rather than the system allocator: routing allocates and frees
+/// small objects on every worker thread for every message, where glibc's
+/// malloc spent about an eighth of the broker's time and held on to memory
+/// freed by closed connections.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 use anyhow::Context;
