@@ -91,7 +91,10 @@ fn enqueue(conn: &Connection, message: &Message, targets: &[QueueTarget]) -> rus
 /// one statement instead of one per session is most of the cost saved.
 const ROWS_PER_INSERT: usize = 8;
 
-/// The columns of a new queue entry, in the order the INSERTs bind them.
+/// The columns of a queue entry and the values of a new one, in the order
+/// the INSERTs bind them.
+const ENTRY_COLUMNS: &str =
+    "packets (client, seq, message_id, qos, retain, subscription_ids, share, state, packet_id)";
 const ENTRY_VALUES: &str = "(?, ?, ?, ?, ?, ?, ?, 0, NULL)";
 
 /// Insert the entries of `targets` (exactly [`ROWS_PER_INSERT`]) in one
@@ -99,11 +102,7 @@ const ENTRY_VALUES: &str = "(?, ?, ?, ?, ?, ?, ?, 0, NULL)";
 /// already: the caller then goes entry by entry.
 fn insert_entries(conn: &Connection, id: i64, targets: &[QueueTarget]) -> rusqlite::Result<bool> {
     let values = vec![ENTRY_VALUES; targets.len()].join(", ");
-    let mut stmt = conn.prepare_cached(&format!(
-        "INSERT INTO packets \
-         (client, seq, message_id, qos, retain, subscription_ids, share, state, packet_id) \
-         VALUES {values}"
-    ))?;
+    let mut stmt = conn.prepare_cached(&format!("INSERT INTO {ENTRY_COLUMNS} VALUES {values}"))?;
     let mut at = 1;
     for t in targets {
         let (qos, retain, ids, share) = delivery_params(&t.delivery);
@@ -135,9 +134,7 @@ fn insert_entry(
     let (qos, retain, ids, share) = delivery_params(&t.delivery);
     let inserted = conn
         .prepare_cached(&format!(
-            "INSERT INTO packets \
-             (client, seq, message_id, qos, retain, subscription_ids, share, state, packet_id) \
-             VALUES {ENTRY_VALUES}"
+            "INSERT INTO {ENTRY_COLUMNS} VALUES {ENTRY_VALUES}"
         ))?
         .execute(params![client, t.seq as i64, id, qos, retain, ids, share]);
     match inserted {
@@ -154,9 +151,7 @@ fn insert_entry(
         replaced.push(old);
     }
     conn.prepare_cached(&format!(
-        "INSERT OR REPLACE INTO packets \
-         (client, seq, message_id, qos, retain, subscription_ids, share, state, packet_id) \
-         VALUES {ENTRY_VALUES}"
+        "INSERT OR REPLACE INTO {ENTRY_COLUMNS} VALUES {ENTRY_VALUES}"
     ))?
     .execute(params![client, t.seq as i64, id, qos, retain, ids, share])?;
     Ok(())
