@@ -2,7 +2,7 @@
 //! the worker thread, inside the transaction the caller opened.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use broker_core::message::{Message, MessageId, Seq};
 use broker_core::storage::{
@@ -97,12 +97,23 @@ const ENTRY_COLUMNS: &str =
     "packets (client, seq, message_id, qos, retain, subscription_ids, share, state, packet_id)";
 const ENTRY_VALUES: &str = "(?, ?, ?, ?, ?, ?, ?, 0, NULL)";
 
+/// The statements' text, built once rather than on every enqueue: it is
+/// the key of the prepared-statement cache.
+static INSERT_ENTRIES: LazyLock<String> = LazyLock::new(|| {
+    let values = [ENTRY_VALUES; ROWS_PER_INSERT].join(", ");
+    format!("INSERT INTO {ENTRY_COLUMNS} VALUES {values}")
+});
+static INSERT_ENTRY: LazyLock<String> =
+    LazyLock::new(|| format!("INSERT INTO {ENTRY_COLUMNS} VALUES {ENTRY_VALUES}"));
+static REPLACE_ENTRY: LazyLock<String> =
+    LazyLock::new(|| format!("INSERT OR REPLACE INTO {ENTRY_COLUMNS} VALUES {ENTRY_VALUES}"));
+
 /// Insert the entries of `targets` (exactly [`ROWS_PER_INSERT`]) in one
 /// statement. `Ok(false)`, with nothing inserted, when one of them exists
 /// already: the caller then goes entry by entry.
 fn insert_entries(conn: &Connection, id: i64, targets: &[QueueTarget]) -> rusqlite::Result<bool> {
-    let values = vec![ENTRY_VALUES; targets.len()].join(", ");
-    let mut stmt = conn.prepare_cached(&format!("INSERT INTO {ENTRY_COLUMNS} VALUES {values}"))?;
+    debug_assert_eq!(targets.len(), ROWS_PER_INSERT);
+    let mut stmt = conn.prepare_cached(&INSERT_ENTRIES)?;
     let mut at = 1;
     for t in targets {
         let (qos, retain, ids, share) = delivery_params(&t.delivery);
@@ -132,11 +143,15 @@ fn insert_entry(
 ) -> rusqlite::Result<()> {
     let client: &str = &t.client;
     let (qos, retain, ids, share) = delivery_params(&t.delivery);
-    let inserted = conn
-        .prepare_cached(&format!(
-            "INSERT INTO {ENTRY_COLUMNS} VALUES {ENTRY_VALUES}"
-        ))?
-        .execute(params![client, t.seq as i64, id, qos, retain, ids, share]);
+    let inserted = conn.prepare_cached(&INSERT_ENTRY)?.execute(params![
+        client,
+        t.seq as i64,
+        id,
+        qos,
+        retain,
+        ids,
+        share
+    ]);
     match inserted {
         Ok(_) => return Ok(()),
         Err(e) if is_constraint(&e) => {}
@@ -150,10 +165,15 @@ fn insert_entry(
     {
         replaced.push(old);
     }
-    conn.prepare_cached(&format!(
-        "INSERT OR REPLACE INTO {ENTRY_COLUMNS} VALUES {ENTRY_VALUES}"
-    ))?
-    .execute(params![client, t.seq as i64, id, qos, retain, ids, share])?;
+    conn.prepare_cached(&REPLACE_ENTRY)?.execute(params![
+        client,
+        t.seq as i64,
+        id,
+        qos,
+        retain,
+        ids,
+        share
+    ])?;
     Ok(())
 }
 
