@@ -5,9 +5,15 @@
 //! `rmqtt-codec` covers MQTT 3.1, 3.1.1 and 5.0 behind one `tokio_util` codec,
 //! hands out payloads as `bytes::Bytes` split from the read buffer (no copy),
 //! checks the maximum packet size from the fixed header before buffering the
-//! body, and is maintained as part of the RMQTT broker. The few checks it
-//! leaves to the caller (wildcards in PUBLISH topics, DUP on QoS 0, empty
-//! SUBSCRIBE) are done in [`crate::connection`].
+//! body, and is maintained as part of the RMQTT broker. The workspace builds
+//! a patched copy (`vendor/rmqtt-codec/FORK.md`) that refuses what the
+//! release masked or misclassified. The few checks it leaves to the caller
+//! (wildcards in PUBLISH topics, DUP on QoS 0) are done in [`crate::connection`].
+//!
+//! Every byte a client sends goes through [`start`] (protocol detection, then
+//! the version's codec) and [`inbound`] (one decoded frame in MQTT 5 terms, or
+//! the reason code to refuse it with); [`decode_stream`] runs the same two on
+//! a whole byte stream, for the fuzz targets and the regression tests.
 //!
 //! The connection code speaks MQTT 5 only. A 3.1.1 client's packets are
 //! [`upgrade`]d to their MQTT 5 equivalents when read (default properties,
@@ -18,7 +24,7 @@ use std::num::NonZeroU16;
 
 use bytes::BytesMut;
 use bytestring::ByteString;
-use tokio_util::codec::Encoder as _;
+use tokio_util::codec::{Decoder as _, Encoder as _};
 
 pub use rmqtt_codec::error::{DecodeError, EncodeError};
 pub use rmqtt_codec::types::Publish;
@@ -222,6 +228,120 @@ fn v3_return_code(r: v5::ConnectAckReason) -> v3::ConnectAckReason {
         }
         _ => v3::ConnectAckReason::ServiceUnavailable,
     }
+}
+
+/// Switch a connection's decoder from protocol detection to the codec of
+/// the version its CONNECT announced, limited to `max_packet_size` bytes.
+pub fn start(codec: &mut MqttCodec, version: ProtocolVersion, max_packet_size: u32) -> Protocol {
+    let max_in = max_remaining_length(max_packet_size);
+    match version {
+        ProtocolVersion::MQTT3 => {
+            *codec = MqttCodec::V3(v3::Codec::new(max_in));
+            Protocol::V3
+        }
+        ProtocolVersion::MQTT5 => {
+            *codec = MqttCodec::V5(v5::Codec::new(max_in, 0));
+            Protocol::V5
+        }
+    }
+}
+
+/// Bytes from a client refused: the MQTT 5 reason code to close with, and
+/// why (for the log and the reason string).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// The DISCONNECT reason code (MQTT 5 clients are told; 3.1.1 ones are closed).
+    pub code: v5::DisconnectReasonCode,
+    /// What was wrong.
+    pub why: String,
+}
+
+/// One frame as the connection acts on it: a client's packet in MQTT 5 form
+/// (3.1.1 packets [`upgrade`]d), or why the connection must close.
+pub fn inbound(frame: Result<(MqttPacket, u32), DecodeError>) -> Result<v5::Packet, Refused> {
+    use v5::DisconnectReasonCode as D;
+    let refuse = |code, why: String| Err(Refused { code, why });
+    match frame {
+        Ok((MqttPacket::V5(p), _)) => Ok(p),
+        Ok((MqttPacket::V3(p), _)) => upgrade(p).or_else(|t| {
+            refuse(
+                D::ProtocolError,
+                format!("packet type 0x{t:02x} is not sent by clients"),
+            )
+        }),
+        Ok((MqttPacket::Version(_), _)) => refuse(D::ProtocolError, "unexpected frame".into()),
+        Err(DecodeError::MaxSizeExceeded { size, max }) => refuse(
+            D::PacketTooLarge,
+            format!("packet of {size} bytes, maximum {max}"),
+        ),
+        Err(DecodeError::ProtocolError(why)) => refuse(D::ProtocolError, why.to_string()),
+        Err(DecodeError::TopicAliasInvalid) => refuse(D::TopicAliasInvalid, "topic alias 0".into()),
+        // The codec's only use of it in MQTT 5: SUBSCRIBE or UNSUBSCRIBE
+        // without filters, a Protocol Error (MQTT-3.8.3-2, MQTT-3.10.3-2).
+        Err(DecodeError::InvalidTopicFilter) => {
+            refuse(D::ProtocolError, "no (or an empty) topic filter".into())
+        }
+        Err(e) => refuse(D::MalformedPacket, format!("malformed packet: {e}")),
+    }
+}
+
+/// What [`decode_stream`] made of a byte stream.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    /// The protocol the first CONNECT announced, once detected.
+    pub protocol: Option<Protocol>,
+    /// Each packet in MQTT 5 form, with its 3.1.1 form for a 3.1.1 stream.
+    pub packets: Vec<(v5::Packet, Option<v3::Packet>)>,
+    /// Why decoding stopped before the end of the stream, if it did.
+    pub refused: Option<Refused>,
+}
+
+/// Decode a client's byte stream, arriving in `chunks`, the way a connection
+/// reads it (`tokio_util`'s `FramedRead` calls the decoder after every read):
+/// protocol detection, [`start`], then [`inbound`] for every frame. Stops at
+/// the first refusal; a frame left incomplete at the end is not an error.
+pub fn decode_stream<'a>(
+    chunks: impl IntoIterator<Item = &'a [u8]>,
+    max_packet_size: u32,
+) -> Decoded {
+    let mut codec = MqttCodec::Version(VersionCodec);
+    let mut buf = BytesMut::new();
+    let mut out = Decoded::default();
+    for chunk in chunks {
+        buf.extend_from_slice(chunk);
+        loop {
+            let frame = match codec.decode(&mut buf) {
+                Ok(None) => break,
+                Ok(Some((MqttPacket::Version(v), _))) if out.protocol.is_none() => {
+                    // Detection only peeks: the CONNECT is decoded next, by the version's codec.
+                    out.protocol = Some(start(&mut codec, v, max_packet_size));
+                    continue;
+                }
+                // The connection answers CONNACK 0x01 (3.1.1) to this one.
+                Err(DecodeError::InvalidProtocol) if out.protocol.is_none() => {
+                    out.refused = Some(Refused {
+                        code: v5::DisconnectReasonCode::ProtocolError,
+                        why: "unknown protocol name or level".into(),
+                    });
+                    return out;
+                }
+                Ok(Some(frame)) => Ok(frame),
+                Err(e) => Err(e),
+            };
+            let v3 = match &frame {
+                Ok((MqttPacket::V3(p), _)) => Some(p.clone()),
+                _ => None,
+            };
+            match inbound(frame) {
+                Ok(p) => out.packets.push((p, v3)),
+                Err(r) => {
+                    out.refused = Some(r);
+                    return out;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The largest remaining length of a packet whose total size (fixed header

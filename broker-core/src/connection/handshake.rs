@@ -10,8 +10,7 @@ use tokio_util::codec::FramedRead;
 
 use crate::broker::Broker;
 use crate::codec::{
-    max_remaining_length, reason, upgrade, v3, v5, DecodeError, Encoder, MqttCodec, MqttPacket,
-    Protocol, ProtocolVersion,
+    reason, start, upgrade, v5, DecodeError, Encoder, MqttCodec, MqttPacket, Protocol,
 };
 use crate::hooks::AuthStep;
 
@@ -68,16 +67,12 @@ where
     W: AsyncWrite + Unpin,
 {
     use v5::ConnectAckReason as R;
-    let max_in = max_remaining_length(broker.config().max_packet_size);
     let protocol = match next_before(framed, deadline).await? {
-        Ok((MqttPacket::Version(ProtocolVersion::MQTT3), _)) => {
-            *framed.decoder_mut() = MqttCodec::V3(v3::Codec::new(max_in));
-            Protocol::V3
-        }
-        Ok((MqttPacket::Version(ProtocolVersion::MQTT5), _)) => {
-            *framed.decoder_mut() = MqttCodec::V5(v5::Codec::new(max_in, 0));
-            Protocol::V5
-        }
+        Ok((MqttPacket::Version(version), _)) => start(
+            framed.decoder_mut(),
+            version,
+            broker.config().max_packet_size,
+        ),
         Ok(_) => return Err("unexpected first frame".into()),
         Err(DecodeError::UnsupportedPacketType) => {
             return Err("first packet was not CONNECT".into())
@@ -97,11 +92,14 @@ where
                 DecodeError::UnsupportedProtocolLevel => {
                     (R::UnsupportedProtocolVersion, "unsupported protocol level")
                 }
+                // Only from 3.1.1 (0x02): an MQTT 5 client gets an assigned id.
                 DecodeError::InvalidClientId => (
                     R::ClientIdentifierNotValid,
-                    "empty client id with clean start 0",
+                    "empty client id with clean session 0",
                 ),
                 DecodeError::MaxSizeExceeded { .. } => (R::PacketTooLarge, "CONNECT too large"),
+                // MQTT 5 only: e.g. Receive Maximum 0, a property twice.
+                DecodeError::ProtocolError(_) => (R::ProtocolError, "protocol error in CONNECT"),
                 _ => (R::MalformedPacket, "malformed CONNECT"),
             };
             // MQTT 3.1.1 has no code for a malformed CONNECT: just close.

@@ -24,8 +24,7 @@ use super::aliases::{AliasError, InboundAliases};
 use super::{message_properties, Close, Control, PropertyError};
 use crate::broker::{Broker, SessionExpiry, SubscribeRefusal, Unsubscribed};
 use crate::codec::{
-    from_wire_qos, puback, pubcomp, reason, upgrade, v5, DecodeError, MqttCodec, MqttPacket,
-    Protocol, Publish,
+    from_wire_qos, inbound, puback, pubcomp, reason, v5, MqttCodec, Protocol, Publish,
 };
 use crate::hooks::{AuthExchange, AuthStep};
 use crate::message::{Message, QoS};
@@ -110,23 +109,10 @@ impl Reader {
                 }
                 _ = sleep_until(deadline), if !keep_alive.is_zero() => return Close::KeepAliveTimeout,
                 frame = framed.next(), if self.pending.len() < max_pending => {
-                    let packet = match frame {
+                    let packet = match frame.map(inbound) {
                         None => return Close::Eof,
-                        Some(Err(DecodeError::MaxSizeExceeded { size, max })) => {
-                            return Close::Violation(
-                                D::PacketTooLarge,
-                                format!("packet of {size} bytes, maximum {max}"),
-                            )
-                        }
-                        Some(Err(e)) => {
-                            return Close::Violation(D::MalformedPacket, format!("malformed packet: {e}"))
-                        }
-                        Some(Ok((MqttPacket::V5(p), _))) => p,
-                        Some(Ok((MqttPacket::V3(p), _))) => match upgrade(p) {
-                            Ok(p) => p,
-                            Err(t) => return Close::protocol(format!("packet type 0x{t:02x} is not sent by clients")),
-                        },
-                        Some(Ok(_)) => return Close::protocol("unexpected frame"),
+                        Some(Ok(p)) => p,
+                        Some(Err(r)) => return Close::Violation(r.code, r.why),
                     };
                     deadline = Instant::now() + keep_alive;
                     if let Err(reason) = self.on_packet(packet).await {
