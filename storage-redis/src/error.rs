@@ -6,6 +6,7 @@ use std::time::Duration;
 use broker_core::storage::StorageError;
 use redis::{ErrorKind, RedisError};
 
+use crate::lease::Holder;
 use crate::LAYOUT_VERSION;
 
 /// Why [`RedisStore::open`](crate::RedisStore::open) failed. Every variant
@@ -59,7 +60,29 @@ pub enum OpenError {
         /// The version found in `{prefix}layout`.
         found: String,
     },
+    /// Another broker holds the prefix's lease (see the `lease` module):
+    /// it renewed it while this one waited, or it never expires.
+    #[error(
+        "the Redis prefix `{prefix}` at {url} is in use by another broker ({holder}{}); \
+         stop that broker first or use another prefix (the lease of a broker that died \
+         expires within its TTL, and is waited for at start)",
+        match expires_in { Some(d) => format!(", lease expires in {} ms unless renewed", d.as_millis()), None => String::from(", lease without expiry") }
+    )]
+    Locked {
+        /// The URL, password hidden.
+        url: String,
+        /// The key prefix.
+        prefix: String,
+        /// Who holds it.
+        holder: Holder,
+        /// How long its lease had left at the last look.
+        expires_in: Option<Duration>,
+    },
 }
+
+/// The error code a write script fails with when this process no longer
+/// owns the prefix.
+pub(crate) const LEASE_LOST: &str = "LEASELOST";
 
 /// Server error codes that mean "not now" rather than "never".
 const TRANSIENT_CODES: &[&str] = &[

@@ -152,6 +152,7 @@
 
 mod codec;
 mod error;
+mod lease;
 mod options;
 mod scripts;
 
@@ -173,9 +174,11 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, RedisResult, Value};
 
 pub use error::OpenError;
-pub use options::{redact, RedisOptions, DEFAULT_PREFIX};
+pub use lease::Holder;
+pub use options::{redact, RedisOptions, DEFAULT_PREFIX, MIN_LEASE_TTL};
 
 use codec::corrupt;
+use lease::Lease;
 use scripts::Scripts;
 
 /// Version of the key layout this crate reads and writes (`P layout`).
@@ -316,6 +319,7 @@ pub struct RedisStore {
     durability: Durability,
     health: Health,
     cache: Mutex<BodyCache>,
+    lease: Arc<Lease>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -363,15 +367,26 @@ impl RedisStore {
                     url: shown.clone(),
                     source,
                 })?;
-            setup(&mut conn, &keys, &scripts, &shown).await
+            let durability = setup(&mut conn, &keys, &scripts, &shown).await?;
+            Ok::<_, OpenError>((durability, conn))
         };
-        let durability =
+        let (durability, mut plain) =
             tokio::time::timeout(limit, setup)
                 .await
                 .map_err(|_| OpenError::Timeout {
                     url: shown.clone(),
                     timeout: limit,
                 })??;
+        // Not within `limit`: a dead holder's lease is waited for, up to its TTL.
+        let lease = lease::acquire(
+            &mut plain,
+            &keys.prefix,
+            &shown,
+            options.lease_ttl,
+            options.response_timeout,
+        )
+        .await?;
+        drop(plain);
 
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(options.connection_timeout)
@@ -382,16 +397,33 @@ impl RedisStore {
             // the first operation after Redis is back reconnects. Concurrent
             // operations share one attempt.
             .set_number_of_retries(0);
-        let conn = tokio::time::timeout(limit, ConnectionManager::new_with_config(client, config))
-            .await
-            .map_err(|_| OpenError::Timeout {
-                url: shown.clone(),
-                timeout: limit,
-            })?
-            .map_err(|source| OpenError::Connect {
-                url: shown.clone(),
-                source,
-            })?;
+        let connected =
+            tokio::time::timeout(limit, ConnectionManager::new_with_config(client, config)).await;
+        let conn = match connected {
+            Ok(Ok(conn)) => conn,
+            failed => {
+                let error = match failed {
+                    Ok(Err(source)) => OpenError::Connect {
+                        url: shown.clone(),
+                        source,
+                    },
+                    _ => OpenError::Timeout {
+                        url: shown.clone(),
+                        timeout: limit,
+                    },
+                };
+                // Give the prefix back; if Redis is gone the lease expires.
+                if let Ok(c) = redis::Client::open(connect_url.as_str()) {
+                    if let Ok(Ok(mut c)) =
+                        tokio::time::timeout(limit, c.get_multiplexed_async_connection()).await
+                    {
+                        lease.release(&mut c).await;
+                    }
+                }
+                return Err(error);
+            }
+        };
+        lease.start_heartbeat(conn.clone(), options.response_timeout);
 
         match durability {
             Durability::SnapshotsOnly | Durability::OsFlush | Durability::Unknown => {
@@ -419,7 +451,78 @@ impl RedisStore {
                 down_since: Mutex::new(None),
             },
             cache: Mutex::new(BodyCache::default()),
+            lease,
         })
+    }
+
+    /// Release the prefix's lease, so that the next broker can open it at
+    /// once, and stop renewing it. Every write fails afterwards; call it
+    /// once the broker has stopped writing (after its shutdown). A store
+    /// dropped without it stops renewing, and its lease expires within the
+    /// TTL ([`RedisOptions::lease_ttl`]).
+    pub async fn close(&self) {
+        let mut conn = self.conn.clone();
+        self.lease.release(&mut conn).await;
+    }
+
+    /// Delete every key under the prefix of `url`, the lease included,
+    /// without taking the lease: for decommissioning a prefix and for
+    /// cleaning up after tests. A broker still running on it loses its lease
+    /// and stops writing.
+    pub async fn destroy(url: &str, options: RedisOptions) -> Result<(), OpenError> {
+        let (connect_url, options) = options::split_url(url, options)?;
+        let shown = redact(url);
+        let client =
+            redis::Client::open(connect_url.as_str()).map_err(|e| OpenError::InvalidUrl {
+                url: shown.clone(),
+                reason: e.to_string(),
+            })?;
+        let limit = options.connection_timeout + options.response_timeout;
+        let work = async {
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|source| OpenError::Connect {
+                    url: shown.clone(),
+                    source,
+                })?;
+            let pattern = format!("{}*", glob_escape(&options.prefix));
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|source| OpenError::Setup {
+                        url: shown.clone(),
+                        source,
+                    })?;
+                if !keys.is_empty() {
+                    redis::cmd("UNLINK")
+                        .arg(keys)
+                        .query_async::<()>(&mut conn)
+                        .await
+                        .map_err(|source| OpenError::Setup {
+                            url: shown.clone(),
+                            source,
+                        })?;
+                }
+                if next == 0 {
+                    return Ok(());
+                }
+                cursor = next;
+            }
+        };
+        tokio::time::timeout(limit * 4, work)
+            .await
+            .map_err(|_| OpenError::Timeout {
+                url: shown.clone(),
+                timeout: limit * 4,
+            })?
     }
 
     /// The broker's view of this store: all three traits backed by it.
@@ -466,12 +569,16 @@ impl RedisStore {
         }
     }
 
-    /// Delete every key under the prefix (tests, benchmarks, decommissioning
-    /// a broker). Walks the prefix with `SCAN`; not atomic.
+    /// Delete every key under the prefix but the lease, which this store
+    /// keeps holding (tests, benchmarks). Walks the prefix with `SCAN`; not
+    /// atomic. [`RedisStore::destroy`] deletes the lease too.
     pub async fn clear(&self) -> StorageResult<()> {
+        self.lease.check()?;
+        let keep = [self.keys.key("owner"), self.keys.key("lease")];
         let mut cursor = 0u64;
         loop {
-            let (next, keys) = self.scan(cursor).await?;
+            let (next, mut keys) = self.scan(cursor).await?;
+            keys.retain(|k| !keep.iter().any(|keep| keep.as_bytes() == k.as_slice()));
             if !keys.is_empty() {
                 let mut conn = self.conn.clone();
                 let mut cmd = redis::cmd("UNLINK");
@@ -503,6 +610,9 @@ impl RedisStore {
         let timeout = self.options.response_timeout;
         let result = match tokio::time::timeout(timeout, exchange).await {
             Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.code() == Some(error::LEASE_LOST) => Err(self
+                .lease
+                .lost(e.detail().unwrap_or("taken by another broker"))),
             Ok(Err(e)) => Err(error::storage_error(&e)),
             Err(_) => Err(StorageError::Unavailable(format!(
                 "no answer from Redis within {} ms",
@@ -511,11 +621,42 @@ impl RedisStore {
         };
         self.health.observe(&self.url, &result);
         result.map_err(|e| match e {
-            StorageError::Unavailable(why) => {
+            StorageError::Unavailable(why) if !why.contains(&self.url) => {
                 StorageError::Unavailable(format!("{why} (at {})", self.url))
             }
             other => other,
         })
+    }
+
+    /// Run `commands` (full key names) in one script call that first checks
+    /// the lease, raising `last_message_id` to `raise_id` if given.
+    async fn guarded(
+        &self,
+        raise_id: Option<MessageId>,
+        commands: &[redis::Cmd],
+    ) -> StorageResult<()> {
+        self.lease.check()?;
+        let mut script = self.scripts.guarded.prepare_invoke();
+        script
+            .arg(&self.keys.prefix)
+            .arg(self.lease.token())
+            .arg(raise_id.map(|id| id.to_string()).unwrap_or_default());
+        for cmd in commands {
+            let args: Vec<&[u8]> = cmd
+                .args_iter()
+                .filter_map(|a| match a {
+                    redis::Arg::Simple(b) => Some(b),
+                    redis::Arg::Cursor => None,
+                })
+                .collect();
+            script.arg(args.len());
+            for a in args {
+                script.arg(a);
+            }
+        }
+        let mut conn = self.conn.clone();
+        self.call(script.invoke_async::<i64>(&mut conn)).await?;
+        Ok(())
     }
 
     /// A message body, from the cache when another entry already holds it.
@@ -695,8 +836,9 @@ impl PacketStore for RedisStore {
         if ops.is_empty() {
             return Ok(());
         }
+        self.lease.check()?;
         let mut script = self.scripts.write.prepare_invoke();
-        script.arg(&self.keys.prefix);
+        script.arg(&self.keys.prefix).arg(self.lease.token());
         for op in &ops {
             match op {
                 PacketOp::Enqueue { message, targets } => {
@@ -826,26 +968,19 @@ impl PacketStore for RedisStore {
 #[async_trait]
 impl SubscriptionStore for RedisStore {
     async fn save_session(&self, record: &SessionRecord) -> StorageResult<()> {
-        let mut conn = self.conn.clone();
         let mut cmd = redis::cmd("HSET");
         cmd.arg(self.keys.key("sessions"))
             .arg(&record.client_id)
             .arg(codec::encode_session(record));
-        self.call(cmd.query_async::<()>(&mut conn)).await
+        self.guarded(None, &[cmd]).await
     }
 
     async fn delete_session(&self, client: &str) -> StorageResult<()> {
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HDEL")
-            .arg(self.keys.key("sessions"))
-            .arg(client)
-            .ignore()
-            .cmd("DEL")
-            .arg(self.keys.subs(client))
-            .ignore();
-        self.call(pipe.query_async::<()>(&mut conn)).await
+        let mut hdel = redis::cmd("HDEL");
+        hdel.arg(self.keys.key("sessions")).arg(client);
+        let mut del = redis::cmd("DEL");
+        del.arg(self.keys.subs(client));
+        self.guarded(None, &[hdel, del]).await
     }
 
     async fn add_subscriptions(
@@ -861,8 +996,7 @@ impl SubscriptionStore for RedisStore {
         for s in subscriptions {
             cmd.arg(&s.filter).arg(codec::encode_options(&s.options));
         }
-        let mut conn = self.conn.clone();
-        self.call(cmd.query_async::<()>(&mut conn)).await
+        self.guarded(None, &[cmd]).await
     }
 
     async fn remove_subscriptions(&self, client: &str, filters: &[String]) -> StorageResult<()> {
@@ -871,8 +1005,7 @@ impl SubscriptionStore for RedisStore {
         }
         let mut cmd = redis::cmd("HDEL");
         cmd.arg(self.keys.subs(client)).arg(filters);
-        let mut conn = self.conn.clone();
-        self.call(cmd.query_async::<()>(&mut conn)).await
+        self.guarded(None, &[cmd]).await
     }
 
     async fn load_sessions(&self) -> StorageResult<Vec<StoredSession>> {
@@ -917,35 +1050,24 @@ impl SubscriptionStore for RedisStore {
 #[async_trait]
 impl RetainedStore for RedisStore {
     async fn set_retained(&self, message: Arc<Message>) -> StorageResult<()> {
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HSET")
-            .arg(self.keys.key("retained"))
+        let mut hset = redis::cmd("HSET");
+        hset.arg(self.keys.key("retained"))
             .arg(&message.topic)
-            .arg(codec::encode_message(&message))
-            .ignore()
-            .cmd("ZADD")
-            .arg(self.keys.key("retained_index"))
+            .arg(codec::encode_message(&message));
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(self.keys.key("retained_index"))
             .arg(0)
-            .arg(&message.topic)
-            .ignore();
-        self.call(pipe.query_async::<()>(&mut conn)).await
+            .arg(&message.topic);
+        // Its id is stored nowhere else: the high-water mark must cover it.
+        self.guarded(Some(message.id), &[hset, zadd]).await
     }
 
     async fn delete_retained(&self, topic: &str) -> StorageResult<()> {
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HDEL")
-            .arg(self.keys.key("retained"))
-            .arg(topic)
-            .ignore()
-            .cmd("ZREM")
-            .arg(self.keys.key("retained_index"))
-            .arg(topic)
-            .ignore();
-        self.call(pipe.query_async::<()>(&mut conn)).await
+        let mut hdel = redis::cmd("HDEL");
+        hdel.arg(self.keys.key("retained")).arg(topic);
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(self.keys.key("retained_index")).arg(topic);
+        self.guarded(None, &[hdel, zrem]).await
     }
 
     async fn lookup_retained(&self, filter: &str) -> StorageResult<Vec<Arc<Message>>> {

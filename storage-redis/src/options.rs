@@ -25,7 +25,16 @@ pub struct RedisOptions {
     /// included (default 5 s). Past it the operation fails with
     /// [`StorageError::Unavailable`](broker_core::storage::StorageError::Unavailable).
     pub response_timeout: Duration,
+    /// TTL of the lease that keeps a second broker off the prefix (default
+    /// 10 s, at least 100 ms), renewed every third of it. A broker killed
+    /// without closing blocks the prefix that long: the next start waits
+    /// for it to expire. See the `lease` module.
+    pub lease_ttl: Duration,
 }
+
+/// Shortest lease TTL accepted: renewals every third of it must fit in
+/// the time a round trip takes.
+pub const MIN_LEASE_TTL: Duration = Duration::from_millis(100);
 
 impl Default for RedisOptions {
     fn default() -> Self {
@@ -33,13 +42,14 @@ impl Default for RedisOptions {
             prefix: DEFAULT_PREFIX.to_owned(),
             connection_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(5),
+            lease_ttl: Duration::from_secs(10),
         }
     }
 }
 
 /// Query parameters this crate reads; the others listed in
 /// [`PASSED_THROUGH`] go to the Redis client.
-const KNOWN: &str = "prefix, timeout_ms, connect_timeout_ms, protocol";
+const KNOWN: &str = "prefix, timeout_ms, connect_timeout_ms, lease_ms, protocol";
 
 /// Query parameters the Redis client itself understands.
 const PASSED_THROUGH: &[&str] = &["protocol"];
@@ -54,6 +64,7 @@ impl RedisOptions {
     /// - `prefix=STR`: the key prefix (percent-encoded if need be), default `mqtt:`;
     /// - `timeout_ms=N`: [`response_timeout`](Self::response_timeout);
     /// - `connect_timeout_ms=N`: [`connection_timeout`](Self::connection_timeout);
+    /// - `lease_ms=N`: [`lease_ttl`](Self::lease_ttl);
     /// - `protocol=resp2|resp3`: passed to the Redis client.
     ///
     /// ```
@@ -105,6 +116,7 @@ pub(crate) fn split_url(
             "prefix" => options.prefix = decoded,
             "timeout_ms" => options.response_timeout = millis(key)?,
             "connect_timeout_ms" => options.connection_timeout = millis(key)?,
+            "lease_ms" => options.lease_ttl = millis(key)?,
             k if PASSED_THROUGH.contains(&k) => passed.push(pair),
             other => {
                 return Err(invalid(format!(
@@ -118,6 +130,12 @@ pub(crate) fn split_url(
     }
     if options.response_timeout.is_zero() || options.connection_timeout.is_zero() {
         return Err(invalid("timeouts must be positive".into()));
+    }
+    if options.lease_ttl < MIN_LEASE_TTL {
+        return Err(invalid(format!(
+            "lease_ms must be at least {} ms",
+            MIN_LEASE_TTL.as_millis()
+        )));
     }
     let mut connect = base.to_owned();
     if !passed.is_empty() {
@@ -180,7 +198,7 @@ mod tests {
     #[test]
     fn parameters_override_and_are_removed() {
         let (connect, o) = split_url(
-            "redis://u:p@h:1/3?prefix=a%3Ab%20c:&timeout_ms=250&protocol=resp3&connect_timeout_ms=9",
+            "redis://u:p@h:1/3?prefix=a%3Ab%20c:&timeout_ms=250&protocol=resp3&connect_timeout_ms=9&lease_ms=1500",
             RedisOptions::default(),
         )
         .expect("valid");
@@ -188,6 +206,7 @@ mod tests {
         assert_eq!(o.prefix, "a:b c:");
         assert_eq!(o.response_timeout, Duration::from_millis(250));
         assert_eq!(o.connection_timeout, Duration::from_millis(9));
+        assert_eq!(o.lease_ttl, Duration::from_millis(1500));
 
         let (connect, o) = split_url("redis://h/", RedisOptions::default()).expect("valid");
         assert_eq!(
@@ -205,6 +224,7 @@ mod tests {
             ("redis://u:pw@h/?timeout_ms=soon", "timeout_ms `soon`"),
             ("redis://u:pw@h/?prefix", "has no value"),
             ("redis://u:pw@h/?prefix=%zz", "percent-encoding"),
+            ("redis://u:pw@h/?lease_ms=50", "at least 100 ms"),
         ] {
             let e = split_url(url, RedisOptions::default())
                 .err()

@@ -1,5 +1,6 @@
-//! The Lua scripts: one applies a whole [`PacketOp`] batch, one reads a page
-//! of a queue with its bodies. A script runs atomically in Redis, so a batch
+//! The Lua scripts: one applies a whole [`PacketOp`] batch, one runs the
+//! other writes, one reads a page of a queue with its bodies. Both writing
+//! scripts first check the lease token (see the `lease` module). A script runs atomically in Redis, so a batch
 //! is all-or-nothing for every reader, and each costs one round trip
 //! (`EVALSHA`, loaded again by the client after a server restart).
 //!
@@ -7,8 +8,26 @@
 
 use redis::Script;
 
-/// Apply a batch. `ARGV[1]` is the key prefix; then each operation as a
-/// code and its arguments:
+/// Fails with `LEASELOST` unless `ARGV[2]` is the owner's token (`P owner`,
+/// see the `lease` module); written into each writing script so that the
+/// check and the writes are one atomic step.
+macro_rules! fence {
+    () => {
+        r#"
+local P, TOKEN = ARGV[1], ARGV[2]
+local owner = redis.call('HMGET', P .. 'owner', 'token', 'host', 'pid')
+if owner[1] ~= TOKEN then
+  if owner[1] then
+    return redis.error_reply('LEASELOST now held by host ' .. (owner[2] or '?') .. ', pid ' .. (owner[3] or '?'))
+  end
+  return redis.error_reply('LEASELOST its record is gone: deleted, or Redis was flushed')
+end
+"#
+    };
+}
+
+/// Apply a batch. `ARGV[1]` is the key prefix, `ARGV[2]` the lease token;
+/// then each operation as a code and its arguments:
 ///
 /// | code | arguments | operation |
 /// |---|---|---|
@@ -21,13 +40,14 @@ use redis::Script;
 ///
 /// The whole argument list is checked before the first write, so a
 /// malformed batch changes nothing. Returns the number of operations.
-const WRITE: &str = r#"
-local P = ARGV[1]
+const WRITE: &str = concat!(
+    fence!(),
+    r#"
 local n = #ARGV
 
 -- Pass 1: find where each operation starts; no writes.
 local starts = {}
-local i = 2
+local i = 3
 while i <= n do
   local code = ARGV[i]
   starts[#starts + 1] = i
@@ -141,7 +161,41 @@ if max_id ~= nil then
   end
 end
 return #starts
-"#;
+"#
+);
+
+/// Run plain commands if we own the prefix: the subscription and retained
+/// writes. `ARGV[1]` is the prefix, `ARGV[2]` the lease token, `ARGV[3]` a
+/// message id to raise `last_message_id` to (empty for none: retained
+/// messages take ids from the same counter, and live nowhere else); then
+/// each command as its argument count and arguments (full key names).
+/// Checked whole before the first write. Returns the number of commands.
+const GUARDED: &str = concat!(
+    fence!(),
+    r#"
+local n = #ARGV
+local i = 4
+local starts = {}
+while i <= n do
+  local count = tonumber(ARGV[i])
+  if count == nil or count < 1 or i + count > n then
+    return redis.error_reply('BADBATCH malformed command list')
+  end
+  starts[#starts + 1] = i
+  i = i + 1 + count
+end
+for _, s in ipairs(starts) do
+  redis.call(unpack(ARGV, s + 1, s + tonumber(ARGV[s])))
+end
+local id = tonumber(ARGV[3])
+if id then
+  local lk = P .. 'last_message_id'
+  local cur = tonumber(redis.call('GET', lk) or '0') or 0
+  if id > cur then redis.call('SET', lk, ARGV[3]) end
+end
+return #starts
+"#
+);
 
 /// Read a page of a queue. `KEYS[1]` is the queue's sorted set, `KEYS[2]`
 /// its entries hash; `ARGV[1]` the lower score bound (`-inf` or `(after`),
@@ -175,6 +229,7 @@ return out
 /// The scripts, hashed once.
 pub(crate) struct Scripts {
     pub(crate) write: Script,
+    pub(crate) guarded: Script,
     pub(crate) read_queue: Script,
 }
 
@@ -182,12 +237,13 @@ impl Scripts {
     pub(crate) fn new() -> Self {
         Scripts {
             write: Script::new(WRITE),
+            guarded: Script::new(GUARDED),
             read_queue: Script::new(READ_QUEUE),
         }
     }
 
-    /// Both scripts, for loading them at open.
-    pub(crate) fn all(&self) -> [&Script; 2] {
-        [&self.write, &self.read_queue]
+    /// Every script, for loading them at open.
+    pub(crate) fn all(&self) -> [&Script; 3] {
+        [&self.write, &self.guarded, &self.read_queue]
     }
 }

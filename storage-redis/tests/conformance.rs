@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use broker_core::storage::Storage;
@@ -13,11 +13,14 @@ use common::{connect, redis_url, unique_prefix, Cleanup, HOW_TO_START};
 use storage_redis::{RedisOptions, RedisStore};
 
 /// A fresh key prefix per factory; `open` connects again to the same
-/// prefix, so the reopen case reads back what an earlier handle wrote. The
+/// prefix, so the reopen case reads back what an earlier handle wrote (and
+/// `close` releases the lease, as the broker does, so that it can). The
 /// prefix's keys are deleted when the factory goes.
 struct RedisFactory {
     url: String,
     prefix: String,
+    /// Stores opened and not closed yet.
+    open: Mutex<Vec<Arc<RedisStore>>>,
     _cleanup: Cleanup,
 }
 
@@ -34,6 +37,7 @@ impl RedisFactory {
             },
             url,
             prefix,
+            open: Mutex::new(Vec::new()),
         }
     }
 }
@@ -46,8 +50,20 @@ impl StoreFactory for RedisFactory {
             ..RedisOptions::default()
         };
         match RedisStore::open(&self.url, options).await {
-            Ok(store) => Arc::new(store).storage(),
+            Ok(store) => {
+                let store = Arc::new(store);
+                self.open.lock().expect("not poisoned").push(store.clone());
+                store.storage()
+            }
             Err(e) => panic!("{e}; {HOW_TO_START}"),
+        }
+    }
+
+    async fn close(&self, storage: Storage) {
+        drop(storage);
+        let stores = std::mem::take(&mut *self.open.lock().expect("not poisoned"));
+        for store in stores {
+            store.close().await;
         }
     }
 

@@ -97,12 +97,23 @@ async fn bad_urls_and_foreign_layouts_are_refused() {
         .query(&mut conn)
         .expect("GET");
     assert_eq!(layout, "1");
+    // `clear` keeps the lease, which the store still holds; `close` releases it.
     store.clear().await.expect("clear");
-    let left: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query(&mut conn)
-        .expect("KEYS");
-    assert!(left.is_empty(), "clear left {left:?}");
+    let keys = |conn: &mut redis::Connection| {
+        let mut left: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query(conn)
+            .expect("KEYS");
+        left.sort();
+        left
+    };
+    assert_eq!(
+        keys(&mut conn),
+        [format!("{prefix}lease"), format!("{prefix}owner")],
+        "clear left more than the lease"
+    );
+    store.close().await;
+    assert!(keys(&mut conn).is_empty(), "close left keys behind");
 }
 
 /// One body however many sessions it is queued for, seen in the bytes Redis
@@ -185,12 +196,18 @@ async fn fan_out_stores_the_body_once_and_clear_empties_the_prefix() {
         .query(&mut conn)
         .expect("KEYS");
     left.sort();
-    let want: Vec<String> = ["last_message_id", "layout"]
+    let want: Vec<String> = ["last_message_id", "layout", "lease", "owner"]
         .iter()
         .map(|k| format!("{}{k}", store.prefix()))
         .collect();
     assert_eq!(left, want, "keys left after every entry went");
 
-    store.clear().await.expect("clear");
+    store.close().await;
+    RedisStore::destroy(
+        &cleanup.url,
+        options(&cleanup.prefix, Duration::from_secs(5)),
+    )
+    .await
+    .expect("destroy");
     assert_eq!(store.used_bytes().await.expect("used_bytes"), 0);
 }

@@ -81,6 +81,7 @@ pub fn options(prefix: &str, timeout: Duration) -> RedisOptions {
         prefix: prefix.to_owned(),
         connection_timeout: timeout,
         response_timeout: timeout,
+        ..RedisOptions::default()
     }
 }
 
