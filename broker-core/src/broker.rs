@@ -21,11 +21,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::admission::{Admission, Permit, Refused};
 use crate::config::BrokerConfig;
 use crate::group_commit::GroupCommit;
 use crate::hooks::Hooks;
 use crate::message::{now_ms, Message, QoS, Seq};
-use crate::session::{Attachment, Enqueued, Entry, NewEntry, Session};
+use crate::session::{Attachment, DropReason, Enqueued, Entry, NewEntry, Session, SessionState};
 use crate::storage::{
     ClientId, Delivery, PacketOp, QueueTarget, SessionRecord, Storage, StorageError, StorageResult,
     SubscriptionRecord,
@@ -113,6 +114,10 @@ pub enum SubscribeRefusal {
     SharedNotSupported,
     /// Wildcards are disabled.
     WildcardsNotSupported,
+    /// More levels than `max_topic_levels`.
+    TooManyLevels,
+    /// The session holds `max_subscriptions_per_client` already.
+    QuotaExceeded,
 }
 
 /// A subscription granted.
@@ -142,8 +147,18 @@ pub enum Unsubscribed {
 pub struct Stats {
     /// Messages accepted from publishers (and the server).
     pub published: AtomicU64,
-    /// Messages refused or evicted by a session queue limit.
+    /// Messages refused or evicted by a session queue limit (either).
     pub dropped: AtomicU64,
+    /// Of those, the ones refused or evicted by `max_queued_bytes`.
+    pub dropped_bytes_limit: AtomicU64,
+    /// Subscriptions refused by `max_subscriptions_per_client`.
+    pub subscriptions_refused: AtomicU64,
+    /// Topic names and filters refused by `max_topic_levels`.
+    pub topics_too_deep: AtomicU64,
+    /// Connections closed at accept by `max_connections`.
+    pub connections_over_limit: AtomicU64,
+    /// Connections closed at accept by `max_connection_rate`.
+    pub connections_over_rate: AtomicU64,
     /// Storage writes that failed.
     pub storage_errors: AtomicU64,
 }
@@ -166,6 +181,8 @@ pub struct Broker {
     writer: GroupCommit,
     /// Client connections, so that shutdown can wait for them to close.
     connections: TaskTracker,
+    /// The gate every accepted connection passes first.
+    admission: Arc<Admission>,
     shutdown: CancellationToken,
     /// Counters.
     pub stats: Arc<Stats>,
@@ -259,6 +276,12 @@ impl Broker {
         hooks: Hooks,
     ) -> StorageResult<Arc<Broker>> {
         let last_id = storage.packets.last_message_id().await?;
+        let stats: Arc<Stats> = Arc::default();
+        let admission = Admission::new(
+            config.max_connections,
+            config.max_connection_rate,
+            stats.clone(),
+        );
         let broker = Arc::new(Broker {
             writer: GroupCommit::start(storage.packets.clone(), config.max_commit_batch),
             config,
@@ -275,7 +298,8 @@ impl Broker {
             commits: TaskTracker::new(),
             connections: TaskTracker::new(),
             shutdown: CancellationToken::new(),
-            stats: Arc::default(),
+            admission,
+            stats,
         });
         broker.restore().await?;
         let sweeper = Arc::downgrade(&broker);
@@ -728,7 +752,7 @@ impl Broker {
                 client,
             );
             if st.dropped > dropped_before {
-                self.note_drop(client, st.dropped);
+                self.note_drop(client, &st);
             }
             if let Enqueued::Queued(seq) = outcome {
                 if store {
@@ -850,15 +874,27 @@ impl Broker {
         self.commit(batch).await
     }
 
-    fn note_drop(&self, client: &ClientId, dropped: u64) {
+    /// Count and log a message a session's queue limits refused or evicted.
+    fn note_drop(&self, client: &ClientId, st: &SessionState) {
         self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        let reason = st.last_drop();
+        if reason == Some(DropReason::Bytes) {
+            self.stats
+                .dropped_bytes_limit
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let dropped = st.dropped;
         // First drop and then every 1000th, so a full queue cannot flood the log.
         if dropped == 1 || dropped.is_multiple_of(1000) {
             warn!(
                 client = %client,
                 dropped,
-                limit = self.config.max_queued_messages,
+                queued = st.queue_len(),
+                queued_bytes = st.queued_bytes(),
+                max_queued_messages = self.config.max_queued_messages,
+                max_queued_bytes = self.config.max_queued_bytes,
                 policy = ?self.config.overflow_policy,
+                limit = ?reason,
                 "session queue full: message dropped"
             );
         }
@@ -941,16 +977,25 @@ impl Broker {
             let mut trie = self.trie.write();
             let mut st = session.lock();
             for (filter, mut options) in requests {
-                let shared = match self.check_filter(&filter) {
+                let existed = st.subscriptions.contains_key(&filter);
+                let checked = self.check_filter(&filter).and_then(|shared| {
+                    if !existed
+                        && st.subscriptions.len() >= self.config.max_subscriptions_per_client
+                    {
+                        Err(SubscribeRefusal::QuotaExceeded)
+                    } else {
+                        Ok(shared)
+                    }
+                });
+                let shared = match checked {
                     Ok(shared) => shared,
                     Err(refusal) => {
-                        debug!(client = %session.client_id, %filter, ?refusal, "subscription refused");
+                        self.note_refusal(&session.client_id, &filter, refusal);
                         outcomes.push(Err(refusal));
                         continue;
                     }
                 };
                 options.qos = options.qos.min(self.config.max_qos());
-                let existed = st.subscriptions.contains_key(&filter);
                 insert_subscription(&mut trie, &filter, shared, session, &options);
                 outcomes.push(Ok(Granted {
                     qos: options.qos,
@@ -979,6 +1024,8 @@ impl Broker {
         let shared = topic::parse_shared(filter).map_err(|_| SubscribeRefusal::InvalidFilter)?;
         let inner = shared.map_or(filter, |s| s.filter);
         topic::validate_filter(inner).map_err(|_| SubscribeRefusal::InvalidFilter)?;
+        topic::check_levels(inner, self.config.max_topic_levels)
+            .map_err(|_| SubscribeRefusal::TooManyLevels)?;
         if shared.is_some() && !self.config.shared_subscriptions {
             return Err(SubscribeRefusal::SharedNotSupported);
         }
@@ -986,6 +1033,41 @@ impl Broker {
             return Err(SubscribeRefusal::WildcardsNotSupported);
         }
         Ok(shared)
+    }
+
+    /// Count and log a refused subscription. The log is rate-limited per
+    /// kind by the counters: a subscription bomb does not flood it.
+    fn note_refusal(&self, client: &ClientId, filter: &str, refusal: SubscribeRefusal) {
+        let counter = match refusal {
+            SubscribeRefusal::QuotaExceeded => &self.stats.subscriptions_refused,
+            SubscribeRefusal::TooManyLevels => &self.stats.topics_too_deep,
+            _ => {
+                debug!(%client, %filter, ?refusal, "subscription refused");
+                return;
+            }
+        };
+        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == 1 || n.is_multiple_of(1000) {
+            // A filter can be 64 KB: log its start only.
+            let start: String = filter.chars().take(64).collect();
+            warn!(
+                %client,
+                filter = %start,
+                ?refusal,
+                max_subscriptions_per_client = self.config.max_subscriptions_per_client,
+                max_topic_levels = self.config.max_topic_levels,
+                refused_so_far = n,
+                "subscription refused by a limit"
+            );
+        }
+    }
+
+    /// Count and log a topic name refused by `max_topic_levels`.
+    pub(crate) fn note_deep_topic(&self, client: &ClientId, what: &str) {
+        let n = self.stats.topics_too_deep.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == 1 || n.is_multiple_of(1000) {
+            warn!(%client, what, max_topic_levels = self.config.max_topic_levels, refused_so_far = n, "topic with too many levels refused");
+        }
     }
 
     /// Queue the retained messages matching `filter` for `session` (after
@@ -1025,7 +1107,7 @@ impl Broker {
                 };
                 st.enqueue(entry, &self.config, &mut ops, &session.client_id);
                 if st.dropped > dropped_before {
-                    self.note_drop(&session.client_id, st.dropped);
+                    self.note_drop(&session.client_id, &st);
                 }
             }
         }
@@ -1049,9 +1131,15 @@ impl Broker {
             let mut trie = self.trie.write();
             let mut st = session.lock();
             for f in filters {
+                let max_levels = self.config.max_topic_levels;
                 if topic::parse_shared(&f)
                     .ok()
-                    .and_then(|s| topic::validate_filter(s.map_or(&f, |s| s.filter)).ok())
+                    .and_then(|s| {
+                        let inner = s.map_or(f.as_str(), |s| s.filter);
+                        topic::validate_filter(inner)
+                            .and_then(|_| topic::check_levels(inner, max_levels))
+                            .ok()
+                    })
                     .is_none()
                 {
                     outcomes.push(Unsubscribed::InvalidFilter);
@@ -1082,6 +1170,17 @@ impl Broker {
                 .await?;
         }
         Ok(outcomes)
+    }
+
+    /// Admit a newly accepted connection (`max_connections`,
+    /// `max_connection_rate`); the permit is held for the connection's life.
+    pub(crate) fn admit(&self) -> Result<Permit, Refused> {
+        self.admission.try_admit()
+    }
+
+    /// Client connections open now (admitted and not yet closed).
+    pub fn connections_open(&self) -> usize {
+        self.admission.open()
     }
 
     /// Serve a client connection on a task that [`Broker::shutdown`] waits for.

@@ -87,7 +87,29 @@ pub struct BrokerConfig {
     /// Requests merged into one packet-store write by group commit; 1 writes
     /// each publish and acknowledgement on its own.
     pub max_commit_batch: usize,
+    /// Levels a topic name or filter may have (`a/b/c` has three; a shared
+    /// subscription's `$share/{group}/` does not count). PUBLISH topics,
+    /// SUBSCRIBE/UNSUBSCRIBE filters and will topics beyond it are refused.
+    /// At most [`MAX_TOPIC_LEVELS`].
+    pub max_topic_levels: usize,
+    /// Bytes a session may hold queued, online or offline (in flight
+    /// included): each entry counts its payload, its topic and a fixed
+    /// overhead ([`crate::session::ENTRY_OVERHEAD`]). Past it QoS 0 messages
+    /// are dropped and QoS 1/2 follow `overflow_policy`. At least `max_packet_size`.
+    pub max_queued_bytes: usize,
+    /// Subscriptions one session may hold; more are refused (SUBACK 0x97
+    /// Quota exceeded, 0x80 for MQTT 3.1.1).
+    pub max_subscriptions_per_client: usize,
+    /// Client connections open at once, across listeners; more are closed
+    /// at accept. Lowered at start to what the process's open-file limit allows.
+    pub max_connections: usize,
+    /// New connections accepted per second (a token bucket that holds one
+    /// second's worth); the excess is closed at accept, never queued. 0: no limit.
+    pub max_connection_rate: u32,
 }
+
+/// The largest `max_topic_levels` allowed.
+pub const MAX_TOPIC_LEVELS: usize = 4096;
 
 impl Default for BrokerConfig {
     fn default() -> Self {
@@ -110,6 +132,11 @@ impl Default for BrokerConfig {
             max_keep_alive: None,
             response_topic_prefix: None,
             max_commit_batch: 1024,
+            max_topic_levels: 128,
+            max_queued_bytes: 16 * 1024 * 1024,
+            max_subscriptions_per_client: 1000,
+            max_connections: 100_000,
+            max_connection_rate: 1000,
         }
     }
 }
@@ -137,6 +164,23 @@ impl BrokerConfig {
         }
         if self.max_commit_batch == 0 {
             return Err("max_commit_batch must be at least 1".into());
+        }
+        if self.max_topic_levels == 0 || self.max_topic_levels > MAX_TOPIC_LEVELS {
+            return Err(format!(
+                "max_topic_levels must be between 1 and {MAX_TOPIC_LEVELS}"
+            ));
+        }
+        if self.max_queued_bytes < self.max_packet_size as usize {
+            return Err(format!(
+                "max_queued_bytes ({}) must be at least max_packet_size ({}), or a session could not hold one message",
+                self.max_queued_bytes, self.max_packet_size
+            ));
+        }
+        if self.max_subscriptions_per_client == 0 {
+            return Err("max_subscriptions_per_client must be at least 1".into());
+        }
+        if self.max_connections == 0 {
+            return Err("max_connections must be at least 1".into());
         }
         if self.max_keep_alive == Some(0) {
             return Err("max_keep_alive must be at least 1 second".into());

@@ -16,6 +16,7 @@
 //! concrete database. Adapters live in their own crates (`storage-memory`,
 //! `storage-sqlite`, ...) and implement [`storage`]'s traits.
 
+mod admission;
 pub mod message;
 pub mod storage;
 pub mod subscription;

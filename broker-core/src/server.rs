@@ -51,9 +51,16 @@ impl Server {
                 _ = shutdown.cancelled() => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        // Refused before anything is allocated for it; the
+                        // socket closes as `stream` drops.
+                        let Ok(permit) = self.broker.admit() else { continue };
                         let _ = stream.set_nodelay(true);
                         debug!(%peer, "accepted");
-                        self.broker.spawn_connection(connection::handle(self.broker.clone(), stream, peer.to_string()));
+                        let serve = connection::handle(self.broker.clone(), stream, peer.to_string());
+                        self.broker.spawn_connection(async move {
+                            serve.await;
+                            drop(permit);
+                        });
                     }
                     Err(e) => {
                         // Typically out of file descriptors: back off instead of spinning.

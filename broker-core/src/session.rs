@@ -127,13 +127,33 @@ pub struct NewEntry {
     pub store: bool,
 }
 
+/// What a session charges against `max_queued_bytes` for one entry, on top
+/// of its payload and topic: the entry and the message it points to. The
+/// body may be shared with other sessions; each is charged in full, so the
+/// bound holds whoever else lets go of the message.
+pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Entry>() + std::mem::size_of::<Message>();
+
+/// The bytes an entry for `message` is charged.
+fn cost(message: &Message) -> usize {
+    message.payload.len() + message.topic.len() + ENTRY_OVERHEAD
+}
+
+/// Which limit refused or evicted a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// `max_queued_messages`.
+    Messages,
+    /// `max_queued_bytes`.
+    Bytes,
+}
+
 /// Outcome of offering a message to a session.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Enqueued {
     /// Queued at this sequence number.
     Queued(Seq),
-    /// Refused by the queue limit (policy `drop-new`).
-    Dropped,
+    /// Refused by a queue limit (policy `drop-new`, or QoS 0 past the byte limit).
+    Dropped(DropReason),
     /// Not queued: QoS 0 for an offline session.
     Skipped,
 }
@@ -157,8 +177,14 @@ pub struct SessionState {
     pub pending_will: Option<CancellationToken>,
     /// Messages refused or evicted by the queue limit since the session began.
     pub dropped: u64,
+    /// The limit behind the latest of those.
+    last_drop: Option<DropReason>,
     next_seq: Seq,
+    /// Ordered by `seq`, sent strictly from the front. Changed only through
+    /// `push`, `remove_at` and `clear`, which keep `queued_bytes` equal to
+    /// the sum of the entries' [`cost`].
     queue: VecDeque<Entry>,
+    queued_bytes: usize,
     in_flight: usize,
     packet_ids: HashMap<u16, Seq>,
     next_packet_id: u16,
@@ -189,8 +215,10 @@ impl Session {
                 connection: None,
                 pending_will: None,
                 dropped: 0,
+                last_drop: None,
                 next_seq: 1,
                 queue: VecDeque::new(),
+                queued_bytes: 0,
                 in_flight: 0,
                 packet_ids: HashMap::new(),
                 next_packet_id: 1,
@@ -209,6 +237,27 @@ impl SessionState {
     /// Number of queued entries (in flight included).
     pub fn queue_len(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Bytes charged for the queued entries (see [`ENTRY_OVERHEAD`]).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// The limit behind the latest message refused or evicted, if any.
+    pub fn last_drop(&self) -> Option<DropReason> {
+        self.last_drop
+    }
+
+    fn push(&mut self, e: Entry) {
+        self.queued_bytes += cost(&e.message);
+        self.queue.push_back(e);
+    }
+
+    fn remove_at(&mut self, i: usize) -> Option<Entry> {
+        let e = self.queue.remove(i)?;
+        self.queued_bytes -= cost(&e.message);
+        Some(e)
     }
 
     /// Entries currently in flight (sent or owed, unacknowledged).
@@ -247,7 +296,7 @@ impl SessionState {
             }
         };
         self.next_seq = self.next_seq.max(p.seq + 1);
-        self.queue.push_back(Entry {
+        self.push(Entry {
             seq: p.seq,
             message: p.message,
             delivery: p.delivery,
@@ -275,39 +324,41 @@ impl SessionState {
         if delivery.qos == QoS::AtMostOnce && !self.is_online() && !config.queue_qos0_offline {
             return Enqueued::Skipped;
         }
-        if self.queue.len() >= config.max_queued_messages {
-            match config.overflow_policy {
-                OverflowPolicy::DropNew => {
-                    self.dropped += 1;
-                    return Enqueued::Dropped;
-                }
-                OverflowPolicy::DropOldest => {
-                    // Entries in flight stay: the client may be acting on them.
-                    let victim = self.queue.iter().position(|e| {
+        let needed = cost(&message);
+        loop {
+            let over = if self.queue.len() >= config.max_queued_messages {
+                DropReason::Messages
+            } else if self.queued_bytes + needed > config.max_queued_bytes {
+                DropReason::Bytes
+            } else {
+                break;
+            };
+            // QoS 0 never evicts: it is the first to go past the byte limit.
+            let evict = config.overflow_policy == OverflowPolicy::DropOldest
+                && !(over == DropReason::Bytes && delivery.qos == QoS::AtMostOnce);
+            // Entries in flight stay: the client may be acting on them.
+            let victim = evict
+                .then(|| {
+                    self.queue.iter().position(|e| {
                         matches!(e.state, EntryState::Ready | EntryState::Pending)
                             && !(e.state == EntryState::Pending && e.stored)
-                    });
-                    match victim.and_then(|i| self.queue.remove(i)) {
-                        Some(e) => {
-                            self.dropped += 1;
-                            if e.stored {
-                                ops.push(PacketOp::Remove {
-                                    client: client.clone(),
-                                    seq: e.seq,
-                                });
-                            }
-                        }
-                        None => {
-                            self.dropped += 1;
-                            return Enqueued::Dropped;
-                        }
-                    }
-                }
+                    })
+                })
+                .flatten();
+            self.dropped += 1;
+            self.last_drop = Some(over);
+            match victim.and_then(|i| self.remove_at(i)) {
+                Some(e) if e.stored => ops.push(PacketOp::Remove {
+                    client: client.clone(),
+                    seq: e.seq,
+                }),
+                Some(_) => {}
+                None => return Enqueued::Dropped(over),
             }
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.queue.push_back(Entry {
+        self.push(Entry {
             seq,
             message,
             delivery,
@@ -340,23 +391,33 @@ impl SessionState {
     pub fn withdraw(&mut self, seq: Seq) {
         if let Some(i) = self.index_of(seq) {
             if self.queue[i].state == EntryState::Pending {
-                self.queue.remove(i);
+                self.remove_at(i);
             }
         }
     }
 
     /// Collect what may be written now, in order, respecting the in-flight
-    /// window. Expired messages are removed (their removal pushed to `ops`).
+    /// window, until about `budget` bytes of payload and topic are taken
+    /// (at least one message). Expired messages are removed (their removal
+    /// pushed to `ops`). Returns true when it stopped at the budget with
+    /// more to send: the caller writes what it has and comes back, so a
+    /// slow reader's backlog stays in the queue, charged to its limits,
+    /// instead of piling up in a write buffer.
     pub fn next_outgoing(
         &mut self,
         max_inflight: usize,
+        budget: usize,
         out: &mut Vec<Outgoing>,
         ops: &mut Vec<PacketOp>,
         client: &ClientId,
-    ) {
+    ) -> bool {
         let now = now_ms();
+        let mut taken = 0usize;
         let mut i = 0;
         while i < self.queue.len() {
+            if taken >= budget {
+                return true;
+            }
             let e = &mut self.queue[i];
             match e.state {
                 EntryState::Pending => break,
@@ -368,6 +429,7 @@ impl SessionState {
                         packet_id,
                         sent: true,
                     };
+                    taken += e.message.payload.len() + e.message.topic.len();
                     out.push(Outgoing::publish(e, Some(packet_id), true));
                 }
                 EntryState::Released {
@@ -389,12 +451,13 @@ impl SessionState {
                                 seq: e.seq,
                             });
                         }
-                        self.queue.remove(i);
+                        self.remove_at(i);
                         continue;
                     }
                     if e.delivery.qos == QoS::AtMostOnce {
+                        taken += e.message.payload.len() + e.message.topic.len();
                         out.push(Outgoing::publish(e, None, false));
-                        self.queue.remove(i);
+                        self.remove_at(i);
                         continue;
                     }
                     if self.in_flight >= max_inflight {
@@ -409,11 +472,13 @@ impl SessionState {
                     };
                     e.ever_sent = true;
                     self.in_flight += 1;
+                    taken += e.message.payload.len() + e.message.topic.len();
                     out.push(Outgoing::publish(e, Some(packet_id), dup));
                 }
             }
             i += 1;
         }
+        false
     }
 
     fn allocate_packet_id(&mut self, seq: Seq) -> u16 {
@@ -444,7 +509,7 @@ impl SessionState {
         }
         self.packet_ids.remove(&packet_id);
         self.in_flight -= 1;
-        let e = self.queue.remove(i)?;
+        let e = self.remove_at(i)?;
         e.stored.then(|| PacketOp::Remove {
             client: client.clone(),
             seq: e.seq,
@@ -457,7 +522,8 @@ impl SessionState {
     pub fn abandon(&mut self, packet_id: u16, client: &ClientId) -> Option<PacketOp> {
         let seq = self.packet_ids.remove(&packet_id)?;
         self.in_flight -= 1;
-        let e = self.queue.remove(self.index_of(seq)?)?;
+        let i = self.index_of(seq)?;
+        let e = self.remove_at(i)?;
         e.stored.then(|| PacketOp::Remove {
             client: client.clone(),
             seq: e.seq,
@@ -504,7 +570,7 @@ impl SessionState {
                     self.packet_ids.remove(&packet_id);
                     self.in_flight -= 1;
                 }
-                if let Some(e) = self.queue.remove(i) {
+                if let Some(e) = self.remove_at(i) {
                     if e.stored {
                         ops.push(PacketOp::Remove {
                             client: client.clone(),
@@ -580,6 +646,7 @@ impl SessionState {
     /// Drop every entry (the session is being discarded).
     pub fn clear(&mut self) {
         self.queue.clear();
+        self.queued_bytes = 0;
         self.packet_ids.clear();
         self.in_flight = 0;
     }
@@ -624,10 +691,10 @@ mod tests {
         };
         st.enqueue(entry(2, false), &cfg, &mut ops, &id);
         let mut out = vec![];
-        st.next_outgoing(32, &mut out, &mut ops, &id);
+        st.next_outgoing(32, usize::MAX, &mut out, &mut ops, &id);
         assert!(out.is_empty(), "nothing may overtake a pending entry");
         st.mark_ready(a);
-        st.next_outgoing(32, &mut out, &mut ops, &id);
+        st.next_outgoing(32, usize::MAX, &mut out, &mut ops, &id);
         assert_eq!(payloads(&out), vec!["1", "2"]);
     }
 
@@ -642,11 +709,11 @@ mod tests {
             st.enqueue(entry(n, false), &cfg, &mut ops, &id);
         }
         let mut out = vec![];
-        st.next_outgoing(2, &mut out, &mut ops, &id);
+        st.next_outgoing(2, usize::MAX, &mut out, &mut ops, &id);
         assert_eq!(payloads(&out), vec!["0", "1"]);
         st.reset_in_flight();
         out.clear();
-        st.next_outgoing(3, &mut out, &mut ops, &id);
+        st.next_outgoing(3, usize::MAX, &mut out, &mut ops, &id);
         assert_eq!(payloads(&out), vec!["0", "1", "2"]);
         match &out[0] {
             Outgoing::Publish { dup, packet_id, .. } => {
@@ -657,5 +724,91 @@ mod tests {
         }
         assert!(st.complete(1, false, &id).is_none());
         assert_eq!(st.in_flight(), 2);
+    }
+
+    fn sized(bytes: usize, qos: QoS) -> NewEntry {
+        NewEntry {
+            message: Arc::new(Message::new("t", vec![0u8; bytes], qos, false)),
+            delivery: Delivery::new(qos),
+            store: false,
+        }
+    }
+
+    fn online(s: &Session) {
+        s.lock().connection = Some(Attachment {
+            connection_id: 1,
+            kick: CancellationToken::new(),
+            detached: CancellationToken::new(),
+        });
+    }
+
+    #[test]
+    fn byte_limit_drops_qos0_and_applies_the_policy_to_qos1() {
+        let id: ClientId = "c".into();
+        let per = 1000 + 1 + ENTRY_OVERHEAD;
+        let mut cfg = BrokerConfig {
+            max_queued_bytes: 3 * per,
+            max_packet_size: 16,
+            ..BrokerConfig::default()
+        };
+        let s = Session::new(id.clone(), true, None);
+        online(&s);
+        let mut st = s.lock();
+        let mut ops = vec![];
+        for _ in 0..3 {
+            assert!(matches!(
+                st.enqueue(sized(1000, QoS::AtLeastOnce), &cfg, &mut ops, &id),
+                Enqueued::Queued(_)
+            ));
+        }
+        assert_eq!(st.queued_bytes(), 3 * per);
+        assert_eq!(
+            st.enqueue(sized(1000, QoS::AtMostOnce), &cfg, &mut ops, &id),
+            Enqueued::Dropped(DropReason::Bytes)
+        );
+        assert_eq!(
+            st.enqueue(sized(1000, QoS::AtLeastOnce), &cfg, &mut ops, &id),
+            Enqueued::Dropped(DropReason::Bytes)
+        );
+        cfg.overflow_policy = OverflowPolicy::DropOldest;
+        assert_eq!(
+            st.enqueue(sized(1000, QoS::AtMostOnce), &cfg, &mut ops, &id),
+            Enqueued::Dropped(DropReason::Bytes),
+            "QoS 0 never evicts"
+        );
+        assert!(matches!(
+            st.enqueue(sized(1000, QoS::AtLeastOnce), &cfg, &mut ops, &id),
+            Enqueued::Queued(_)
+        ));
+        assert_eq!((st.queue_len(), st.queued_bytes()), (3, 3 * per));
+        assert_eq!(st.dropped, 4);
+        assert_eq!(st.last_drop(), Some(DropReason::Bytes));
+        let mut out = vec![];
+        st.next_outgoing(32, usize::MAX, &mut out, &mut ops, &id);
+        for p in 1..=3 {
+            assert!(st.complete(p, false, &id).is_none());
+        }
+        assert_eq!((st.queue_len(), st.queued_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn budget_leaves_the_rest_in_the_queue() {
+        let id: ClientId = "c".into();
+        let cfg = BrokerConfig::default();
+        let s = Session::new(id.clone(), false, None);
+        online(&s);
+        let mut st = s.lock();
+        let mut ops = vec![];
+        for _ in 0..10 {
+            st.enqueue(sized(1000, QoS::AtMostOnce), &cfg, &mut ops, &id);
+        }
+        let mut out = vec![];
+        assert!(st.next_outgoing(32, 2500, &mut out, &mut ops, &id));
+        assert_eq!(out.len(), 3, "stops once the budget is spent");
+        assert_eq!(st.queue_len(), 7);
+        assert_eq!(st.queued_bytes(), 7 * (1001 + ENTRY_OVERHEAD));
+        out.clear();
+        assert!(!st.next_outgoing(32, usize::MAX, &mut out, &mut ops, &id));
+        assert_eq!((out.len(), st.queued_bytes()), (7, 0));
     }
 }

@@ -23,6 +23,12 @@ pub enum TopicError {
     /// A filter with `+` or `#` not filling a whole level, or `#` not last.
     #[error("topic filter has a misplaced wildcard")]
     BadWildcard,
+    /// More levels than the broker allows (`max_topic_levels`).
+    #[error("topic has more than {max} levels")]
+    TooManyLevels {
+        /// The limit.
+        max: usize,
+    },
     /// A `$share/` filter without a valid share name and filter after it.
     #[error("shared subscription must be `$share/{{name}}/{{filter}}` with a name free of `/`, `+` and `#`")]
     BadShare,
@@ -83,6 +89,26 @@ fn check_common(s: &str) -> Result<(), TopicError> {
         return Err(TopicError::NullCharacter);
     }
     Ok(())
+}
+
+/// Check that a topic name or (inner) filter has at most `max` levels,
+/// without splitting it.
+///
+/// ```
+/// use broker_core::topic::{check_levels, TopicError};
+/// assert!(check_levels("a/b/c", 3).is_ok());
+/// assert_eq!(check_levels("a/b/c/d", 3), Err(TopicError::TooManyLevels { max: 3 }));
+/// ```
+pub fn check_levels(topic: &str, max: usize) -> Result<(), TopicError> {
+    // Levels are separators + 1; counting stops at the first one too many.
+    match topic
+        .bytes()
+        .filter(|b| *b == b'/')
+        .nth(max.saturating_sub(1))
+    {
+        Some(_) => Err(TopicError::TooManyLevels { max }),
+        None => Ok(()),
+    }
 }
 
 /// Check a topic name, as used in PUBLISH.

@@ -10,6 +10,11 @@ use std::hash::Hash;
 
 /// Topic filters of many subscribers, each filter held at most once per key.
 ///
+/// No operation recurses on the number of levels: insert, remove, match and
+/// drop walk with loops and explicit stacks, so a filter of any depth a client
+/// can send costs heap, never stack (a deep filter once overflowed the stack
+/// of a worker thread and aborted the process).
+///
 /// ```
 /// use broker_core::trie::SubscriptionTree;
 /// let mut t = SubscriptionTree::new();
@@ -21,13 +26,20 @@ use std::hash::Hash;
 /// hits.sort();
 /// assert_eq!(hits, vec![("alice", 1), ("bob", 2), ("carol", 0)]);
 /// ```
-#[derive(Debug)]
 pub struct SubscriptionTree<K, V> {
     root: Node<K, V>,
     len: usize,
 }
 
-#[derive(Debug)]
+impl<K, V> std::fmt::Debug for SubscriptionTree<K, V> {
+    // Not derived: a derived `Debug` would recurse on depth.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriptionTree")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
 struct Node<K, V> {
     children: HashMap<Box<str>, Node<K, V>>,
     /// Filters ending exactly at this level.
@@ -46,10 +58,39 @@ impl<K, V> Default for Node<K, V> {
     }
 }
 
+impl<K, V> Drop for Node<K, V> {
+    /// Drops the subtree with a loop: the compiler's drop glue would recurse
+    /// once per level. Each node popped here has no children left when it is
+    /// dropped, so this `drop` never re-enters itself deeper than one level.
+    fn drop(&mut self) {
+        let mut stack: Vec<Node<K, V>> = self.children.drain().map(|(_, n)| n).collect();
+        while let Some(mut node) = stack.pop() {
+            stack.extend(node.children.drain().map(|(_, n)| n));
+        }
+    }
+}
+
 impl<K, V> Node<K, V> {
     fn is_empty(&self) -> bool {
         self.children.is_empty() && self.here.is_empty() && self.multi.is_empty()
     }
+
+    /// Whether the node must stay when its child `via` goes: it holds a
+    /// filter or another child.
+    fn holds_more_than(&self, via: usize) -> bool {
+        !self.here.is_empty() || !self.multi.is_empty() || self.children.len() > via
+    }
+}
+
+/// The levels a filter's subscribers hang under, and whether it ends in `#`
+/// (then they hang on the node before it, in `multi`).
+fn split_filter(filter: &str) -> (Vec<&str>, bool) {
+    let mut levels: Vec<&str> = filter.split('/').collect();
+    let multi = levels.last() == Some(&"#");
+    if multi {
+        levels.pop();
+    }
+    (levels, multi)
 }
 
 impl<K: Hash + Eq + Clone, V> Default for SubscriptionTree<K, V> {
@@ -79,14 +120,9 @@ impl<K: Hash + Eq + Clone, V> SubscriptionTree<K, V> {
 
     /// Add or replace `key`'s subscription to a valid `filter`; returns the previous value.
     pub fn insert(&mut self, filter: &str, key: K, value: V) -> Option<V> {
+        let (levels, multi) = split_filter(filter);
         let mut node = &mut self.root;
-        let mut levels = filter.split('/').peekable();
-        let mut multi = false;
-        while let Some(level) = levels.next() {
-            if level == "#" && levels.peek().is_none() {
-                multi = true;
-                break;
-            }
+        for level in levels {
             node = node.children.entry(level.into()).or_default();
         }
         let old = if multi {
@@ -100,46 +136,52 @@ impl<K: Hash + Eq + Clone, V> SubscriptionTree<K, V> {
         old
     }
 
-    /// Remove `key`'s subscription to `filter`; returns its value.
+    /// Remove `key`'s subscription to `filter`; returns its value. Nodes left
+    /// empty are pruned, so the tree's size follows the filters it holds.
     pub fn remove(&mut self, filter: &str, key: &K) -> Option<V> {
-        let levels: Vec<&str> = filter.split('/').collect();
-        let removed = Self::remove_at(&mut self.root, &levels, key);
-        if removed.is_some() {
-            self.len -= 1;
-        }
-        removed
-    }
-
-    fn remove_at(node: &mut Node<K, V>, levels: &[&str], key: &K) -> Option<V> {
-        match levels {
-            [] => node.here.remove(key),
-            ["#"] => node.multi.remove(key),
-            [first, rest @ ..] => {
-                let child = node.children.get_mut(*first)?;
-                let removed = Self::remove_at(child, rest, key);
-                if child.is_empty() {
-                    node.children.remove(*first);
-                }
-                removed
+        let (levels, multi) = split_filter(filter);
+        // Walk down, remembering the deepest node that must stay whatever
+        // happens below it: if the target ends up empty, the chain of nodes
+        // under that one (along the path) holds nothing else and goes.
+        let mut cut = 0;
+        let mut node = &mut self.root;
+        for (depth, level) in levels.iter().enumerate() {
+            if depth == 0 || node.holds_more_than(1) {
+                cut = depth;
             }
+            node = node.children.get_mut(*level)?;
         }
+        let removed = if multi {
+            node.multi.remove(key)
+        } else {
+            node.here.remove(key)
+        }?;
+        self.len -= 1;
+        if node.is_empty() && !levels.is_empty() {
+            let mut parent = &mut self.root;
+            for level in &levels[..cut] {
+                match parent.children.get_mut(*level) {
+                    Some(child) => parent = child,
+                    None => return Some(removed),
+                }
+            }
+            parent.children.remove(levels[cut]);
+        }
+        Some(removed)
     }
 
     /// Call `f` for every (key, value) subscribed with exactly `filter`.
     pub fn subscribers(&self, filter: &str, mut f: impl FnMut(&K, &V)) {
+        let (levels, multi) = split_filter(filter);
         let mut node = &self.root;
-        let mut levels = filter.split('/').peekable();
-        while let Some(level) = levels.next() {
-            if level == "#" && levels.peek().is_none() {
-                node.multi.iter().for_each(|(k, v)| f(k, v));
-                return;
-            }
+        for level in levels {
             match node.children.get(level) {
                 Some(child) => node = child,
                 None => return,
             }
         }
-        node.here.iter().for_each(|(k, v)| f(k, v));
+        let held = if multi { &node.multi } else { &node.here };
+        held.iter().for_each(|(k, v)| f(k, v));
     }
 
     /// Call `f` for every (key, value) whose filter matches the topic name.
@@ -148,24 +190,24 @@ impl<K: Hash + Eq + Clone, V> SubscriptionTree<K, V> {
         let levels: Vec<&str> = name.split('/').collect();
         // Wildcards at the first level never match `$` topics.
         let dollar = name.starts_with('$');
-        Self::walk(&self.root, &levels, !dollar, &mut f);
-    }
-
-    fn walk(node: &Node<K, V>, levels: &[&str], wildcards: bool, f: &mut impl FnMut(&K, &V)) {
-        if wildcards {
-            node.multi.iter().for_each(|(k, v)| f(k, v));
-        }
-        match levels {
-            [] => node.here.iter().for_each(|(k, v)| f(k, v)),
-            [first, rest @ ..] => {
-                if let Some(child) = node.children.get(*first) {
-                    Self::walk(child, rest, true, f);
+        // (node, levels consumed, wildcards allowed here). At most two
+        // branches per level (the literal child and `+`), kept on the heap.
+        let mut stack = vec![(&self.root, 0usize, !dollar)];
+        while let Some((node, depth, wildcards)) = stack.pop() {
+            if wildcards {
+                node.multi.iter().for_each(|(k, v)| f(k, v));
+            }
+            let Some(level) = levels.get(depth) else {
+                node.here.iter().for_each(|(k, v)| f(k, v));
+                continue;
+            };
+            if wildcards {
+                if let Some(child) = node.children.get("+") {
+                    stack.push((child, depth + 1, true));
                 }
-                if wildcards {
-                    if let Some(child) = node.children.get("+") {
-                        Self::walk(child, rest, true, f);
-                    }
-                }
+            }
+            if let Some(child) = node.children.get(*level) {
+                stack.push((child, depth + 1, true));
             }
         }
     }
@@ -208,6 +250,46 @@ mod tests {
         assert!(t.root.is_empty());
     }
 
+    /// Far deeper than any limit, on a test thread's small stack: nothing
+    /// here may recurse on depth.
+    #[test]
+    fn deep_filters_cost_no_stack() {
+        let deep = |n: usize, last: &str| {
+            let mut s = "a/".repeat(n);
+            s.push_str(last);
+            s
+        };
+        let mut t = SubscriptionTree::new();
+        t.insert(&deep(200_000, "#"), 1, ());
+        t.insert(&deep(200_000, "b"), 2, ());
+        t.insert(&deep(100_000, "+"), 3, ());
+        assert_eq!(hits(&t, &deep(200_000, "b")), vec![1, 2]);
+        assert_eq!(hits(&t, &deep(100_000, "z")), vec![3]);
+        assert_eq!(hits(&t, &deep(200_001, "z")), vec![1]);
+        let mut exact = vec![];
+        t.subscribers(&deep(200_000, "b"), |k, _| exact.push(*k));
+        assert_eq!(exact, vec![2]);
+        assert!(t.remove(&deep(200_000, "b"), &2).is_some());
+        assert_eq!(hits(&t, &deep(200_000, "b")), vec![1]);
+        drop(t);
+    }
+
+    #[test]
+    fn remove_prunes_only_the_empty_chain() {
+        let mut t = SubscriptionTree::new();
+        t.insert("a/b/c/d", 1, ());
+        t.insert("a/b", 2, ());
+        t.insert("a/x/#", 3, ());
+        assert!(t.remove("a/b/c/d", &1).is_some());
+        let b = &t.root.children["a"].children["b"];
+        assert!(b.children.is_empty(), "the empty chain under a/b is gone");
+        assert_eq!(hits(&t, "a/b"), vec![2]);
+        assert!(t.remove("a/x/#", &3).is_some());
+        assert_eq!(t.root.children["a"].children.len(), 1);
+        assert!(t.remove("a/b", &2).is_some());
+        assert!(t.root.is_empty());
+    }
+
     proptest! {
         /// The trie agrees with the reference matcher on random filters and names.
         #[test]
@@ -230,6 +312,10 @@ mod tests {
                 .map(|(i, _)| i as u32)
                 .collect();
             prop_assert_eq!(hits(&t, &name), expected);
+            for (i, f) in filters.iter().enumerate() {
+                t.remove(f, &(i as u32));
+            }
+            prop_assert!(t.is_empty() && t.root.is_empty(), "removing every filter leaves an empty tree");
         }
     }
 }

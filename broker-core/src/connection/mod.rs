@@ -46,6 +46,12 @@ use handshake::{authenticate, read_connect, refuse, send_now, Hello};
 const CONTROL_CAPACITY: usize = 256;
 /// Initial capacity of a connection's read buffer, in bytes.
 const READ_BUFFER_START: usize = 512;
+/// How long a connection the broker closes keeps reading after its last packet.
+const LINGER: Duration = Duration::from_secs(2);
+/// The same while the broker shuts down, so that shutdown stays prompt.
+const LINGER_AT_SHUTDOWN: Duration = Duration::from_millis(500);
+/// A read buffer grown past this by a large packet is released once empty.
+const READ_BUFFER_SHRINK: usize = 64 * 1024;
 /// How long the writer gets to send a final DISCONNECT before the socket is dropped.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -109,6 +115,15 @@ impl Close {
         Close::Violation(v5::DisconnectReasonCode::ProtocolError, why.into())
     }
 
+    /// Whether the broker ended the connection while the client may still be
+    /// sending: the socket then lingers (see [`linger`]).
+    fn lingers(&self) -> bool {
+        !matches!(
+            self,
+            Close::Graceful { .. } | Close::Eof | Close::WriteFailed
+        )
+    }
+
     /// Whether the will message is published: always, unless the client
     /// disconnected normally (MQTT 5 section 3.1.2.5); also when the broker
     /// itself closes the connection to shut down.
@@ -155,7 +170,7 @@ where
         Ok(h) => h,
         Err(reason) => {
             info!(%peer, %reason, "connection refused");
-            let _ = write.shutdown().await;
+            linger(&broker, &mut framed, Some(&mut write)).await;
             return;
         }
     };
@@ -176,6 +191,7 @@ where
         Err((code, why)) => {
             let reason = refuse(&mut write, protocol, code, &why).await;
             info!(%peer, client = %client_id, %reason, "connection refused");
+            linger(&broker, &mut framed, Some(&mut write)).await;
             return;
         }
     };
@@ -192,6 +208,7 @@ where
         Ok(a) => a,
         Err(reason) => {
             info!(%peer, client = %client_id, %reason, "connection refused");
+            linger(&broker, &mut framed, Some(&mut write)).await;
             return;
         }
     };
@@ -226,6 +243,7 @@ where
                 why,
             )
             .await;
+            linger(&broker, &mut framed, Some(&mut write)).await;
             return;
         }
     };
@@ -344,6 +362,47 @@ where
         }
         _ => info!(%peer, client = %client_id, reason = %close, "connection closed"),
     }
+    if close.lingers() {
+        // The writer has shut the write side after its last packet.
+        linger::<_, tokio::io::WriteHalf<S>>(&broker, &mut framed, None).await;
+    }
+}
+
+/// Close so that the client can read the broker's last packet (a DISCONNECT
+/// or a refusing CONNACK): shut the write side (`write`, unless the writer
+/// already did), then read and discard until the client closes or [`LINGER`]
+/// passes. Closing a socket with unread data makes the kernel send a reset,
+/// which discards what the client had not read yet, reason code included.
+async fn linger<R, W>(broker: &Broker, framed: &mut FramedRead<R, MqttCodec>, write: Option<&mut W>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let within = if broker.shutdown_token().is_cancelled() {
+        LINGER_AT_SHUTDOWN
+    } else {
+        LINGER
+    };
+    let deadline = Instant::now() + within;
+    if let Some(write) = write {
+        if tokio::time::timeout_at(deadline, write.shutdown())
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    // On the heap and only now: an idle connection's task does not carry it.
+    let mut sink = bytes::BytesMut::with_capacity(4096);
+    let read = framed.get_mut();
+    loop {
+        sink.clear();
+        match tokio::time::timeout_at(deadline, read.read_buf(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => continue,
+            _ => return,
+        }
+    }
 }
 
 fn rand_id(broker: &Broker) -> u64 {
@@ -423,6 +482,7 @@ fn will_from(
 ) -> Result<Will, (v5::ConnectAckReason, String)> {
     use v5::ConnectAckReason as R;
     topic::validate_name(&w.topic)
+        .and_then(|_| topic::check_levels(&w.topic, config.max_topic_levels))
         .map_err(|e| (R::TopicNameInvalid, format!("invalid will topic: {e}")))?;
     let qos = from_wire_qos(w.qos);
     if qos > config.max_qos() {

@@ -118,6 +118,12 @@ impl Reader {
                     if let Err(reason) = self.on_packet(packet).await {
                         return reason;
                     }
+                    if framed.read_buffer().is_empty()
+                        && framed.read_buffer().capacity() > super::READ_BUFFER_SHRINK
+                    {
+                        // A large packet passed: give its buffer back.
+                        *framed.read_buffer_mut() = bytes::BytesMut::new();
+                    }
                 }
             }
         }
@@ -338,6 +344,8 @@ impl Reader {
                 Err(SubscribeRefusal::WildcardsNotSupported) => {
                     v5::SubscribeAckReason::WildcardSubscriptionsNotSupported
                 }
+                Err(SubscribeRefusal::TooManyLevels) => v5::SubscribeAckReason::TopicFilterInvalid,
+                Err(SubscribeRefusal::QuotaExceeded) => v5::SubscribeAckReason::QuotaExceeded,
             })
             .collect();
         self.send(v5::Packet::SubscribeAck(v5::SubscribeAck {
@@ -489,6 +497,28 @@ impl Reader {
                 ));
             }
             self.quota.insert(id.get());
+        }
+        if topic::check_levels(&topic, config.max_topic_levels).is_err() {
+            self.broker
+                .note_deep_topic(&self.session.client_id, "PUBLISH topic");
+            let why = format!(
+                "PUBLISH topic has more than {} levels",
+                config.max_topic_levels
+            );
+            // MQTT 5 refuses the message and keeps the connection; MQTT 3.1.1
+            // has no way to say so but closing.
+            return match (self.protocol, packet_id) {
+                (Protocol::V5, Some(id)) => {
+                    let mut ack = puback(id, v5::PublishAckReason::TopicNameInvalid);
+                    ack.reason_string = reason(why);
+                    self.ack_now(match qos {
+                        QoS::AtLeastOnce => v5::Packet::PublishAck(ack),
+                        _ => v5::Packet::PublishReceived(ack),
+                    });
+                    Ok(())
+                }
+                _ => Err(Close::Violation(D::TopicNameInvalid, why)),
+            };
         }
         let properties = match message_properties(&p.payload, &props) {
             Ok(props) => props,

@@ -18,6 +18,11 @@ use crate::message::{now_ms, Message, QoS};
 use crate::session::{Outgoing, Session};
 use crate::storage::{ClientId, PacketOp};
 
+/// Payload and topic bytes taken from the queue per write: a client that
+/// reads slowly leaves its backlog in the session queue, where
+/// `max_queued_bytes` bounds it, not in this task's buffer.
+const WRITE_BUDGET: usize = 64 * 1024;
+
 /// What the writer needs to know about the client's limits.
 pub(super) struct Outbound {
     /// Encodes in the client's protocol, within its Maximum Packet Size.
@@ -68,9 +73,10 @@ pub(super) async fn run<S>(
             let _ = write.shutdown().await;
             return;
         }
-        session
-            .lock()
-            .next_outgoing(max_inflight, &mut out, &mut ops, &client);
+        let more =
+            session
+                .lock()
+                .next_outgoing(max_inflight, WRITE_BUDGET, &mut out, &mut ops, &client);
         for o in out.drain(..) {
             encode_outgoing(&mut encoder, &mut aliases, o, &mut buf, &session, &mut ops);
         }
@@ -89,6 +95,14 @@ pub(super) async fn run<S>(
                 _ = stop.cancelled() => return,
             }
             buf.clear();
+            if buf.capacity() > 4 * WRITE_BUDGET {
+                // A large message passed: give its buffer back.
+                buf = BytesMut::new();
+            }
+        }
+        if more {
+            // The budget stopped the drain: write more before waiting.
+            continue;
         }
         tokio::select! {
             biased;
