@@ -276,7 +276,9 @@ pub fn classify(v: Version, p: &Packet) -> Seen {
     match p.first >> 4 {
         2 => Seen::Connack(b.get(1).copied().unwrap_or(0xFF)),
         3 => {
-            let len = b.get(..2).map_or(0, |l| usize::from(u16::from_be_bytes([l[0], l[1]])));
+            let len = b
+                .get(..2)
+                .map_or(0, |l| usize::from(u16::from_be_bytes([l[0], l[1]])));
             let topic = b.get(2..2 + len).unwrap_or(&[]);
             Seen::Publish(String::from_utf8_lossy(topic).into_owned())
         }
@@ -437,11 +439,7 @@ impl PeakRss {
     /// Peak RSS since `start`, in KiB.
     pub fn peak_kib(&mut self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
-        let sampled = self
-            .sampler
-            .take()
-            .and_then(|s| s.join().ok())
-            .unwrap_or(0);
+        let sampled = self.sampler.take().and_then(|s| s.join().ok()).unwrap_or(0);
         let hwm = if self.hwm_reset {
             status_kib(self.pid, "VmHWM").unwrap_or(0)
         } else {
@@ -517,11 +515,12 @@ pub async fn bystander(addr: SocketAddr, within: Duration) -> Result<Duration, S
             Seen::Publish(t) if t == topic => {
                 received = true;
                 if p.first & 0x06 != 0 {
-                    let _ = conn.send(&puback(u16::from_be_bytes([
-                        p.body[2 + topic.len()],
-                        p.body[3 + topic.len()],
-                    ])))
-                    .await;
+                    let _ = conn
+                        .send(&puback(u16::from_be_bytes([
+                            p.body[2 + topic.len()],
+                            p.body[3 + topic.len()],
+                        ])))
+                        .await;
                 }
             }
             _ => {}
@@ -575,7 +574,8 @@ pub async fn deep_topics(addr: SocketAddr, v: Version) -> Deep {
     let f30k = deep(30_000, "#");
     let f10k = deep(10_000, "#");
     let t30k = deep(30_000, "a");
-    let subscribe_30k = one_packet(addr, v, "deep-sub30k", &subscribe(v, 1, &[f30k.clone()], 1)).await;
+    let subscribe_30k =
+        one_packet(addr, v, "deep-sub30k", &subscribe(v, 1, &[f30k.clone()], 1)).await;
     // The 10,000-level filter may be accepted by a broker without a limit;
     // what matters then is that it can be removed on disconnect.
     let subscribe_10k = one_packet(addr, v, "deep-sub10k", &subscribe(v, 1, &[f10k], 1)).await;
@@ -625,7 +625,12 @@ pub struct Slow {
     pub published: usize,
     pub publisher_end: Option<Seen>,
     pub secs: f64,
+    /// RSS before the case and at its peak, in KiB.
+    pub baseline_kib: u64,
+    pub peak_kib: u64,
     pub peak_growth_kib: u64,
+    /// What an MQTT 5 publish to the topic got once the subscriber left.
+    pub probe: Seen,
     /// RSS over the baseline once the slow subscriber's session is gone.
     pub after_leave_kib: u64,
 }
@@ -633,7 +638,7 @@ pub struct Slow {
 impl Slow {
     pub fn summary(&self) -> String {
         format!(
-            "QoS {} x {} B: {} published in {:.1} s{}; peak +{}, after it left +{}",
+            "QoS {} x {} B: {} published in {:.1} s{}; peak +{}; after it left: publish got {}, RSS +{}",
             self.spec.qos,
             self.spec.payload,
             self.published,
@@ -643,6 +648,7 @@ impl Slow {
                 .map(|e| format!(" (publisher saw {e})"))
                 .unwrap_or_default(),
             mib(self.peak_growth_kib),
+            self.probe,
             mib(self.after_leave_kib)
         )
     }
@@ -653,14 +659,19 @@ pub async fn slow_consumer(addr: SocketAddr, pid: u32, spec: SlowSpec) -> Slow {
     let mut peak = PeakRss::start(pid);
     let mut sub = Connect::new(v, "slow-sub");
     sub.clean = !spec.persistent;
-    let (mut reader, seen) = Conn::connect(addr, &sub).await.expect("slow subscriber connects");
+    let (mut reader, seen) = Conn::connect(addr, &sub)
+        .await
+        .expect("slow subscriber connects");
     assert_eq!(seen, Seen::Connack(0), "slow subscriber's CONNACK");
     reader
         .send(&subscribe(v, 1, &["slow/t".to_string()], spec.qos))
         .await
         .expect("subscribe");
     let suback = reader.seen(Duration::from_secs(10)).await;
-    assert!(matches!(suback, Seen::Suback(_)), "slow subscriber: {suback}");
+    assert!(
+        matches!(suback, Seen::Suback(_)),
+        "slow subscriber: {suback}"
+    );
     // From here on the subscriber reads nothing.
 
     let (mut p, seen) = Conn::connect(addr, &Connect::new(v, "slow-pub"))
@@ -708,7 +719,8 @@ pub async fn slow_consumer(addr: SocketAddr, pid: u32, spec: SlowSpec) -> Slow {
     let secs = start.elapsed().as_secs_f64();
     let _ = p.send(&DISCONNECT).await;
     drop(p);
-    let peak_growth_kib = peak.growth_kib();
+    let peak_kib = peak.peak_kib();
+    let peak_growth_kib = peak_kib.saturating_sub(peak.baseline_kib);
 
     // The slow subscriber leaves; a persistent session is then discarded
     // by connecting again with a clean session.
@@ -719,8 +731,20 @@ pub async fn slow_consumer(addr: SocketAddr, pid: u32, spec: SlowSpec) -> Slow {
             let _ = c.send(&DISCONNECT).await;
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Whether its subscription is gone: an MQTT 5 publish then finds no
+    // subscriber (PUBACK 0x10).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let probe = one_packet(
+        addr,
+        Version::V5,
+        "slow-probe",
+        &publish(Version::V5, "slow/t", 1, 1, b"?"),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(3);
     let after_leave_kib = loop {
+        // Some traffic meanwhile: an allocator returns freed memory as it works.
+        let _ = bystander(addr, Duration::from_secs(1)).await;
         tokio::time::sleep(Duration::from_millis(250)).await;
         let growth = status_kib(pid, "VmRSS")
             .unwrap_or(0)
@@ -734,7 +758,10 @@ pub async fn slow_consumer(addr: SocketAddr, pid: u32, spec: SlowSpec) -> Slow {
         published,
         publisher_end,
         secs,
+        baseline_kib: peak.baseline_kib,
+        peak_kib,
         peak_growth_kib,
+        probe,
         after_leave_kib,
     }
 }
@@ -988,7 +1015,11 @@ pub struct Storm {
 
 impl Storm {
     pub fn summary(&self) -> String {
-        let e: Vec<String> = self.endings.iter().map(|(k, n)| format!("{n}x {k}")).collect();
+        let e: Vec<String> = self
+            .endings
+            .iter()
+            .map(|(k, n)| format!("{n}x {k}"))
+            .collect();
         format!(
             "{} connects, {} of the earlier ended ({}); last one: {}",
             self.attempts,
@@ -1101,7 +1132,11 @@ pub struct Noise {
 
 impl Noise {
     pub fn summary(&self) -> String {
-        let e: Vec<String> = self.endings.iter().map(|(k, n)| format!("{n}x {k}")).collect();
+        let e: Vec<String> = self
+            .endings
+            .iter()
+            .map(|(k, n)| format!("{n}x {k}"))
+            .collect();
         format!(
             "{} connections, {} closed by the broker ({})",
             self.connections,
@@ -1186,7 +1221,10 @@ pub async fn wills(addr: SocketAddr, n: usize) -> Wills {
         .send(&subscribe(Version::V3, 1, &["will/#".to_string()], 1))
         .await
         .expect("subscribe");
-    assert!(matches!(watcher.seen(Duration::from_secs(10)).await, Seen::Suback(_)));
+    assert!(matches!(
+        watcher.seen(Duration::from_secs(10)).await,
+        Seen::Suback(_)
+    ));
 
     let mut conns = Vec::new();
     for i in 0..n {
@@ -1251,14 +1289,26 @@ pub struct ConnLimit {
 
 impl ConnLimit {
     pub fn summary(&self) -> String {
-        let e: Vec<String> = self.extra_seen.iter().map(|(k, n)| format!("{n}x {k}")).collect();
+        let e: Vec<String> = self
+            .extra_seen
+            .iter()
+            .map(|(k, n)| format!("{n}x {k}"))
+            .collect();
         format!(
             "{} held; {} more: {} ({}); after one left: {}",
             self.held,
             self.extra,
-            if self.refused == self.extra { "all refused" } else { "not all refused" },
+            if self.refused == self.extra {
+                "all refused"
+            } else {
+                "not all refused"
+            },
             e.join(", "),
-            if self.slot_reused { "accepted" } else { "refused" }
+            if self.slot_reused {
+                "accepted"
+            } else {
+                "refused"
+            }
         )
     }
 }
@@ -1283,7 +1333,9 @@ pub async fn connection_limit(addr: SocketAddr, hold: usize, extra: usize) -> Co
     for i in 0..extra {
         let seen = match Conn::open(addr, Version::V3).await {
             Ok(mut c) => {
-                let _ = c.send(&Connect::new(Version::V3, &format!("extra-{i}")).bytes()).await;
+                let _ = c
+                    .send(&Connect::new(Version::V3, &format!("extra-{i}")).bytes())
+                    .await;
                 let s = c.seen(Duration::from_secs(1)).await;
                 extras.push(c);
                 s
@@ -1334,7 +1386,11 @@ impl RateLimit {
             self.secs,
             self.accepted,
             self.refused,
-            if self.later_accepted { "accepted" } else { "refused" }
+            if self.later_accepted {
+                "accepted"
+            } else {
+                "refused"
+            }
         )
     }
 }
@@ -1359,7 +1415,10 @@ pub async fn connection_rate(addr: SocketAddr, burst: usize) -> RateLimit {
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    let accepted = results.iter().filter(|(s, _)| *s == Seen::Connack(0)).count();
+    let accepted = results
+        .iter()
+        .filter(|(s, _)| *s == Seen::Connack(0))
+        .count();
     let refused = results.iter().filter(|(s, _)| s.is_end()).count();
     drop(results);
     tokio::time::sleep(Duration::from_millis(1500)).await;
