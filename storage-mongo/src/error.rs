@@ -61,6 +61,24 @@ pub enum OpenError {
         /// The URI, password hidden.
         uri: String,
     },
+    /// Another broker holds the database's lease (the `lease` module): it
+    /// renewed it while this one waited.
+    #[error(
+        "MongoDB database {database:?} at {uri} is in use by another broker ({holder}), which \
+         renews its lease (TTL {} ms); stop that broker first or use another database (the \
+         lease of a broker that died is taken over after its TTL)",
+        ttl.as_millis()
+    )]
+    Locked {
+        /// The URI, password hidden.
+        uri: String,
+        /// The database.
+        database: String,
+        /// Who holds it.
+        holder: crate::lease::Holder,
+        /// The holder's lease TTL.
+        ttl: Duration,
+    },
     /// The collections or their indexes could not be created.
     #[error(
         "cannot create the collections and indexes of database {database:?} at {uri}: {source}"

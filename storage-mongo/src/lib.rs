@@ -140,12 +140,12 @@
 mod batch;
 mod documents;
 mod error;
+mod lease;
 mod txn;
 mod write;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -162,9 +162,11 @@ use mongodb::options::{ClientOptions, IndexOptions, TransactionOptions};
 use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
 
 pub use error::OpenError;
+pub use lease::Holder;
 
 use documents::{field, Fields};
 use error::{redact_uri, scrub, storage_error};
+use lease::{Fenced, Lease};
 use txn::{Abort, Health, TxnBody};
 
 /// Database used when neither [`MongoOptions::database`] nor the URI's
@@ -190,7 +192,15 @@ pub struct MongoOptions {
     pub operation_timeout: Duration,
     /// Connections the driver's pool may hold.
     pub max_pool_size: u32,
+    /// TTL of the lease that keeps a second broker off the database
+    /// (default 10 s, at least 100 ms; URI parameter `lease_ms`), renewed
+    /// every third of it. After a broker died without closing, the next one
+    /// waits that long from its start before taking over.
+    pub lease_ttl: Duration,
 }
+
+/// Shortest lease TTL accepted.
+pub const MIN_LEASE_TTL: Duration = Duration::from_millis(100);
 
 impl Default for MongoOptions {
     fn default() -> Self {
@@ -200,6 +210,7 @@ impl Default for MongoOptions {
             server_selection_timeout: Duration::from_secs(5),
             operation_timeout: Duration::from_secs(10),
             max_pool_size: 16,
+            lease_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -249,6 +260,7 @@ pub struct MongoStore {
     txn_options: TransactionOptions,
     health: Health,
     cache: Mutex<BodyCache>,
+    lease: Arc<Lease>,
 }
 
 impl std::fmt::Debug for MongoStore {
@@ -280,21 +292,51 @@ impl MongoStore {
     /// [`MongoOptions::operation_timeout`].
     pub async fn open(uri: &str, mut options: MongoOptions) -> Result<MongoStore, OpenError> {
         let shown = redact_uri(uri);
-        let (uri, timeout) = take_timeout_ms(uri).map_err(|reason| OpenError::InvalidUri {
+        let invalid = |reason| OpenError::InvalidUri {
             uri: shown.clone(),
             reason,
-        })?;
+        };
+        let (uri, timeout) = take_param_ms(uri, "timeoutMS").map_err(invalid)?;
         if let Some(timeout) = timeout {
             options.operation_timeout = timeout;
         }
-        let timeout = options.operation_timeout;
-        match tokio::time::timeout(timeout, Self::connect(&uri, &shown, options)).await {
-            Ok(result) => result,
-            Err(_) => Err(OpenError::Timeout {
-                uri: shown,
-                after: timeout,
-            }),
+        let (uri, lease_ttl) = take_param_ms(&uri, "lease_ms").map_err(invalid)?;
+        if let Some(ttl) = lease_ttl {
+            options.lease_ttl = ttl;
         }
+        if options.lease_ttl < MIN_LEASE_TTL {
+            return Err(invalid(format!(
+                "lease_ms must be at least {} ms",
+                MIN_LEASE_TTL.as_millis()
+            )));
+        }
+        let timeout = options.operation_timeout;
+        let lease_ttl = options.lease_ttl;
+        let mut store =
+            match tokio::time::timeout(timeout, Self::connect(&uri, &shown, options)).await {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(OpenError::Timeout {
+                        uri: shown,
+                        after: timeout,
+                    })
+                }
+            };
+        // Not within the operation timeout: a dead holder's lease is
+        // waited for, up to its TTL.
+        let where_ = format!("database {:?} at {}", store.database, store.uri);
+        let lease = lease::acquire(
+            store.colls.meta.clone(),
+            &where_,
+            &store.uri,
+            &store.database,
+            lease_ttl,
+            timeout,
+        )
+        .await?;
+        lease.start_heartbeat(timeout);
+        store.lease = lease;
+        Ok(store)
     }
 
     async fn connect(
@@ -361,7 +403,17 @@ impl MongoStore {
             txn_options: txn::transaction_options(write_concern),
             health: Health::new(shown.to_owned()),
             cache: Mutex::new(BodyCache::default()),
+            lease: Lease::not_taken(db.collection("meta")),
         })
+    }
+
+    /// Release the database's lease, so that the next broker can open it at
+    /// once, and stop renewing it. Every write fails afterwards; call it
+    /// once the broker has stopped writing (after its shutdown). A store
+    /// dropped without it stops renewing, and the next open waits one TTL
+    /// ([`MongoOptions::lease_ttl`]) before taking over.
+    pub async fn close(&self) {
+        self.lease.release().await;
     }
 
     /// Create the missing collections (outside any transaction, which older
@@ -401,6 +453,15 @@ impl MongoStore {
         colls
             .retained
             .create_index(unique(doc! { field::TOPIC: 1 }))
+            .await?;
+        // For the largest retained id (`last_message_id`).
+        colls
+            .retained
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { field::RETAINED_ID: -1 })
+                    .build(),
+            )
             .await?;
         Ok(())
     }
@@ -447,21 +508,29 @@ impl MongoStore {
         filter: Document,
         doc: Document,
     ) -> StorageResult<()> {
-        self.guard(what, async {
-            txn::retry_conflicts(|| {
-                coll.replace_one(filter.clone(), doc.clone())
-                    .upsert(true)
-                    .into_future()
-            })
-            .await
-            .map_err(storage_error)?;
-            Ok(())
-        })
-        .await
+        let body = Single {
+            coll: coll.clone(),
+            filter,
+            replacement: Some(doc),
+        };
+        self.guard(what, self.fenced(false, body)).await
     }
 
     async fn transaction<B: TxnBody>(&self, body: &mut B) -> StorageResult<B::Output> {
         txn::run(&self.client, &self.txn_options, &self.colls, body).await
+    }
+
+    /// [`Self::transaction`] for a write: only while the lease is held,
+    /// checked inside the transaction (`touch`: by updating the lock
+    /// document, which serializes it with a takeover).
+    async fn fenced<B: TxnBody>(&self, touch: bool, body: B) -> StorageResult<B::Output> {
+        self.lease.check()?;
+        let mut fenced = Fenced {
+            lease: &self.lease,
+            touch,
+            body,
+        };
+        self.transaction(&mut fenced).await
     }
 
     /// One page of a queue; `Ok(None)` when an entry's body was missing,
@@ -506,13 +575,14 @@ impl MongoStore {
     }
 }
 
-/// `uri` without its `timeoutMS` parameter, and that parameter's value.
+/// `uri` without its parameter `name` (a number of milliseconds), and that
+/// parameter's value.
 ///
 /// `timeoutMS` is the MongoDB URI option for a client-side bound of every
-/// operation, which is what [`MongoOptions::operation_timeout`] is; this
-/// driver does not know it (and refuses unknown options), so it is taken
-/// out here.
-fn take_timeout_ms(uri: &str) -> Result<(String, Option<Duration>), String> {
+/// operation, which is what [`MongoOptions::operation_timeout`] is, and
+/// `lease_ms` is ours ([`MongoOptions::lease_ttl`]); this driver knows
+/// neither (and refuses unknown options), so they are taken out here.
+fn take_param_ms(uri: &str, name: &str) -> Result<(String, Option<Duration>), String> {
     let Some((base, query)) = uri.split_once('?') else {
         return Ok((uri.to_owned(), None));
     };
@@ -520,9 +590,9 @@ fn take_timeout_ms(uri: &str) -> Result<(String, Option<Duration>), String> {
     let mut rest = Vec::new();
     for param in query.split('&') {
         match param.split_once('=') {
-            Some((key, value)) if key.eq_ignore_ascii_case("timeoutMS") => {
+            Some((key, value)) if key.eq_ignore_ascii_case(name) => {
                 let ms: u64 = value.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
-                    format!("timeoutMS must be a positive number of milliseconds, not {value:?}")
+                    format!("{name} must be a positive number of milliseconds, not {value:?}")
                 })?;
                 timeout = Some(Duration::from_millis(ms));
             }
@@ -559,6 +629,38 @@ fn queue_page_pipeline(client: &str, after: Option<i64>, limit: i64) -> Vec<Docu
 /// Cursor batch size for a queue page: the whole page in the first reply.
 fn page_batch_size(limit: usize) -> u32 {
     u32::try_from(limit.min(10_000)).unwrap_or(10_000)
+}
+
+/// One single-document write (upsert with `replacement`, else a
+/// `delete_many`), as a transaction body so that the lease is checked with it.
+struct Single {
+    coll: Collection<Document>,
+    filter: Document,
+    replacement: Option<Document>,
+}
+
+#[async_trait]
+impl TxnBody for Single {
+    type Output = ();
+
+    async fn run(&mut self, _: &Collections, s: &mut ClientSession) -> Result<(), Abort> {
+        match &self.replacement {
+            Some(doc) => {
+                self.coll
+                    .replace_one(self.filter.clone(), doc.clone())
+                    .upsert(true)
+                    .session(&mut *s)
+                    .await?;
+            }
+            None => {
+                self.coll
+                    .delete_many(self.filter.clone())
+                    .session(&mut *s)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A queue page read again inside a snapshot transaction.
@@ -649,14 +751,11 @@ impl PacketStore for MongoStore {
         if ops.is_empty() {
             return Ok(());
         }
-        self.guard("a write", async {
-            let mut body = write::WriteBatch {
-                ops: &ops,
-                careful: false,
-            };
-            self.transaction(&mut body).await
-        })
-        .await
+        let body = write::WriteBatch {
+            ops: &ops,
+            careful: false,
+        };
+        self.guard("a write", self.fenced(true, body)).await
     }
 
     async fn read_queue(
@@ -744,6 +843,16 @@ impl PacketStore for MongoStore {
                 .find_one(doc! { field::ID: write::LAST_MESSAGE_ID })
                 .await
                 .map_err(storage_error)?;
+            // Retained messages take ids from the same counter and live
+            // nowhere else.
+            let retained = self
+                .colls
+                .retained
+                .find_one(doc! {})
+                .sort(doc! { field::RETAINED_ID: -1 })
+                .projection(doc! { field::ID: 0, field::RETAINED_ID: 1 })
+                .await
+                .map_err(storage_error)?;
             let largest = match largest {
                 Some(mut d) => Fields::new(&mut d, "messages").u64(field::ID)?,
                 None => 0,
@@ -752,7 +861,11 @@ impl PacketStore for MongoStore {
                 Some(mut d) => Fields::new(&mut d, "meta").u64(field::VALUE)?,
                 None => 0,
             };
-            Ok(largest.max(mark))
+            let retained = match retained {
+                Some(mut d) => Fields::new(&mut d, "retained").u64(field::RETAINED_ID)?,
+                None => 0,
+            };
+            Ok(largest.max(mark).max(retained))
         })
         .await
     }
@@ -768,9 +881,10 @@ impl SubscriptionStore for MongoStore {
     }
 
     async fn delete_session(&self, client: &str) -> StorageResult<()> {
-        self.guard("a session deletion", async {
-            self.transaction(&mut DeleteSession { client }).await
-        })
+        self.guard(
+            "a session deletion",
+            self.fenced(false, DeleteSession { client }),
+        )
         .await
     }
 
@@ -787,7 +901,7 @@ impl SubscriptionStore for MongoStore {
         if latest.is_empty() {
             return Ok(());
         }
-        let mut body = AddSubscriptions {
+        let body = AddSubscriptions {
             client,
             filters: latest.keys().copied().collect(),
             docs: latest
@@ -795,7 +909,7 @@ impl SubscriptionStore for MongoStore {
                 .map(|s| documents::subscription_doc(client, &s.filter, &s.options))
                 .collect(),
         };
-        self.guard("a subscription write", self.transaction(&mut body))
+        self.guard("a subscription write", self.fenced(false, body))
             .await
     }
 
@@ -803,18 +917,13 @@ impl SubscriptionStore for MongoStore {
         if filters.is_empty() {
             return Ok(());
         }
-        self.guard("a subscription deletion", async {
-            txn::retry_conflicts(|| {
-                self.colls
-                    .subscriptions
-                    .delete_many(doc! { field::CLIENT: client, field::TOPIC: { "$in": filters } })
-                    .into_future()
-            })
+        let body = Single {
+            coll: self.colls.subscriptions.clone(),
+            filter: doc! { field::CLIENT: client, field::TOPIC: { "$in": filters } },
+            replacement: None,
+        };
+        self.guard("a subscription deletion", self.fenced(false, body))
             .await
-            .map_err(storage_error)?;
-            Ok(())
-        })
-        .await
     }
 
     async fn load_sessions(&self) -> StorageResult<Vec<StoredSession>> {
@@ -915,18 +1024,13 @@ impl RetainedStore for MongoStore {
     }
 
     async fn delete_retained(&self, topic: &str) -> StorageResult<()> {
-        self.guard("a retained message deletion", async {
-            txn::retry_conflicts(|| {
-                self.colls
-                    .retained
-                    .delete_one(doc! { field::TOPIC: topic })
-                    .into_future()
-            })
+        let body = Single {
+            coll: self.colls.retained.clone(),
+            filter: doc! { field::TOPIC: topic },
+            replacement: None,
+        };
+        self.guard("a retained message deletion", self.fenced(false, body))
             .await
-            .map_err(storage_error)?;
-            Ok(())
-        })
-        .await
     }
 
     async fn lookup_retained(&self, filter: &str) -> StorageResult<Vec<Arc<Message>>> {
@@ -982,24 +1086,38 @@ mod tests {
     }
 
     #[test]
+    fn lease_ms_is_taken_out_of_the_uri() {
+        assert_eq!(
+            take_param_ms("mongodb://h/db?lease_ms=1500&w=1", "lease_ms"),
+            Ok((
+                "mongodb://h/db?w=1".to_owned(),
+                Some(Duration::from_millis(1500))
+            ))
+        );
+    }
+
+    #[test]
     fn timeout_ms_is_taken_out_of_the_uri() {
         assert_eq!(
-            take_timeout_ms("mongodb://h/db?directConnection=true&timeoutMS=2500&w=1"),
+            take_param_ms(
+                "mongodb://h/db?directConnection=true&timeoutMS=2500&w=1",
+                "timeoutMS"
+            ),
             Ok((
                 "mongodb://h/db?directConnection=true&w=1".to_owned(),
                 Some(Duration::from_millis(2500))
             ))
         );
         assert_eq!(
-            take_timeout_ms("mongodb://h/?timeoutms=10"),
+            take_param_ms("mongodb://h/?timeoutms=10", "timeoutMS"),
             Ok(("mongodb://h/".to_owned(), Some(Duration::from_millis(10))))
         );
         assert_eq!(
-            take_timeout_ms("mongodb://h/db"),
+            take_param_ms("mongodb://h/db", "timeoutMS"),
             Ok(("mongodb://h/db".to_owned(), None))
         );
-        assert!(take_timeout_ms("mongodb://h/?timeoutMS=0").is_err());
-        assert!(take_timeout_ms("mongodb://h/?timeoutMS=soon").is_err());
+        assert!(take_param_ms("mongodb://h/?timeoutMS=0", "timeoutMS").is_err());
+        assert!(take_param_ms("mongodb://h/?timeoutMS=soon", "timeoutMS").is_err());
     }
 
     #[test]

@@ -15,13 +15,13 @@
 mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use broker_core::storage::Storage;
 use broker_core::testkit::StoreFactory;
-use storage_mongo::MongoOptions;
+use storage_mongo::{MongoOptions, MongoStore};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 /// One case at a time on the server (see the module docs).
@@ -33,6 +33,8 @@ struct MongoFactory {
     uri: String,
     database: String,
     opened: AtomicBool,
+    /// Stores opened and not closed yet: `close` gives their lease back.
+    open: Mutex<Vec<Arc<MongoStore>>>,
     /// Held from creation to drop, so that the database is dropped within
     /// the case's turn too.
     _turn: SemaphorePermit<'static>,
@@ -48,6 +50,7 @@ impl MongoFactory {
             uri: support::mongodb_uri(),
             database: support::fresh_database("conformance"),
             opened: AtomicBool::new(false),
+            open: Mutex::new(Vec::new()),
             _turn: turn,
         }
     }
@@ -61,9 +64,18 @@ impl StoreFactory for MongoFactory {
             operation_timeout: Duration::from_secs(60),
             ..MongoOptions::default()
         };
-        let store = support::open_or_fail(&self.uri, options).await;
+        let store = Arc::new(support::open_or_fail(&self.uri, options).await);
         self.opened.store(true, Ordering::Relaxed);
-        Arc::new(store).storage()
+        self.open.lock().expect("not poisoned").push(store.clone());
+        store.storage()
+    }
+
+    async fn close(&self, storage: Storage) {
+        drop(storage);
+        let stores = std::mem::take(&mut *self.open.lock().expect("not poisoned"));
+        for store in stores {
+            store.close().await;
+        }
     }
 
     fn durable(&self) -> bool {

@@ -25,6 +25,8 @@ fn short_timeouts() -> MongoOptions {
         server_selection_timeout: Duration::from_secs(1),
         connect_timeout: Duration::from_secs(1),
         operation_timeout: Duration::from_secs(3),
+        // A store dropped by a simulated crash blocks the next open this long.
+        lease_ttl: Duration::from_secs(1),
         ..MongoOptions::default()
     }
 }
