@@ -24,7 +24,8 @@ use super::aliases::{AliasError, InboundAliases};
 use super::{message_properties, Close, Control, PropertyError};
 use crate::broker::{Broker, SessionExpiry, SubscribeRefusal, Unsubscribed};
 use crate::codec::{
-    from_wire_qos, inbound, puback, pubcomp, reason, v5, MqttCodec, Protocol, Publish,
+    from_wire_qos, inbound, puback, pubcomp, reason, v5, DecodeError, MqttCodec, MqttPacket,
+    Protocol, Publish,
 };
 use crate::hooks::{AuthExchange, AuthStep};
 use crate::message::{Message, QoS};
@@ -53,6 +54,9 @@ pub(super) struct Reader {
     /// The enhanced-authentication method of CONNECT, for re-authentication.
     auth_method: Option<ByteString>,
     reauth: Option<Box<dyn AuthExchange>>,
+    /// The packet being handled came from a fresh socket read (see
+    /// [`Reader::yield_to_earlier_readers`]).
+    fresh_read: bool,
 }
 
 impl Reader {
@@ -76,6 +80,7 @@ impl Reader {
             expiry_zero_at_connect,
             auth_method,
             reauth: None,
+            fresh_read: false,
         }
     }
 
@@ -108,7 +113,7 @@ impl Reader {
                     }
                 }
                 _ = sleep_until(deadline), if !keep_alive.is_zero() => return Close::KeepAliveTimeout,
-                frame = framed.next(), if self.pending.len() < max_pending => {
+                frame = next_frame(framed, &mut self.fresh_read), if self.pending.len() < max_pending => {
                     let packet = match frame.map(inbound) {
                         None => return Close::Eof,
                         Some(Ok(p)) => p,
@@ -427,7 +432,24 @@ impl Reader {
         .await
     }
 
+    /// Before the first publish of a fresh socket read is routed, let the
+    /// other readers that the same turn of the runtime woke run first.
+    ///
+    /// Why: a runtime worker that finds two sockets readable at once runs
+    /// the task it woke last first (tokio's LIFO slot), so a PUBLISH that
+    /// arrived just after another client's SUBSCRIBE would be routed before
+    /// that SUBSCRIBE is read, and miss it. Yielding sends this task behind
+    /// the ones already woken, so readers act in the order their data
+    /// arrived. One yield per socket read, not per packet: pipelined
+    /// publishes pay it once per read.
+    async fn yield_to_earlier_readers(&mut self) {
+        if std::mem::take(&mut self.fresh_read) {
+            tokio::task::yield_now().await;
+        }
+    }
+
     async fn on_publish(&mut self, mut p: Publish) -> Result<(), Close> {
+        self.yield_to_earlier_readers().await;
         let config = self.broker.config();
         let props = p.properties.take().unwrap_or_default();
         let topic = self
@@ -598,5 +620,51 @@ impl Reader {
             }
         }
         Ok(())
+    }
+}
+
+/// The next frame; `fresh` is set when it needed a read from the socket
+/// (no whole packet was buffered), cleared otherwise.
+async fn next_frame<R: AsyncRead + Unpin>(
+    framed: &mut FramedRead<R, MqttCodec>,
+    fresh: &mut bool,
+) -> Option<Result<(MqttPacket, u32), DecodeError>> {
+    *fresh = !whole_packet_buffered(framed.read_buffer());
+    framed.next().await
+}
+
+/// Whether `buf` starts with a whole MQTT packet (fixed header and body).
+fn whole_packet_buffered(buf: &[u8]) -> bool {
+    let mut len = 0usize;
+    for (i, b) in buf.iter().skip(1).take(4).enumerate() {
+        len |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return buf.len() >= 2 + i + len;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_packet_buffered;
+
+    #[test]
+    fn whole_packet_detection() {
+        assert!(!whole_packet_buffered(&[]));
+        assert!(!whole_packet_buffered(&[0x30]));
+        assert!(whole_packet_buffered(&[0xc0, 0x00]), "PINGREQ");
+        assert!(!whole_packet_buffered(&[0x30, 0x03, 0, 1]));
+        assert!(whole_packet_buffered(&[0x30, 0x03, 0, 1, b'a', 0x30]));
+        // 200 = 0xc8 0x01: two length bytes.
+        let mut p = vec![0x30, 0xc8, 0x01];
+        p.resize(3 + 199, 0);
+        assert!(!whole_packet_buffered(&p));
+        p.push(0);
+        assert!(whole_packet_buffered(&p));
+        assert!(
+            !whole_packet_buffered(&[0x30, 0xff, 0xff, 0xff, 0xff]),
+            "malformed length"
+        );
     }
 }
