@@ -150,6 +150,8 @@ fn open_file_limit() -> Option<u64> {
         // SAFETY: getrlimit only writes the struct it is given.
         let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
         if rc == 0 && lim.rlim_cur != libc::RLIM_INFINITY {
+            // `rlim_t` is u64 here but not on every platform.
+            #[allow(clippy::unnecessary_cast)]
             return Some(lim.rlim_cur as u64);
         }
         None
