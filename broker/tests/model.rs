@@ -1,0 +1,221 @@
+//! Model-based test of MQTT session semantics: random interleavings of
+//! connects (3.1.1 clean / persistent, MQTT 5 with session expiry),
+//! disconnects, socket drops, takeovers, subscriptions, QoS 0/1/2
+//! publishes, acknowledgements held back and given, and broker restarts on
+//! the same store, run against the real broker over TCP and checked packet
+//! by packet against a reference model (`model/reference.rs`). The design
+//! is in docs/decisions.md, "Model-based test of session semantics".
+//!
+//! `MODEL_CASES` sets the number of cases per backend (default 48),
+//! `MODEL_OPS` the longest sequence (default 40), `MODEL_SEED` a fixed
+//! seed to repeat a run. A divergence fails with the shrunk sequence,
+//! printed as Rust to paste into a regression test below.
+
+mod model {
+    pub mod client;
+    pub mod harness;
+    pub mod ops;
+    pub mod reference;
+}
+
+use std::time::Instant;
+
+use model::harness::{Backend, Harness};
+use model::ops::{case, Case};
+use model::reference::Model;
+use proptest::test_runner::{Config, RngAlgorithm, TestError, TestRng, TestRunner};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Which model a case is checked against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spec {
+    /// The spec, everywhere.
+    Strict,
+    /// The spec, except for the known divergences listed in
+    /// docs/decisions.md (retained deliveries do not survive a restart):
+    /// random runs use it so that a known divergence does not hide others.
+    KnownDivergences,
+}
+
+/// Run one case on a fresh broker and store; the error says where the
+/// broker and the model parted, with the packets seen up to there.
+async fn run_case(backend: Backend, case: &Case, spec: Spec) -> Result<(), String> {
+    let mut h = Harness::start(backend, case).await?;
+    let mut m = Model::new(case.max_inflight, spec == Spec::Strict);
+    let mut result = Ok(());
+    for (i, op) in case.ops.iter().enumerate() {
+        if let Err(e) = h.step(&mut m, op).await {
+            result = Err(format!("at op {i} ({op:?}): {e}"));
+            break;
+        }
+    }
+    if result.is_ok() {
+        result = h.finish(&mut m).await;
+    }
+    let trace = h.trace.clone();
+    h.close().await;
+    result.map_err(|e| {
+        let tail = trace.len().saturating_sub(80);
+        format!(
+            "{e}\n--- what happened (last {} lines) ---\n{}",
+            trace.len() - tail,
+            trace[tail..].join("\n")
+        )
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Random cases on `backend`, shrunk on failure.
+fn check(backend: Backend) {
+    let cases = env_or("MODEL_CASES", 48) as u32;
+    let max_ops = env_or("MODEL_OPS", 40) as usize;
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        // Shrinking replays the failing case; each replay of a missing
+        // packet costs one wait, so bound it in time too.
+        max_shrink_iters: 512,
+        max_shrink_time: env_or("MODEL_SHRINK_SECS", 240) as u32 * 1000,
+        ..Config::default()
+    };
+    let mut runner = match std::env::var("MODEL_SEED")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        Some(seed) => {
+            let mut bytes = [0u8; 32];
+            bytes[..8].copy_from_slice(&seed.to_le_bytes());
+            TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes))
+        }
+        None => TestRunner::new(config),
+    };
+    let rt = runtime();
+    let started = Instant::now();
+    let result = runner.run(&case(max_ops), |c| {
+        rt.block_on(run_case(backend, &c, Spec::KnownDivergences))
+            .map_err(proptest::test_runner::TestCaseError::fail)
+    });
+    match result {
+        Ok(()) => eprintln!(
+            "model test on {backend:?}: {cases} cases of up to {max_ops} operations passed in {:.1?}",
+            started.elapsed()
+        ),
+        Err(TestError::Fail(why, minimal)) => panic!(
+            "the broker diverged from the model on {backend:?}.\n\
+             Minimal failing case ({} operations; paste into a regression test):\n{minimal:?}\n\n{why}",
+            minimal.ops.len()
+        ),
+        Err(TestError::Abort(why)) => panic!("model test aborted on {backend:?}: {why}"),
+    }
+}
+
+#[test]
+fn model_memory() {
+    check(Backend::Memory);
+}
+
+#[test]
+fn model_sqlite() {
+    check(Backend::Sqlite);
+}
+
+/// Redis at `REDIS_URL`, under a key prefix of its own.
+#[cfg(feature = "redis")]
+pub fn redis_url() -> String {
+    let base = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+    let rest = base.split_once("://").map_or(base.as_str(), |(_, r)| r);
+    let hostport = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let reachable = std::net::ToSocketAddrs::to_socket_addrs(hostport)
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| {
+            std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(2)).is_ok()
+        });
+    assert!(
+        reachable,
+        "no Redis at {base}: run the tests with scripts/test, which starts one, or start \
+         `redis-server --port 6379 --appendonly yes` and set REDIS_URL"
+    );
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}prefix=model-{}-{nanos}:", std::process::id())
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn model_redis() {
+    check(Backend::Redis);
+}
+
+/// A regression case on every backend built in, against the strict model.
+fn regression(case: Case) {
+    let rt = runtime();
+    let mut backends = vec![Backend::Memory, Backend::Sqlite];
+    if cfg!(feature = "redis") {
+        backends.push(Backend::Redis);
+    }
+    for backend in backends {
+        if let Err(e) = rt.block_on(run_case(backend, &case, Spec::Strict)) {
+            panic!("{backend:?}: {e}");
+        }
+    }
+}
+
+/// Found by the model: a retained message that SUBSCRIBE queued for a
+/// persistent session is lost in a restart, even once sent and not yet
+/// acknowledged, and its packet id, which the client still holds, is given
+/// to the next message. MQTT-4.4.0-1 requires the unacknowledged PUBLISH to
+/// be resent with its original packet id; for QoS 2 the reuse makes a
+/// receiver that remembers the id drop the next message as a duplicate.
+///
+/// To fix: `Broker::deliver_retained` (broker-core/src/broker.rs) queues
+/// retained deliveries with `store: false`; for a persistent session at
+/// QoS 1/2 they must go through the packet store like routed messages
+/// (`PacketOp::Enqueue`, released on commit).
+#[test]
+#[ignore = "known divergence: retained deliveries on SUBSCRIBE are not stored (Broker::deliver_retained)"]
+fn retained_delivery_in_flight_survives_restart() {
+    use model::ops::{Op::*, Proto::*};
+    regression(Case {
+        max_inflight: 1,
+        ops: vec![
+            Publish {
+                topic: 0,
+                qos: 1,
+                retain: true,
+            },
+            Connect {
+                c: 2,
+                proto: V3 { clean: false },
+            },
+            Hold { c: 2 },
+            Subscribe {
+                c: 2,
+                filter: 0,
+                qos: 1,
+            },
+            Restart,
+            Publish {
+                topic: 0,
+                qos: 1,
+                retain: false,
+            },
+        ],
+    });
+}
