@@ -194,6 +194,76 @@ impl Lease {
         }
     }
 
+    /// Release from a store being dropped: on a thread with a runtime and a
+    /// client of its own (the store's may belong to a runtime that is
+    /// shutting down), waiting at most `timeout`. What a broker exiting
+    /// without `close` relies on.
+    pub(crate) fn release_on_drop(
+        &self,
+        options: &mongodb::options::ClientOptions,
+        database: &str,
+        timeout: Duration,
+    ) {
+        if let Some(h) = lock(&self.heartbeat).take() {
+            h.abort();
+        }
+        let was_held = matches!(
+            std::mem::replace(&mut *lock(&self.state), State::Released),
+            State::Held
+        );
+        if !was_held {
+            return;
+        }
+        let (options, database, token) = (options.clone(), database.to_owned(), self.token.clone());
+        let (done, outcome) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("mongo-lease-release".into())
+            .spawn(move || {
+                let released = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())
+                    .and_then(|rt| {
+                        rt.block_on(async {
+                            let client = mongodb::Client::with_options(options)
+                                .map_err(|e| e.to_string())?;
+                            let meta = client.database(&database).collection::<Document>("meta");
+                            let delete = meta
+                                .delete_one(doc! { "_id": LEASE_ID, "token": &token })
+                                .into_future();
+                            match tokio::time::timeout(timeout, delete).await {
+                                Ok(r) => r.map(|r| r.deleted_count == 1).map_err(|e| e.to_string()),
+                                Err(_) => Err("no answer".to_owned()),
+                            }
+                        })
+                    });
+                let _ = done.send(released);
+            });
+        let released = match spawned {
+            Ok(_) => outcome
+                .recv_timeout(timeout + Duration::from_secs(1))
+                .unwrap_or_else(|_| Err("no answer".to_owned())),
+            Err(e) => Err(e.to_string()),
+        };
+        match released {
+            Ok(true) => tracing::info!("released the lease on {}", self.where_),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                "could not release the lease on {} ({e}); the next broker waits {} ms for it",
+                self.where_,
+                self.ttl.as_millis()
+            ),
+        }
+    }
+
+    /// Stop renewing without releasing, as a process that died would.
+    pub(crate) fn abandon(&self) {
+        if let Some(h) = lock(&self.heartbeat).take() {
+            h.abort();
+        }
+        *lock(&self.state) = State::Released;
+    }
+
     /// Start renewing every third of the TTL.
     pub(crate) fn start_heartbeat(self: &Arc<Self>, operation_timeout: Duration) {
         let weak = Arc::downgrade(self);

@@ -261,6 +261,18 @@ pub struct MongoStore {
     health: Health,
     cache: Mutex<BodyCache>,
     lease: Arc<Lease>,
+    /// The driver's options, to release the lease from `drop`.
+    client_options: ClientOptions,
+}
+
+impl Drop for MongoStore {
+    /// Releases the lease if [`MongoStore::close`] did not: an orderly exit
+    /// lets the next broker start at once. Blocks for at most the
+    /// operation timeout.
+    fn drop(&mut self) {
+        self.lease
+            .release_on_drop(&self.client_options, &self.database, self.operation_timeout);
+    }
 }
 
 impl std::fmt::Debug for MongoStore {
@@ -369,6 +381,7 @@ impl MongoStore {
                 reason,
             });
         }
+        let client_options = co.clone();
         let client = Client::with_options(co).map_err(invalid)?;
 
         let hello = client
@@ -404,13 +417,22 @@ impl MongoStore {
             health: Health::new(shown.to_owned()),
             cache: Mutex::new(BodyCache::default()),
             lease: Lease::not_taken(db.collection("meta")),
+            client_options,
         })
+    }
+
+    /// Stop renewing the lease without releasing it, as a broker killed
+    /// with `kill -9` would: the next open waits one TTL before taking
+    /// over. For tests of that takeover.
+    pub fn abandon(&self) {
+        self.lease.abandon();
     }
 
     /// Release the database's lease, so that the next broker can open it at
     /// once, and stop renewing it. Every write fails afterwards; call it
-    /// once the broker has stopped writing (after its shutdown). A store
-    /// dropped without it stops renewing, and the next open waits one TTL
+    /// once the broker has stopped writing (after its shutdown). Dropping
+    /// the store does the same, from a thread of its own; after a process
+    /// died (`kill -9`) the next open waits one TTL
     /// ([`MongoOptions::lease_ttl`]) before taking over.
     pub async fn close(&self) {
         self.lease.release().await;

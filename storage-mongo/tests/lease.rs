@@ -146,6 +146,8 @@ async fn crashed_holder_is_waited_for_and_ids_continue() {
         .set_retained(Arc::new(retained))
         .await
         .expect("retain");
+    // As if its process died: no more renewals, no release.
+    first.abandon();
     drop(first);
 
     let started = Instant::now();

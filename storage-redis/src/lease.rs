@@ -214,6 +214,55 @@ impl Lease {
         }
     }
 
+    /// Release from a store being dropped, on a blocking connection of its
+    /// own (the async one may belong to a runtime that is shutting down),
+    /// within `timeout`. What a broker exiting without `close` relies on.
+    pub(crate) fn release_on_drop(&self, connect_url: &str, timeout: Duration) {
+        if let Some(h) = lock(&self.heartbeat).take() {
+            h.abort();
+        }
+        let was_held = matches!(
+            std::mem::replace(&mut *lock(&self.state), State::Released),
+            State::Held
+        );
+        if !was_held {
+            return;
+        }
+        let released = redis::Client::open(connect_url).and_then(|client| {
+            let mut conn = client.get_connection_with_timeout(timeout)?;
+            conn.set_read_timeout(Some(timeout))?;
+            conn.set_write_timeout(Some(timeout))?;
+            self.release
+                .prepare_invoke()
+                .arg(&self.prefix)
+                .arg(&self.token)
+                .invoke::<i64>(&mut conn)
+        });
+        match released {
+            Ok(1) => tracing::info!(
+                "released the lease on Redis prefix `{}` at {}",
+                self.prefix,
+                self.url
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                "could not release the lease on Redis prefix `{}` at {} ({e}); it expires \
+                 within {} ms",
+                self.prefix,
+                self.url,
+                self.ttl.as_millis()
+            ),
+        }
+    }
+
+    /// Stop renewing without releasing, as a process that died would.
+    pub(crate) fn abandon(&self) {
+        if let Some(h) = lock(&self.heartbeat).take() {
+            h.abort();
+        }
+        *lock(&self.state) = State::Released;
+    }
+
     /// Start the heartbeat on `conn` (a reconnecting connection).
     pub(crate) fn start_heartbeat<C>(self: &Arc<Self>, conn: C, response_timeout: Duration)
     where

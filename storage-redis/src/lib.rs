@@ -320,6 +320,19 @@ pub struct RedisStore {
     health: Health,
     cache: Mutex<BodyCache>,
     lease: Arc<Lease>,
+    /// The URL the client connects to (password included), to release the
+    /// lease from `drop`.
+    connect_url: String,
+}
+
+impl Drop for RedisStore {
+    /// Releases the lease if [`RedisStore::close`] did not: an orderly exit
+    /// lets the next broker start at once. Blocks for at most the
+    /// connection plus response timeouts.
+    fn drop(&mut self) {
+        let timeout = self.options.connection_timeout + self.options.response_timeout;
+        self.lease.release_on_drop(&self.connect_url, timeout);
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -452,13 +465,22 @@ impl RedisStore {
             },
             cache: Mutex::new(BodyCache::default()),
             lease,
+            connect_url,
         })
+    }
+
+    /// Stop renewing the lease without releasing it, as a broker killed
+    /// with `kill -9` would: the next open waits for it to expire. For
+    /// tests of that takeover.
+    pub fn abandon(&self) {
+        self.lease.abandon();
     }
 
     /// Release the prefix's lease, so that the next broker can open it at
     /// once, and stop renewing it. Every write fails afterwards; call it
-    /// once the broker has stopped writing (after its shutdown). A store
-    /// dropped without it stops renewing, and its lease expires within the
+    /// once the broker has stopped writing (after its shutdown). Dropping
+    /// the store does the same, on a blocking connection of its own; a
+    /// process that dies (`kill -9`) leaves the lease to expire within its
     /// TTL ([`RedisOptions::lease_ttl`]).
     pub async fn close(&self) {
         let mut conn = self.conn.clone();

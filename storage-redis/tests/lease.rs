@@ -118,7 +118,16 @@ async fn second_open_is_refused_and_close_releases() {
     );
     // The closed store cannot write any more.
     assert!(first.write(vec![enqueue(7, "c", 3)]).await.is_err());
-    reopened.close().await;
+    // Dropping a store releases too (an orderly exit without `close`).
+    drop(reopened);
+    let again = tokio::time::timeout(
+        Duration::from_secs(10),
+        RedisStore::open(&url, lease_options(&cleanup.prefix, lease)),
+    )
+    .await
+    .expect("open after drop waited for the lease to expire")
+    .expect("open after drop");
+    again.close().await;
 }
 
 /// A store dropped without closing (its process died) leaves its lease to
@@ -142,6 +151,8 @@ async fn crashed_holder_is_waited_for_and_ids_continue() {
         .set_retained(Arc::new(retained))
         .await
         .expect("retain");
+    // As if its process died: no more renewals, no release.
+    first.abandon();
     drop(first);
 
     let started = Instant::now();
