@@ -37,9 +37,8 @@ fn env_or(name: &str, default: u64) -> u64 {
 enum Spec {
     /// The spec, everywhere.
     Strict,
-    /// The spec, except for the known divergences listed in
-    /// docs/decisions.md (retained deliveries do not survive a restart):
-    /// random runs use it so that a known divergence does not hide others.
+    /// The spec, except for the known divergences of the ignored regression
+    /// tests below: random runs use it so that they do not hide others.
     KnownDivergences,
 }
 
@@ -102,6 +101,11 @@ fn check(backend: Backend) {
         }
         None => TestRunner::new(config),
     };
+    #[cfg(feature = "redis")]
+    if backend == Backend::Redis {
+        // Fails at once, saying how to start Redis, rather than in every case.
+        redis_url();
+    }
     let rt = runtime();
     let started = Instant::now();
     let result = runner.run(&case(max_ops), |c| {
@@ -216,6 +220,49 @@ fn retained_delivery_in_flight_survives_restart() {
                 qos: 1,
                 retain: false,
             },
+        ],
+    });
+}
+
+/// Found by the model: a QoS 1/2 message sent and not yet acknowledged
+/// when the broker restarts is resent with a new packet id (here 1 instead
+/// of 2). MQTT-4.4.0-1 requires the original one; for QoS 2 a receiver that
+/// remembers the id (the spec's method B) delivers the message twice, and
+/// the old id, still held by the client, goes to another message.
+///
+/// To fix: the packet store keeps no packet id for a sent QoS 1/2 entry
+/// (`PacketState::Queued`), so `SessionState::restore_entry`
+/// (broker-core/src/session.rs) allocates new ones. The id must be stored
+/// when the entry is first sent (a `PacketState` for "sent with this id",
+/// in every adapter) and restored like `Released` ones are.
+#[test]
+#[ignore = "known divergence: packet ids of in-flight messages are not stored (SessionState::restore_entry)"]
+fn in_flight_packet_id_survives_restart() {
+    use model::ops::{Op::*, Proto::*};
+    regression(Case {
+        max_inflight: 2,
+        ops: vec![
+            Connect {
+                c: 2,
+                proto: V3 { clean: false },
+            },
+            Subscribe {
+                c: 2,
+                filter: 0,
+                qos: 2,
+            },
+            Publish {
+                topic: 0,
+                qos: 1,
+                retain: false,
+            },
+            Hold { c: 2 },
+            Publish {
+                topic: 0,
+                qos: 2,
+                retain: false,
+            },
+            Restart,
         ],
     });
 }

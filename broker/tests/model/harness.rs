@@ -81,9 +81,18 @@ impl Store {
         match self {
             Store::Memory(m) => Ok(m.storage()),
             Store::Sqlite { path, .. } => {
-                let store = storage_sqlite::SqliteStore::open(path, Default::default())
-                    .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-                Ok(Arc::new(store).storage())
+                // The stopped broker's store closes the file on its own
+                // thread once its last write is done: retry while locked.
+                let deadline = Instant::now() + wait();
+                loop {
+                    match storage_sqlite::SqliteStore::open(path, Default::default()) {
+                        Ok(store) => return Ok(Arc::new(store).storage()),
+                        Err(e) if e.to_string().contains("locked") && Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(2)).await
+                        }
+                        Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+                    }
+                }
             }
             #[cfg(feature = "redis")]
             Store::Redis { url } => {
