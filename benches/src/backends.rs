@@ -305,16 +305,12 @@ impl Drop for BenchStore {
             Cleanup::RedisPrefix { url } => {
                 let url = url.clone();
                 on_own_runtime(async move {
-                    // A second handle on the same prefix: the store's own
-                    // connection belongs to the runtime that opened it, which
-                    // may be gone or blocked on this very drop.
-                    match RedisStore::open(&url, RedisOptions::default()).await {
-                        Ok(store) => {
-                            if let Err(e) = store.clear().await {
-                                eprintln!("benchmark keys under {url} not removed: {e}");
-                            }
-                        }
-                        Err(e) => eprintln!("benchmark keys under {url} not removed: {e}"),
+                    // A connection of its own (the store's belongs to the
+                    // runtime that opened it, which may be gone or blocked on
+                    // this very drop), without the store's lease: `destroy`
+                    // deletes the lease with the rest.
+                    if let Err(e) = RedisStore::destroy(&url, RedisOptions::default()).await {
+                        eprintln!("benchmark keys under {url} not removed: {e}");
                     }
                 })
             }

@@ -5,9 +5,6 @@
 //! It knows the concrete storage crates (one Cargo feature each) so that the
 //! core does not have to.
 
-mod settings;
-mod storage_url;
-
 /// mimalloc rather than the system allocator: routing allocates and frees
 /// small objects on every worker thread for every message, where glibc's
 /// malloc spent about an eighth of the broker's time and held on to memory
@@ -23,7 +20,8 @@ use broker_core::server::Server;
 use clap::Parser;
 use tracing::{error, info};
 
-use crate::settings::{Cli, Settings};
+use broker::settings::{Cli, Settings};
+use broker::storage_url;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()

@@ -64,6 +64,13 @@ pub struct FileConfig {
     pub broker: BrokerConfig,
 }
 
+impl FileConfig {
+    /// The settings of a TOML file's text.
+    pub fn parse(text: &str) -> anyhow::Result<FileConfig> {
+        Ok(toml::from_str(text)?)
+    }
+}
+
 /// Everything the binary runs with.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -82,11 +89,16 @@ impl Settings {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read config file {}", path.display()))?;
-                toml::from_str::<FileConfig>(&text)
+                FileConfig::parse(&text)
                     .with_context(|| format!("invalid config file {}", path.display()))?
             }
             None => FileConfig::default(),
         };
+        Settings::resolve(cli, file)
+    }
+
+    /// Merge `file` (already read) and the flags over the defaults, and check the result.
+    pub fn resolve(cli: Cli, file: FileConfig) -> anyhow::Result<Settings> {
         let mut broker = file.broker;
         if let Some(v) = cli.max_inflight {
             broker.max_inflight = v;

@@ -25,26 +25,58 @@ const SCHEMES: &[(&str, &str)] = &[
     ("mongodb+srv", "mongo"),
 ];
 
-/// Open the storage named by `url`.
-pub async fn open(url: &str) -> anyhow::Result<Storage> {
+/// The backend a storage URL names, checked as far as can be without
+/// opening anything (the server backends' parameters are their drivers').
+#[derive(Debug, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// `memory://`.
+    Memory,
+    /// `sqlite://PATH?...`.
+    #[cfg(feature = "sqlite")]
+    Sqlite(&'a str, storage_sqlite::SqliteOptions),
+    /// `redis://` or `rediss://`.
+    #[cfg(feature = "redis")]
+    Redis,
+    /// `mongodb://` or `mongodb+srv://`.
+    #[cfg(feature = "mongo")]
+    Mongo,
+}
+
+/// Which backend `url` names, or why it names none this build has.
+pub fn parse(url: &str) -> anyhow::Result<Target<'_>> {
     let Some((scheme, rest)) = url.split_once("://") else {
         bail!("storage URL `{url}` has no scheme (expected e.g. `sqlite://data/broker.db`)");
     };
+    #[cfg(not(feature = "sqlite"))]
+    let _ = rest;
     match scheme {
-        "memory" => Ok(Storage::from_backend(Arc::new(MemoryStore::new()))),
+        "memory" => Ok(Target::Memory),
         #[cfg(feature = "sqlite")]
-        "sqlite" => sqlite::open(rest).await,
+        "sqlite" => sqlite::parse(rest).map(|(path, options)| Target::Sqlite(path, options)),
         #[cfg(feature = "redis")]
-        "redis" | "rediss" => {
+        "redis" | "rediss" => Ok(Target::Redis),
+        #[cfg(feature = "mongo")]
+        "mongodb" | "mongodb+srv" => Ok(Target::Mongo),
+        other => Err(not_built_in(other)),
+    }
+}
+
+/// Open the storage named by `url`.
+pub async fn open(url: &str) -> anyhow::Result<Storage> {
+    match parse(url)? {
+        Target::Memory => Ok(Storage::from_backend(Arc::new(MemoryStore::new()))),
+        #[cfg(feature = "sqlite")]
+        Target::Sqlite(path, options) => sqlite::open(path, options).await,
+        #[cfg(feature = "redis")]
+        Target::Redis => {
             let store = storage_redis::RedisStore::open(url, Default::default()).await?;
             Ok(Arc::new(store).storage())
         }
         #[cfg(feature = "mongo")]
-        "mongodb" | "mongodb+srv" => {
+        Target::Mongo => {
             let store = storage_mongo::MongoStore::open(url, Default::default()).await?;
             Ok(Arc::new(store).storage())
         }
-        other => Err(not_built_in(other)),
     }
 }
 
@@ -87,7 +119,7 @@ mod sqlite {
     use broker_core::storage::Storage;
     use storage_sqlite::{SqliteOptions, SqliteStore};
 
-    pub(super) async fn open(rest: &str) -> anyhow::Result<Storage> {
+    pub(super) fn parse(rest: &str) -> anyhow::Result<(&str, SqliteOptions)> {
         let (path, params) = super::path_and_params(rest)?;
         if path.is_empty() {
             bail!("sqlite:// needs a file path, e.g. sqlite://data/broker.db");
@@ -100,13 +132,20 @@ mod sqlite {
                     let mb: u64 = value
                         .parse()
                         .with_context(|| format!("max_size_mb `{value}` is not a number"))?;
-                    options.max_size_bytes = Some(mb * 1024 * 1024);
+                    let bytes = mb.checked_mul(1024 * 1024).with_context(|| {
+                        format!("max_size_mb `{value}` is more bytes than 64 bits count")
+                    })?;
+                    options.max_size_bytes = Some(bytes);
                 }
                 other => {
                     bail!("unknown sqlite:// parameter `{other}` (known: synchronous, max_size_mb)")
                 }
             }
         }
+        Ok((path, options))
+    }
+
+    pub(super) async fn open(path: &str, options: SqliteOptions) -> anyhow::Result<Storage> {
         let path = path.to_owned();
         // Opening reads the file and may migrate it: off the async workers.
         let store = tokio::task::spawn_blocking(move || SqliteStore::open(path, options))

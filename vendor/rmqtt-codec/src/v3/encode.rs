@@ -10,7 +10,7 @@ use bytes::{BufMut, BytesMut};
 use bytestring::ByteString;
 
 use crate::error::EncodeError;
-use crate::types::{packet_type, ConnectFlags, QoS, MQTT_LEVEL_311, WILL_QOS_SHIFT};
+use crate::types::{packet_type, ConnectFlags, QoS, WILL_QOS_SHIFT};
 use crate::utils::{write_variable_length, Encode};
 
 use super::packet::*;
@@ -214,7 +214,8 @@ fn encode_connect(connect: &Connect, dst: &mut BytesMut) -> Result<(), EncodeErr
         flags |= ConnectFlags::CLEAN_START;
     }
 
-    dst.put_slice(&[MQTT_LEVEL_311, flags.bits()]);
+    // The level of the protocol named above: MQIsdp is 3, MQTT 4 (was always 4).
+    dst.put_slice(&[protocol.level(), flags.bits()]);
     dst.put_u16(keep_alive);
     client_id.encode(dst)?;
 

@@ -1,0 +1,22 @@
+//! Storage URLs (`broker::storage_url::parse`, what `open` runs before it
+//! opens anything). Checked: no panic, and a URL accepted names its backend
+//! by its scheme.
+//!
+//! Input: the URL.
+
+use broker::storage_url::{parse, Target};
+
+pub fn check(data: &[u8]) {
+    let Ok(url) = std::str::from_utf8(data) else {
+        return;
+    };
+    match parse(url) {
+        Ok(Target::Memory) => assert!(url.starts_with("memory://")),
+        Ok(Target::Sqlite(path, _)) => {
+            assert!(url.starts_with("sqlite://"));
+            assert!(!path.is_empty(), "{url:?}");
+            assert!(!path.contains('?'), "parameters left in the path: {url:?}");
+        }
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+}
