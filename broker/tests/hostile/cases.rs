@@ -532,7 +532,7 @@ pub async fn bystander(addr: SocketAddr, within: Duration) -> Result<Duration, S
 
 // ---------------------------------------------------------------- the cases
 
-/// 1. Topics and filters tens of thousands of levels deep.
+/// Case 1: Topics and filters tens of thousands of levels deep.
 #[derive(Debug)]
 pub struct Deep {
     pub v: Version,
@@ -574,8 +574,13 @@ pub async fn deep_topics(addr: SocketAddr, v: Version) -> Deep {
     let f30k = deep(30_000, "#");
     let f10k = deep(10_000, "#");
     let t30k = deep(30_000, "a");
-    let subscribe_30k =
-        one_packet(addr, v, "deep-sub30k", &subscribe(v, 1, &[f30k.clone()], 1)).await;
+    let subscribe_30k = one_packet(
+        addr,
+        v,
+        "deep-sub30k",
+        &subscribe(v, 1, std::slice::from_ref(&f30k), 1),
+    )
+    .await;
     // The 10,000-level filter may be accepted by a broker without a limit;
     // what matters then is that it can be removed on disconnect.
     let subscribe_10k = one_packet(addr, v, "deep-sub10k", &subscribe(v, 1, &[f10k], 1)).await;
@@ -607,7 +612,7 @@ pub async fn deep_topics(addr: SocketAddr, v: Version) -> Deep {
     }
 }
 
-/// 2. A subscriber that stops reading while a publisher sends it far more
+/// Case 2: A subscriber that stops reading while a publisher sends it far more
 /// than any queue should hold.
 #[derive(Clone, Debug)]
 pub struct SlowSpec {
@@ -766,7 +771,7 @@ pub async fn slow_consumer(addr: SocketAddr, pid: u32, spec: SlowSpec) -> Slow {
     }
 }
 
-/// 3. One client subscribing to thousands of filters.
+/// Case 3: One client subscribing to thousands of filters.
 #[derive(Debug)]
 pub struct Bomb {
     pub v: Version,
@@ -823,7 +828,7 @@ pub async fn subscription_bomb(addr: SocketAddr, v: Version, asked: usize) -> Bo
     }
 }
 
-/// 4. Thousands of connections that never send CONNECT.
+/// Case 4: Thousands of connections that never send CONNECT.
 #[derive(Debug)]
 pub struct Flood {
     pub opened: usize,
@@ -891,7 +896,7 @@ pub async fn connection_flood(addr: SocketAddr, asked: usize, wait: Duration) ->
     flood
 }
 
-/// 5. A PUBLISH announcing 256 MB, then its body one byte every 100 ms.
+/// Case 5: A PUBLISH announcing 256 MB, then its body one byte every 100 ms.
 pub async fn huge_announce(addr: SocketAddr, v: Version) -> (Seen, Duration) {
     let (mut c, seen) = Conn::connect(addr, &Connect::new(v, &format!("huge-{v}")))
         .await
@@ -910,7 +915,7 @@ pub async fn huge_announce(addr: SocketAddr, v: Version) -> (Seen, Duration) {
     (Seen::Silent, start.elapsed())
 }
 
-/// 6. A CONNECT sent one byte per second: what ends it, and when.
+/// Case 6: A CONNECT sent one byte per second: what ends it, and when.
 pub async fn trickled_connect(addr: SocketAddr, max: Duration) -> (Seen, Duration) {
     let mut c = Conn::open(addr, Version::V3).await.expect("tcp connect");
     let id = "trickle-".repeat(8);
@@ -926,7 +931,7 @@ pub async fn trickled_connect(addr: SocketAddr, max: Duration) -> (Seen, Duratio
     (c.seen(Duration::from_secs(5)).await, start.elapsed())
 }
 
-/// 7. Connections that send CONNECT with a short keep alive, then nothing.
+/// Case 7: Connections that send CONNECT with a short keep alive, then nothing.
 #[derive(Debug)]
 pub struct HalfOpen {
     pub v: Version,
@@ -1002,7 +1007,7 @@ pub async fn half_open(addr: SocketAddr, v: Version, keep_alive: u16, n: usize) 
     r
 }
 
-/// 8. Hundreds of connections with one client id in a short time.
+/// Case 8: Hundreds of connections with one client id in a short time.
 #[derive(Debug)]
 pub struct Storm {
     pub attempts: usize,
@@ -1121,7 +1126,7 @@ async fn survivor_works(addr: SocketAddr, s: &mut Conn) -> Result<(), String> {
     }
 }
 
-/// 9. Random bytes from a seeded generator, before and after a CONNECT.
+/// Case 9: Random bytes from a seeded generator, before and after a CONNECT.
 #[derive(Debug)]
 pub struct Noise {
     pub connections: usize,
@@ -1191,7 +1196,7 @@ pub async fn random_bytes(addr: SocketAddr, seed: u64, n: usize, wait: Duration)
     r
 }
 
-/// 10. Hundreds of clients with wills, their sockets dropped at once.
+/// Case 10: Hundreds of clients with wills, their sockets dropped at once.
 #[derive(Debug)]
 pub struct Wills {
     pub clients: usize,
@@ -1275,7 +1280,7 @@ pub async fn wills(addr: SocketAddr, n: usize) -> Wills {
     }
 }
 
-/// 11a. Connections past `max_connections`.
+/// Case 11a: Connections past `max_connections`.
 #[derive(Debug)]
 pub struct ConnLimit {
     pub held: usize,
@@ -1367,7 +1372,7 @@ pub async fn connection_limit(addr: SocketAddr, hold: usize, extra: usize) -> Co
     r
 }
 
-/// 11b. A burst of connections past `max_connection_rate`.
+/// Case 11b: A burst of connections past `max_connection_rate`.
 #[derive(Debug)]
 pub struct RateLimit {
     pub burst: usize,
@@ -1435,7 +1440,7 @@ pub async fn connection_rate(addr: SocketAddr, burst: usize) -> RateLimit {
     }
 }
 
-/// 12a. An MQTT 5 client pipelining QoS 2 publishes past Receive Maximum
+/// Case 12a: An MQTT 5 client pipelining QoS 2 publishes past Receive Maximum
 /// (never releasing them), and more bytes after that: what it reads.
 pub async fn linger_receive_maximum(addr: SocketAddr, publishes: u16) -> Seen {
     let (mut c, seen) = Conn::connect(addr, &Connect::new(Version::V5, "greedy"))
@@ -1453,7 +1458,7 @@ pub async fn linger_receive_maximum(addr: SocketAddr, publishes: u16) -> Seen {
     c.seen_skipping_acks(Duration::from_secs(10)).await
 }
 
-/// 12b. A refused CONNECT followed at once by more pipelined packets.
+/// Case 12b: A refused CONNECT followed at once by more pipelined packets.
 #[derive(Clone, Copy, Debug)]
 pub enum BadConnect {
     /// MQTT 3.1.1 framing with protocol level 9.
