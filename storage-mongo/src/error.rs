@@ -75,7 +75,7 @@ pub enum OpenError {
         /// The database.
         database: String,
         /// Who holds it.
-        holder: crate::lease::Holder,
+        holder: Box<crate::lease::Holder>,
         /// The holder's lease TTL.
         ttl: Duration,
     },

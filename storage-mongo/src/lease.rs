@@ -461,7 +461,7 @@ pub(crate) async fn acquire(
                         return Err(OpenError::Locked {
                             uri: uri.to_owned(),
                             database: database.to_owned(),
-                            holder,
+                            holder: Box::new(holder),
                             ttl: holder_ttl,
                         });
                     }

@@ -102,8 +102,7 @@ async fn second_open_is_refused_and_close_releases() {
 
     let e = MongoStore::open(&db.uri, db.options(lease))
         .await
-        .err()
-        .expect("a second store on a live database is refused");
+        .expect_err("a second store on a live database is refused");
     let text = e.to_string();
     match &e {
         OpenError::Locked { holder, .. } => {

@@ -74,7 +74,7 @@ pub enum OpenError {
         /// The key prefix.
         prefix: String,
         /// Who holds it.
-        holder: Holder,
+        holder: Box<Holder>,
         /// How long its lease had left at the last look.
         expires_in: Option<Duration>,
     },

@@ -432,7 +432,7 @@ pub(crate) async fn acquire<C: ConnectionLike + Send>(
         let locked = |expires_in: Option<Duration>| OpenError::Locked {
             url: url.to_owned(),
             prefix: prefix.to_owned(),
-            holder: holder.clone(),
+            holder: Box::new(holder.clone()),
             expires_in,
         };
         let lease_token = get(2);

@@ -75,9 +75,7 @@ async fn second_open_is_refused_and_close_releases() {
     first.write(vec![enqueue(5, "c", 1)]).await.expect("write");
 
     let second = RedisStore::open(&url, lease_options(&cleanup.prefix, lease)).await;
-    let e = second
-        .err()
-        .expect("a second store on a live prefix is refused");
+    let e = second.expect_err("a second store on a live prefix is refused");
     let text = e.to_string();
     match &e {
         OpenError::Locked { holder, prefix, .. } => {
