@@ -1084,38 +1084,33 @@ impl Broker {
         let mut retained = self.storage.retained.lookup_retained(filter).await?;
         retained.sort_by(|a, b| a.topic.cmp(&b.topic));
         let now = now_ms();
-        let mut ops = Vec::new();
-        {
-            let mut st = session.lock();
-            for m in retained {
-                if m.is_expired(now) {
-                    continue;
-                }
-                let delivery = Delivery {
-                    qos: options.qos.min(m.qos),
-                    retain: true,
-                    subscription_ids: options.subscription_id.into_iter().collect(),
-                    share: None,
-                };
-                // Retained deliveries are kept in memory only: a new SUBSCRIBE
-                // fetches them again from the retained store.
-                let dropped_before = st.dropped;
-                let entry = NewEntry {
-                    message: m,
-                    delivery,
-                    store: false,
-                };
-                st.enqueue(entry, &self.config, &mut ops, &session.client_id);
-                if st.dropped > dropped_before {
-                    self.note_drop(&session.client_id, &st);
-                }
+        // Queued like any routed message: a persistent session's QoS 1/2
+        // copies go to the packet store, so one in flight when the broker
+        // stops is sent again after the restart, as MQTT requires.
+        let mut batch = Routed {
+            ops: Vec::new(),
+            pending: Vec::new(),
+            matched: false,
+        };
+        for mut m in retained {
+            if m.is_expired(now) {
+                continue;
             }
+            if m.id == 0 {
+                // Stored by an older broker without an id: the packet store needs one.
+                let mut fresh = (*m).clone();
+                fresh.id = self.next_message_id.fetch_add(1, Ordering::Relaxed);
+                m = Arc::new(fresh);
+            }
+            let delivery = Delivery {
+                qos: options.qos.min(m.qos),
+                retain: true,
+                subscription_ids: options.subscription_id.into_iter().collect(),
+                share: None,
+            };
+            batch.absorb(self.enqueue(m, vec![(session.clone(), delivery)]));
         }
-        if !ops.is_empty() {
-            self.submit(ops).await?;
-        }
-        session.wake.notify_one();
-        Ok(())
+        self.commit(batch).await
     }
 
     /// Unsubscribe a session from `filters`. Messages a shared subscription

@@ -496,4 +496,21 @@ mod tests {
             }
         }
     }
+
+    /// A header announcing a packet of nearly 1 MiB, and nothing after it,
+    /// must not make the decoder allocate that much: a few bytes per
+    /// connection would otherwise hold the maximum packet size each.
+    #[test]
+    fn an_announced_length_is_not_reserved_up_front() {
+        use tokio_util::codec::Decoder;
+        let header = [0x30u8, 0xff, 0xff, 0x3f]; // PUBLISH, 1,048,575 bytes to come
+        let mut v5 = v5::Codec::new(2 * 1024 * 1024, 0);
+        let mut src = bytes::BytesMut::from(&header[..]);
+        assert!(matches!(v5.decode(&mut src), Ok(None)));
+        assert!(src.capacity() <= 16 * 1024, "reserved {}", src.capacity());
+        let mut v3 = v3::Codec::new(2 * 1024 * 1024);
+        let mut src = bytes::BytesMut::from(&header[..]);
+        assert!(matches!(v3.decode(&mut src), Ok(None)));
+        assert!(src.capacity() <= 16 * 1024, "reserved {}", src.capacity());
+    }
 }

@@ -187,7 +187,6 @@ pub struct SessionState {
     queued_bytes: usize,
     in_flight: usize,
     packet_ids: HashMap<u16, Seq>,
-    next_packet_id: u16,
 }
 
 /// A client's session. Shared by the router (which queues into it) and the
@@ -221,7 +220,6 @@ impl Session {
                 queued_bytes: 0,
                 in_flight: 0,
                 packet_ids: HashMap::new(),
-                next_packet_id: 1,
             }),
             wake: Notify::new(),
         }
@@ -481,15 +479,22 @@ impl SessionState {
         false
     }
 
+    /// The packet id for the entry `seq`: derived from the sequence number,
+    /// so the entry gets the same id again after a restart without the
+    /// store keeping it (MQTT-4.4.0-1: unacknowledged messages are resent
+    /// with their original packet ids; a QoS 2 receiver that still holds an
+    /// id would otherwise take the next message sent with it for a
+    /// duplicate). Only if another entry in flight holds that id, 65,535
+    /// sequence numbers older, is the next free one taken.
     fn allocate_packet_id(&mut self, seq: Seq) -> u16 {
+        let mut id = (seq.saturating_sub(1) % u64::from(u16::MAX)) as u16 + 1;
         // The window is at most 65,535, so a free id always exists.
         loop {
-            let id = self.next_packet_id;
-            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
             if let std::collections::hash_map::Entry::Vacant(v) = self.packet_ids.entry(id) {
                 v.insert(seq);
                 return id;
             }
+            id = id.checked_add(1).unwrap_or(1);
         }
     }
 
@@ -785,8 +790,14 @@ mod tests {
         assert_eq!(st.last_drop(), Some(DropReason::Bytes));
         let mut out = vec![];
         st.next_outgoing(32, usize::MAX, &mut out, &mut ops, &id);
-        for p in 1..=3 {
-            assert!(st.complete(p, false, &id).is_none());
+        for o in &out {
+            let Outgoing::Publish {
+                packet_id: Some(p), ..
+            } = o
+            else {
+                panic!("unexpected {o:?}")
+            };
+            assert!(st.complete(*p, false, &id).is_none());
         }
         assert_eq!((st.queue_len(), st.queued_bytes()), (0, 0));
     }
@@ -810,5 +821,43 @@ mod tests {
         out.clear();
         assert!(!st.next_outgoing(32, usize::MAX, &mut out, &mut ops, &id));
         assert_eq!((out.len(), st.queued_bytes()), (7, 0));
+    }
+
+    #[test]
+    fn packet_ids_follow_sequence_numbers_across_a_restore() {
+        let cfg = BrokerConfig::default();
+        let id: ClientId = "c".into();
+        let s = Session::new(id.clone(), true, None);
+        let mut st = s.lock();
+        let mut ops = vec![];
+        for n in 0..3 {
+            st.enqueue(entry(n, false), &cfg, &mut ops, &id);
+        }
+        let mut out = vec![];
+        st.next_outgoing(32, usize::MAX, &mut out, &mut ops, &id);
+        let ids = |out: &[Outgoing]| -> Vec<Option<u16>> {
+            out.iter()
+                .map(|o| match o {
+                    Outgoing::Publish { packet_id, .. } => *packet_id,
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(ids(&out), vec![Some(1), Some(2), Some(3)]);
+        // The same entries restored from the store after a restart (seq 2 and 3
+        // still unacknowledged) get the same ids again.
+        let restored = Session::new(id.clone(), true, None);
+        let mut st2 = restored.lock();
+        for seq in [2, 3] {
+            st2.restore_entry(QueuedPacket {
+                seq,
+                message: msg(seq as u32),
+                delivery: Delivery::new(QoS::AtLeastOnce),
+                state: PacketState::Queued,
+            });
+        }
+        out.clear();
+        st2.next_outgoing(32, usize::MAX, &mut out, &mut ops, &id);
+        assert_eq!(ids(&out), vec![Some(2), Some(3)]);
     }
 }

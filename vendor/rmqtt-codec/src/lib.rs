@@ -19,6 +19,10 @@
 #[macro_use]
 mod utils;
 
+/// Fork: the most a decoder reserves ahead of the bytes received while a
+/// frame is incomplete; the buffer then grows with what actually arrives.
+pub(crate) const RESERVE_AHEAD: usize = 4096;
+
 /// Error types for encoding/decoding operations
 pub mod error;
 

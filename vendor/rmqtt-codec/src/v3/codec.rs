@@ -77,7 +77,11 @@ impl Decoder for Codec {
                             let remaining_length = remaining_length as usize;
                             if src.len() < remaining_length {
                                 // todo: subtract?
-                                src.reserve(remaining_length); // extend receiving buffer to fit the whole frame -- todo: too eager?
+                                // Fork: grow with the bytes that arrive, not with
+                                // what the header announces: a client sending a
+                                // 4-byte header must not make the server allocate
+                                // the whole maximum packet size up front.
+                                src.reserve((remaining_length - src.len()).min(crate::RESERVE_AHEAD));
                                 return Ok(None);
                             }
                         }
