@@ -52,6 +52,8 @@ pub enum Expect {
 }
 
 /// An acknowledgement a client owes, for one delivery.
+// Named after the MQTT packets.
+#[allow(clippy::enum_variant_names)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ack {
     PubAck(DeliveryId),
