@@ -50,6 +50,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Handlers first: a signal that comes once "listening on" is printed
+    // must stop the broker gracefully, not kill it.
+    let stop = wait_for_signal()?;
     let settings = Settings::load(cli)?;
     let storage = storage_url::open(&settings.storage)
         .await
@@ -67,7 +70,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         servers.push(tokio::spawn(server.run()));
     }
 
-    wait_for_signal().await?;
+    stop.await?;
     info!("shutting down: closing connections and flushing storage");
     broker.shutdown().await;
     for s in servers {
@@ -77,19 +80,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Install the SIGINT/SIGTERM handlers now; the future resolves at the first signal.
+fn wait_for_signal() -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("cannot handle SIGINT")?,
-            _ = term.recv() => {}
-        }
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            Ok(())
+        })
     }
     #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot handle Ctrl-C")?;
-    Ok(())
+    Ok(async {
+        tokio::signal::ctrl_c()
+            .await
+            .context("cannot handle Ctrl-C")
+    })
 }

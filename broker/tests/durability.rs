@@ -269,7 +269,11 @@ async fn kill_9_on_sqlite_loses_no_acknowledged_message() {
 async fn kill_9_on_redis_loses_no_acknowledged_message() {
     // The Redis of scripts/test runs with appendonly yes; the broker is what dies here.
     let run = common::unique("kill9");
-    rounds(FAST, |i| common::redis_url(&format!("{run}-{i}"))).await;
+    // A short lease: the restart after kill -9 waits for the dead broker's to expire.
+    rounds(FAST, |i| {
+        common::with_param(&common::redis_url(&format!("{run}-{i}")), "lease_ms=2000")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,10 +289,11 @@ async fn kill_9_on_mongodb_loses_no_acknowledged_message() {
     };
     rounds(pace, |i| {
         // Batches of a thousand acknowledgements take the test server seconds.
-        common::with_param(
+        let url = common::with_param(
             &common::mongodb_url(&format!("{run}_{i}")),
             "timeoutMS=60000",
-        )
+        );
+        common::with_param(&url, "lease_ms=2000")
     })
     .await;
 }

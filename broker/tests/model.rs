@@ -195,12 +195,9 @@ fn regression(case: Case) {
 /// be resent with its original packet id; for QoS 2 the reuse makes a
 /// receiver that remembers the id drop the next message as a duplicate.
 ///
-/// To fix: `Broker::deliver_retained` (broker-core/src/broker.rs) queues
-/// retained deliveries with `store: false`; for a persistent session at
-/// QoS 1/2 they must go through the packet store like routed messages
-/// (`PacketOp::Enqueue`, released on commit).
+/// Fixed: `Broker::deliver_retained` queues them through the packet store
+/// like routed messages.
 #[test]
-#[ignore = "known divergence: retained deliveries on SUBSCRIBE are not stored (Broker::deliver_retained)"]
 fn retained_delivery_in_flight_survives_restart() {
     use model::ops::{Op::*, Proto::*};
     regression(Case {
@@ -237,13 +234,9 @@ fn retained_delivery_in_flight_survives_restart() {
 /// remembers the id (the spec's method B) delivers the message twice, and
 /// the old id, still held by the client, goes to another message.
 ///
-/// To fix: the packet store keeps no packet id for a sent QoS 1/2 entry
-/// (`PacketState::Queued`), so `SessionState::restore_entry`
-/// (broker-core/src/session.rs) allocates new ones. The id must be stored
-/// when the entry is first sent (a `PacketState` for "sent with this id",
-/// in every adapter) and restored like `Released` ones are.
+/// Fixed: packet ids are derived from sequence numbers
+/// (`SessionState::allocate_packet_id`), so a restored entry gets its id back.
 #[test]
-#[ignore = "known divergence: packet ids of in-flight messages are not stored (SessionState::restore_entry)"]
 fn in_flight_packet_id_survives_restart() {
     use model::ops::{Op::*, Proto::*};
     regression(Case {
