@@ -17,6 +17,12 @@ pub fn check(data: &[u8]) {
             assert!(!path.is_empty(), "{url:?}");
             assert!(!path.contains('?'), "parameters left in the path: {url:?}");
         }
+        // The features are those of the crate that includes this file (the
+        // broker's tests, or the fuzz crate, which builds the broker's defaults).
+        #[cfg(feature = "redis")]
+        Ok(Target::Redis) => assert!(url.starts_with("redis")),
+        #[cfg(feature = "mongo")]
+        Ok(Target::Mongo) => assert!(url.starts_with("mongodb")),
         Err(e) => assert!(!e.to_string().is_empty()),
     }
 }
