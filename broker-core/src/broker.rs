@@ -1194,6 +1194,10 @@ impl Broker {
         self.connections.wait().await;
         self.commits.close();
         self.commits.wait().await;
+        // Acknowledgements' removals are submitted without waiting for them;
+        // the queue is first in, first out, so once this empty request is
+        // answered every write before it is in the store.
+        let _ = self.writer.submit(Vec::new()).await;
     }
 }
 
