@@ -415,6 +415,8 @@ pub(crate) async fn acquire(
     };
     // The holder's token and beat at the first look, and when that was.
     let mut seen: Option<(Bson, Bson, Instant)> = None;
+    // When the takeover first met a transaction the dead holder left open.
+    let mut conflicted: Option<Instant> = None;
     loop {
         let current = tokio::time::timeout(
             operation_timeout,
@@ -457,6 +459,15 @@ pub(crate) async fn acquire(
                         seen = Some((token_now, beat_now, Instant::now()));
                         false
                     }
+                    // The document moved while the dead holder's transaction
+                    // was being aborted (its rollback, not a renewal): watch
+                    // it afresh for a whole TTL.
+                    Some((t, b, _))
+                        if (*t != token_now || *b != beat_now) && conflicted.take().is_some() =>
+                    {
+                        seen = Some((token_now, beat_now, Instant::now()));
+                        false
+                    }
                     Some((t, b, _)) if *t != token_now || *b != beat_now => {
                         return Err(OpenError::Locked {
                             uri: uri.to_owned(),
@@ -469,24 +480,45 @@ pub(crate) async fn acquire(
                     Some(_) => {
                         // Not renewed for a whole TTL: take it, unless it
                         // changed since the last look.
-                        let take = meta
-                            .update_one(
-                                doc! { "_id": LEASE_ID, "token": &token_now, "beat": &beat_now },
-                                doc! { "$set": mine.clone() },
-                            )
-                            .into_future();
+                        let take = take_over(
+                            &meta,
+                            doc! { "_id": LEASE_ID, "token": &token_now, "beat": &beat_now },
+                            doc! { "$set": mine.clone() },
+                        );
                         let r = tokio::time::timeout(operation_timeout, take)
                             .await
-                            .map_err(|_| bounded(operation_timeout))?
-                            .map_err(failed)?;
-                        if r.matched_count == 1 {
-                            tracing::info!(
-                                "took over the lease on {where_} from {holder}, not renewed \
-                                 for {:.1} s",
-                                started.elapsed().as_secs_f64()
-                            );
+                            .map_err(|_| bounded(operation_timeout))?;
+                        match r {
+                            Ok(true) => {
+                                tracing::info!(
+                                    "took over the lease on {where_} from {holder}, not renewed \
+                                     for {:.1} s",
+                                    started.elapsed().as_secs_f64()
+                                );
+                                true
+                            }
+                            Ok(false) => false,
+                            // The dead broker's last batch transaction still
+                            // holds the lease document: the server aborts it
+                            // at its transaction lifetime (60 s by default).
+                            Err(e)
+                                if txn::is_write_conflict(&e)
+                                    || e.contains_label("TransientTransactionError") =>
+                            {
+                                let waited = conflicted.get_or_insert_with(Instant::now);
+                                if waited.elapsed() > operation_timeout {
+                                    return Err(bounded(operation_timeout));
+                                }
+                                if waited.elapsed() < poll {
+                                    tracing::warn!(
+                                        "{where_}: a transaction of the previous holder is still \
+                                         open on the lease; waiting for the server to abort it"
+                                    );
+                                }
+                                false
+                            }
+                            Err(e) => return Err(failed(e)),
                         }
-                        r.matched_count == 1
                     }
                 }
             }
@@ -503,6 +535,22 @@ pub(crate) async fn acquire(
         }
         tokio::time::sleep(poll).await;
     }
+}
+
+/// Take the lease document in a transaction of its own: it then conflicts
+/// with (instead of waiting behind) a batch transaction the dead holder left
+/// open, and the server's reaping of expired transactions, which some
+/// compatible servers run only when transactions are used, gets its chance.
+async fn take_over(
+    meta: &Collection<Document>,
+    filter: Document,
+    update: Document,
+) -> mongodb::error::Result<bool> {
+    let mut s = meta.client().start_session().await?;
+    s.start_transaction().await?;
+    let r = meta.update_one(filter, update).session(&mut s).await?;
+    s.commit_transaction().await?;
+    Ok(r.matched_count == 1)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

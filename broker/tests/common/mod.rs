@@ -21,6 +21,11 @@ impl BrokerProcess {
     /// Start the binary in `cwd` with `args` (a `--listen 127.0.0.1:0` is
     /// added) and wait for its `listening on` line.
     pub fn start(cwd: &Path, args: &[&str]) -> BrokerProcess {
+        Self::start_within(cwd, args, Duration::from_secs(30))
+    }
+
+    /// [`BrokerProcess::start`], waiting up to `within` for it to listen.
+    pub fn start_within(cwd: &Path, args: &[&str], within: Duration) -> BrokerProcess {
         let mut child = Command::new(BIN)
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
@@ -48,7 +53,7 @@ impl BrokerProcess {
             lines,
         };
         let addr = process
-            .wait_for_line("listening on ", Duration::from_secs(30))
+            .wait_for_line("listening on ", within)
             .unwrap_or_else(|seen| panic!("broker did not start; its log: {seen:?}"));
         process.port = addr
             .rsplit(':')
