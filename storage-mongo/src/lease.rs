@@ -29,7 +29,7 @@
 
 use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use broker_core::storage::{StorageError, StorageResult};
@@ -43,45 +43,22 @@ use crate::Collections;
 /// `_id` of the lock document in `meta`.
 pub(crate) const LEASE_ID: &str = "lease";
 
-/// Who holds a lease, as shown in errors and logs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Holder {
-    /// Host name of the holder.
-    pub host: String,
-    /// Process id of the holder on that host.
-    pub pid: String,
-    /// When it took the lease (UTC), or `?`.
-    pub since: String,
-}
+pub use broker_core::storage::lease::Holder;
+use broker_core::storage::lease::{host_name, new_token};
 
-impl std::fmt::Display for Holder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "host {}, pid {}, since {}",
-            self.host, self.pid, self.since
-        )
-    }
-}
-
-impl Holder {
-    fn of(doc: &Document) -> Holder {
-        let text = |k: &str| match doc.get(k) {
-            Some(Bson::String(s)) => s.clone(),
-            Some(Bson::Int32(i)) => i.to_string(),
-            Some(Bson::Int64(i)) => i.to_string(),
-            _ => "?".to_owned(),
-        };
-        Holder {
-            host: text("host"),
-            pid: text("pid"),
-            since: doc
-                .get_datetime("since")
-                .ok()
-                .and_then(|d| u64::try_from(d.timestamp_millis()).ok())
-                .map_or_else(|| "?".to_owned(), format_utc_ms),
-        }
-    }
+/// The holder a lease document names.
+fn holder_of(doc: &Document) -> Holder {
+    let text = |k: &str| match doc.get(k) {
+        Some(Bson::String(s)) => s.clone(),
+        Some(Bson::Int32(i)) => i.to_string(),
+        Some(Bson::Int64(i)) => i.to_string(),
+        _ => String::new(),
+    };
+    let since = doc
+        .get_datetime("since")
+        .ok()
+        .and_then(|d| u64::try_from(d.timestamp_millis()).ok());
+    Holder::new(text("host"), text("pid"), since)
 }
 
 #[derive(Debug, Clone)]
@@ -153,7 +130,7 @@ impl Lease {
     /// Who owns the lease now, for the loss message (read outside any transaction).
     async fn describe_owner(&self) -> String {
         match self.meta.find_one(doc! { "_id": LEASE_ID }).await {
-            Ok(Some(d)) => format!("now held by {}", Holder::of(&d)),
+            Ok(Some(d)) => format!("now held by {}", holder_of(&d)),
             Ok(None) => "its lock document is gone: deleted, or the database dropped".to_owned(),
             Err(_) => "its token no longer matches".to_owned(),
         }
@@ -441,7 +418,7 @@ pub(crate) async fn acquire(
                 }
             }
             Some(current) => {
-                let holder = Holder::of(&current);
+                let holder = holder_of(&current);
                 let token_now = current.get("token").cloned().unwrap_or(Bson::Null);
                 let beat_now = current.get("beat").cloned().unwrap_or(Bson::Null);
                 let holder_ttl = current
@@ -557,72 +534,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A token no other open of any process shares.
-fn new_token() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let random = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "{}/{}/{nanos:x}/{random:016x}",
-        host_name(),
-        std::process::id()
-    )
-}
-
-/// This machine's host name, for operators reading who holds a lease.
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|s| s.trim().to_owned())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "unknown-host".to_owned())
-}
-
-/// `ms` since the epoch as `YYYY-MM-DD HH:MM:SS UTC`.
-fn format_utc_ms(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Days to civil date (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn utc_formatting() {
-        assert_eq!(format_utc_ms(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(format_utc_ms(1_700_000_000_123), "2023-11-14 22:13:20 UTC");
-    }
-
-    #[test]
     fn holders_from_documents() {
-        let h = Holder::of(&doc! { "host": "h", "pid": 42_i64, "since": DateTime::from_millis(0) });
+        let h = holder_of(&doc! { "host": "h", "pid": 42_i64, "since": DateTime::from_millis(0) });
         assert_eq!(
             h.to_string(),
             "host h, pid 42, since 1970-01-01 00:00:00 UTC"
         );
-        assert_eq!(Holder::of(&doc! {}).to_string(), "host ?, pid ?, since ?");
+        assert_eq!(holder_of(&doc! {}).to_string(), "host ?, pid ?, since ?");
     }
 }

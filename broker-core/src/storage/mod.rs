@@ -42,6 +42,7 @@ use async_trait::async_trait;
 
 mod body_cache;
 pub use body_cache::BodyCache;
+pub mod lease;
 use serde::{Deserialize, Serialize};
 
 use crate::message::{Message, MessageId, QoS, Seq};
