@@ -513,4 +513,22 @@ mod tests {
         assert!(matches!(v3.decode(&mut src), Ok(None)));
         assert!(src.capacity() <= 16 * 1024, "reserved {}", src.capacity());
     }
+
+    /// A decoded payload does not share the read buffer's allocation: a
+    /// message waiting in a queue must not keep the buffer it came in alive.
+    #[test]
+    fn payloads_are_copied_out_of_the_read_buffer() {
+        use tokio_util::codec::Decoder;
+        let mut src = bytes::BytesMut::with_capacity(64 * 1024);
+        // PUBLISH QoS 0, topic "t", no properties, payload "hello".
+        src.extend_from_slice(&[0x30, 9, 0, 1, b't', 0, b'h', b'e', b'l', b'l', b'o']);
+        let start = src.as_ptr() as usize;
+        let range = start..start + src.capacity();
+        let mut codec = v5::Codec::new(1024 * 1024, 0);
+        let Ok(Some((v5::Packet::Publish(p), _))) = codec.decode(&mut src) else {
+            panic!("one PUBLISH expected")
+        };
+        assert_eq!(&p.payload[..], b"hello");
+        assert!(!range.contains(&(p.payload.as_ptr() as usize)));
+    }
 }

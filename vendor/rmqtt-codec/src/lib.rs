@@ -23,6 +23,19 @@ mod utils;
 /// frame is incomplete; the buffer then grows with what actually arrives.
 pub(crate) const RESERVE_AHEAD: usize = 4096;
 
+/// Fork: the bytes of the whole frame at the front of `src`, copied out.
+/// A frame split off the read buffer would share its allocation, so one
+/// small message waiting in a slow subscriber's queue kept a whole read
+/// buffer (of many messages, or grown to twice a large one) alive: memory
+/// a queue limit counting payload bytes cannot see. The read buffer is then
+/// reused instead of reallocated.
+pub(crate) fn take_frame(src: &mut bytes::BytesMut, len: usize) -> bytes::Bytes {
+    use bytes::Buf;
+    let frame = bytes::Bytes::copy_from_slice(&src[..len]);
+    src.advance(len);
+    frame
+}
+
 /// Error types for encoding/decoding operations
 pub mod error;
 

@@ -94,8 +94,8 @@ impl Decoder for Codec {
                     if src.len() < fixed.remaining_length as usize {
                         return Ok(None);
                     }
-                    let packet_buf = src.split_to(fixed.remaining_length as usize);
-                    let packet = decode::decode_packet(packet_buf.freeze(), fixed.first_byte)?;
+                    let packet_buf = crate::take_frame(src, fixed.remaining_length as usize);
+                    let packet = decode::decode_packet(packet_buf, fixed.first_byte)?;
                     self.state.set(DecodeState::FrameHeader);
                     src.reserve(2);
                     return Ok(Some((packet, fixed.remaining_length)));

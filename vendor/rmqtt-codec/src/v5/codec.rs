@@ -170,7 +170,7 @@ impl Decoder for Codec {
                     if src.len() < fixed.remaining_length as usize {
                         return Ok(None);
                     }
-                    let packet_buf = src.split_to(fixed.remaining_length as usize).freeze();
+                    let packet_buf = crate::take_frame(src, fixed.remaining_length as usize);
                     let packet = decode_packet(packet_buf, fixed.first_byte)?;
                     self.state.set(DecodeState::FrameHeader);
                     src.reserve(5); // enough to fix 1 fixed header byte + 4 bytes max variable packet length
