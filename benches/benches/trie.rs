@@ -1,5 +1,5 @@
 //! Subscription matching in the core's trie
-//! ([`broker_core::trie::SubscriptionTree`]), keyed as the broker keys it
+//! ([`broker_core::internals::trie::SubscriptionTree`]), keyed as the broker keys it
 //! ([`SubscriberKey`]: the client id, no shared group), with the granted
 //! [`SubscriptionOptions`] as value.
 //!
@@ -34,10 +34,10 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use broker_core::broker::SubscriberKey;
+use broker_core::internals::trie::SubscriptionTree;
+use broker_core::internals::SubscriberKey;
 use broker_core::message::QoS;
 use broker_core::subscription::SubscriptionOptions;
-use broker_core::trie::SubscriptionTree;
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 
 const DEVICES: usize = 900_000;

@@ -6,16 +6,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use broker_core::broker::Broker;
 use broker_core::config::BrokerConfig;
 use broker_core::server::Server;
 use broker_core::storage::Storage;
+use broker_core::Broker;
 use serde_json::Value;
 use storage_memory::MemoryStore;
 
 struct TestBroker {
     addr: SocketAddr,
-    broker: Arc<Broker>,
+    broker: Broker,
     task: tokio::task::JoinHandle<()>,
 }
 

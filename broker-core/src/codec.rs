@@ -287,6 +287,7 @@ pub fn inbound(frame: Result<(MqttPacket, u32), DecodeError>) -> Result<v5::Pack
 
 /// What [`decode_stream`] made of a byte stream.
 #[derive(Debug, Default)]
+#[cfg_attr(not(feature = "testkit"), allow(dead_code))]
 pub struct Decoded {
     /// The protocol the first CONNECT announced, once detected.
     pub protocol: Option<Protocol>,
@@ -300,6 +301,7 @@ pub struct Decoded {
 /// reads it (`tokio_util`'s `FramedRead` calls the decoder after every read):
 /// protocol detection, [`start`], then [`inbound`] for every frame. Stops at
 /// the first refusal; a frame left incomplete at the end is not an error.
+#[cfg_attr(not(feature = "testkit"), allow(dead_code))]
 pub fn decode_stream<'a>(
     chunks: impl IntoIterator<Item = &'a [u8]>,
     max_packet_size: u32,
@@ -349,7 +351,7 @@ pub fn decode_stream<'a>(
 /// codec limits the remaining length, MQTT 5 limits the whole packet.
 ///
 /// ```
-/// use broker_core::codec::max_remaining_length;
+/// use broker_core::internals::codec::max_remaining_length;
 /// assert_eq!(max_remaining_length(1024), 1021); // 1 + 2 + 1021
 /// assert_eq!(max_remaining_length(129), 127); // 1 + 1 + 127
 /// assert_eq!(max_remaining_length(130), 127); // 128 would need a 2-byte length
@@ -398,6 +400,7 @@ impl Encoder {
     }
 
     /// The protocol encoded.
+    #[cfg_attr(not(feature = "testkit"), allow(dead_code))]
     pub fn protocol(&self) -> Protocol {
         self.protocol
     }

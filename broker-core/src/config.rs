@@ -94,7 +94,7 @@ pub struct BrokerConfig {
     pub max_topic_levels: usize,
     /// Bytes a session may hold queued, online or offline (in flight
     /// included): each entry counts its payload, its topic and a fixed
-    /// overhead ([`crate::session::ENTRY_OVERHEAD`]). Past it QoS 0 messages
+    /// overhead (288 bytes on 64-bit targets). Past it QoS 0 messages
     /// are dropped and QoS 1/2 follow `overflow_policy`. At least `max_packet_size`.
     pub max_queued_bytes: usize,
     /// Subscriptions one session may hold; more are refused (SUBACK 0x97
@@ -106,6 +106,55 @@ pub struct BrokerConfig {
     /// New connections accepted per second (a token bucket that holds one
     /// second's worth); the excess is closed at accept, never queued. 0: no limit.
     pub max_connection_rate: u32,
+    /// Milliseconds an authentication or authorization hook may take before
+    /// the broker gives up on it and refuses (fails closed).
+    pub hook_timeout_ms: u64,
+}
+
+/// The `$SYS` topics (the `[sys]` table of the binary's config).
+///
+/// ```
+/// use broker_core::config::SysConfig;
+/// let c = SysConfig::default();
+/// assert!(c.enabled && c.interval_secs == 10 && c.broker_id.is_none());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SysConfig {
+    /// Publish `$SYS` topics at all.
+    pub enabled: bool,
+    /// The `<broker-id>` of `$SYS/<broker-id>/new/clients` and the like;
+    /// by default an id generated once and kept in the store.
+    pub broker_id: Option<String>,
+    /// Seconds between two publications of the `$SYS/broker/` statistics (0: never).
+    pub interval_secs: u64,
+}
+
+impl Default for SysConfig {
+    fn default() -> Self {
+        SysConfig {
+            enabled: true,
+            broker_id: None,
+            interval_secs: 10,
+        }
+    }
+}
+
+/// A setting that would make the broker misbehave.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid setting `{key}`: {reason}")]
+pub struct ConfigError {
+    /// The setting's name, as in the `[broker]` table.
+    pub key: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key,
+        reason: reason.into(),
+    }
 }
 
 /// The largest `max_topic_levels` allowed.
@@ -137,53 +186,64 @@ impl Default for BrokerConfig {
             max_subscriptions_per_client: 1000,
             max_connections: 100_000,
             max_connection_rate: 1000,
+            hook_timeout_ms: 5000,
         }
     }
 }
 
 impl BrokerConfig {
     /// Check settings that would make the broker misbehave.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_inflight == 0 || self.max_inflight > u16::MAX as usize {
-            return Err("max_inflight must be between 1 and 65535".into());
+            return Err(invalid("max_inflight", "must be between 1 and 65535"));
         }
         if self.max_queued_messages == 0 {
-            return Err("max_queued_messages must be at least 1".into());
+            return Err(invalid("max_queued_messages", "must be at least 1"));
         }
         if self.max_packet_size < 16 {
-            return Err("max_packet_size must be at least 16 bytes".into());
+            return Err(invalid("max_packet_size", "must be at least 16 bytes"));
         }
         if self.connect_timeout_secs == 0 {
-            return Err("connect_timeout_secs must be at least 1".into());
+            return Err(invalid("connect_timeout_secs", "must be at least 1"));
         }
         if self.receive_maximum == 0 {
-            return Err("receive_maximum must be between 1 and 65535".into());
+            return Err(invalid("receive_maximum", "must be between 1 and 65535"));
         }
         if self.maximum_qos > 2 {
-            return Err("maximum_qos must be 0, 1 or 2".into());
+            return Err(invalid("maximum_qos", "must be 0, 1 or 2"));
         }
         if self.max_commit_batch == 0 {
-            return Err("max_commit_batch must be at least 1".into());
+            return Err(invalid("max_commit_batch", "must be at least 1"));
         }
         if self.max_topic_levels == 0 || self.max_topic_levels > MAX_TOPIC_LEVELS {
-            return Err(format!(
-                "max_topic_levels must be between 1 and {MAX_TOPIC_LEVELS}"
+            return Err(invalid(
+                "max_topic_levels",
+                format!("must be between 1 and {MAX_TOPIC_LEVELS}"),
             ));
         }
         if self.max_queued_bytes < self.max_packet_size as usize {
-            return Err(format!(
-                "max_queued_bytes ({}) must be at least max_packet_size ({}), or a session could not hold one message",
+            return Err(invalid(
+                "max_queued_bytes",
+                format!(
+                "{} must be at least max_packet_size ({}), or a session could not hold one message",
                 self.max_queued_bytes, self.max_packet_size
+            ),
             ));
         }
         if self.max_subscriptions_per_client == 0 {
-            return Err("max_subscriptions_per_client must be at least 1".into());
+            return Err(invalid(
+                "max_subscriptions_per_client",
+                "must be at least 1",
+            ));
         }
         if self.max_connections == 0 {
-            return Err("max_connections must be at least 1".into());
+            return Err(invalid("max_connections", "must be at least 1"));
         }
         if self.max_keep_alive == Some(0) {
-            return Err("max_keep_alive must be at least 1 second".into());
+            return Err(invalid("max_keep_alive", "must be at least 1 second"));
+        }
+        if self.hook_timeout_ms == 0 {
+            return Err(invalid("hook_timeout_ms", "must be at least 1"));
         }
         Ok(())
     }
@@ -191,6 +251,11 @@ impl BrokerConfig {
     /// The highest QoS granted.
     pub fn max_qos(&self) -> QoS {
         QoS::from_u8(self.maximum_qos).unwrap_or(QoS::ExactlyOnce)
+    }
+
+    /// How long a hook may take.
+    pub fn hook_timeout(&self) -> Duration {
+        Duration::from_millis(self.hook_timeout_ms)
     }
 
     /// The connect timeout as a duration.

@@ -51,11 +51,11 @@ impl GroupCommit {
         let queued = self.tx.send(Request { ops, done }).is_ok();
         async move {
             if !queued {
-                return Err(StorageError::Unavailable("the broker is stopping".into()));
+                return Err(StorageError::unavailable("the broker is stopping"));
             }
             result
                 .await
-                .unwrap_or_else(|_| Err(StorageError::Backend("the storage writer stopped".into())))
+                .unwrap_or_else(|_| Err(StorageError::backend("the storage writer stopped")))
         }
     }
 }
@@ -93,8 +93,13 @@ async fn run(
         if let Err(e) = &result {
             warn!(error = %e, requests = batch.len(), "storage write failed");
         }
+        // Every request of the batch fails alike, each with its copy of the error.
+        let shared = result.err().map(Arc::new);
         for r in batch.drain(..) {
-            let _ = r.done.send(result.clone());
+            let _ = r.done.send(match &shared {
+                None => Ok(()),
+                Some(e) => Err(StorageError::copy_of(e)),
+            });
         }
     }
 }

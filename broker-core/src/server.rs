@@ -1,13 +1,13 @@
-//! TCP listeners and graceful shutdown.
+//! TCP listeners: accept, admit (`max_connections`, `max_connection_rate`),
+//! and hand each connection to its own task until the broker shuts down.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! use std::sync::Arc;
-//! use broker_core::{broker::Broker, config::BrokerConfig, server::Server, storage::Storage};
+//! use broker_core::{server::Server, storage::Storage, Broker};
 //! use storage_memory::MemoryStore;
 //!
-//! let storage = Storage::from_backend(Arc::new(MemoryStore::new()));
-//! let broker = Broker::start(BrokerConfig::default(), storage).await?;
+//! let storage = Storage::from_backend(std::sync::Arc::new(MemoryStore::new()));
+//! let broker = Broker::builder().storage(storage).start().await?;
 //! let server = Server::bind(broker.clone(), "127.0.0.1:1883").await?;
 //! println!("listening on {}", server.local_addr()?);
 //! server.run().await; // until broker.shutdown() is called
@@ -22,20 +22,27 @@ use std::time::Duration;
 use tokio::net::{TcpListener, ToSocketAddrs};
 use tracing::{debug, warn};
 
-use crate::broker::Broker;
+use crate::broker::Core;
 use crate::connection;
+use crate::Broker;
 
 /// A bound listener serving MQTT over TCP.
 pub struct Server {
-    broker: Arc<Broker>,
+    core: Arc<Core>,
     listener: TcpListener,
+    name: Arc<str>,
 }
 
 impl Server {
     /// Bind a listener. Fails if the address is in use.
-    pub async fn bind(broker: Arc<Broker>, addr: impl ToSocketAddrs) -> io::Result<Server> {
+    pub async fn bind(broker: Broker, addr: impl ToSocketAddrs) -> io::Result<Server> {
         let listener = TcpListener::bind(addr).await?;
-        Ok(Server { broker, listener })
+        let name: Arc<str> = Arc::from(format!("mqtt:{}", listener.local_addr()?));
+        Ok(Server {
+            core: broker.core().clone(),
+            listener,
+            name,
+        })
     }
 
     /// The address actually bound (useful with port 0).
@@ -45,7 +52,7 @@ impl Server {
 
     /// Accept and serve clients until the broker shuts down.
     pub async fn run(self) {
-        let shutdown = self.broker.shutdown_token();
+        let shutdown = self.core.shutdown_token();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -53,11 +60,11 @@ impl Server {
                     Ok((stream, peer)) => {
                         // Refused before anything is allocated for it; the
                         // socket closes as `stream` drops.
-                        let Ok(permit) = self.broker.admit() else { continue };
+                        let Ok(permit) = self.core.admit() else { continue };
                         let _ = stream.set_nodelay(true);
                         debug!(%peer, "accepted");
-                        let serve = connection::handle(self.broker.clone(), stream, peer.to_string());
-                        self.broker.spawn_connection(async move {
+                        let serve = connection::handle(self.core.clone(), stream, peer, self.name.clone());
+                        self.core.spawn_connection(async move {
                             serve.await;
                             drop(permit);
                         });

@@ -158,25 +158,29 @@ pub enum Enqueued {
     Skipped,
 }
 
-/// Mutable state of a session, behind its lock.
+/// Mutable state of a session, behind its lock. Its fields are private:
+/// the methods below keep the invariants (queue order, byte accounting,
+/// in-flight count and packet ids agree), so no caller has to.
 #[derive(Debug)]
-pub struct SessionState {
+pub(crate) struct SessionState {
+    /// The session this state belongs to (store operations name it).
+    client: ClientId,
     /// Survives disconnect (clean_session = 0).
-    pub persistent: bool,
+    persistent: bool,
     /// Session expiry after disconnect, in seconds (`None`: never).
-    pub expiry_secs: Option<u64>,
+    expiry_secs: Option<u64>,
     /// When the last connection ended (ms since epoch), `None` while connected.
-    pub disconnected_at_ms: Option<u64>,
+    disconnected_at_ms: Option<u64>,
     /// Subscriptions by filter.
-    pub subscriptions: HashMap<String, SubscriptionOptions>,
+    subscriptions: HashMap<String, SubscriptionOptions>,
     /// Incoming QoS 2 packet ids awaiting PUBREL.
-    pub incoming_qos2: HashSet<u16>,
+    incoming_qos2: HashSet<u16>,
     /// The connection attached, if online.
-    pub connection: Option<Attachment>,
+    connection: Option<Attachment>,
     /// A will waiting for its delay (MQTT 5); cancelled if the client comes back first.
-    pub pending_will: Option<CancellationToken>,
+    pending_will: Option<CancellationToken>,
     /// Messages refused or evicted by the queue limit since the session began.
-    pub dropped: u64,
+    dropped: u64,
     /// The limit behind the latest of those.
     last_drop: Option<DropReason>,
     next_seq: Seq,
@@ -190,22 +194,22 @@ pub struct SessionState {
 }
 
 /// A client's session. Shared by the router (which queues into it) and the
-/// connection attached to it (which drains it).
+/// link attached to it (which drains it).
 #[derive(Debug)]
-pub struct Session {
+pub(crate) struct Session {
     /// The client identifier.
-    pub client_id: ClientId,
+    pub(crate) client_id: ClientId,
     state: Mutex<SessionState>,
-    /// Wakes the attached connection's writer when there is something to send.
-    pub wake: Notify,
+    /// Wakes the attached link's outbox when there is something to send.
+    pub(crate) wake: Notify,
 }
 
 impl Session {
     /// A new, empty session.
-    pub fn new(client_id: ClientId, persistent: bool, expiry_secs: Option<u64>) -> Self {
+    pub(crate) fn new(client_id: ClientId, persistent: bool, expiry_secs: Option<u64>) -> Self {
         Session {
-            client_id,
             state: Mutex::new(SessionState {
+                client: client_id.clone(),
                 persistent,
                 expiry_secs,
                 disconnected_at_ms: None,
@@ -221,12 +225,13 @@ impl Session {
                 in_flight: 0,
                 packet_ids: HashMap::new(),
             }),
+            client_id,
             wake: Notify::new(),
         }
     }
 
-    /// Lock the state.
-    pub fn lock(&self) -> parking_lot::MutexGuard<'_, SessionState> {
+    /// Lock the state. Lock order: the trie before a session, never after.
+    pub(crate) fn lock(&self) -> parking_lot::MutexGuard<'_, SessionState> {
         self.state.lock()
     }
 }
@@ -245,6 +250,107 @@ impl SessionState {
     /// The limit behind the latest message refused or evicted, if any.
     pub fn last_drop(&self) -> Option<DropReason> {
         self.last_drop
+    }
+
+    /// Messages refused or evicted by the queue limits since the session began.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Whether the session survives its connection.
+    pub fn persistent(&self) -> bool {
+        self.persistent
+    }
+
+    /// Seconds the session outlives its connection (`None`: never expires).
+    pub fn expiry_secs(&self) -> Option<u64> {
+        self.expiry_secs
+    }
+
+    /// Change how long the session outlives its connection.
+    pub fn set_expiry_secs(&mut self, secs: Option<u64>) {
+        self.expiry_secs = secs;
+    }
+
+    /// The session was restored at start, offline since `at_ms`.
+    pub fn set_offline_since(&mut self, at_ms: u64) {
+        self.disconnected_at_ms = Some(at_ms);
+    }
+
+    /// The attached connection, if any.
+    pub fn connection(&self) -> Option<&Attachment> {
+        self.connection.as_ref()
+    }
+
+    /// Attach a connection: the session is online, and what was in flight
+    /// is owed again on it.
+    pub fn attach(&mut self, attachment: Attachment) {
+        self.connection = Some(attachment);
+        self.disconnected_at_ms = None;
+        self.reset_in_flight();
+    }
+
+    /// Detach connection `connection_id` at `now_ms`; false (nothing done)
+    /// when another connection is attached.
+    pub fn detach(&mut self, connection_id: u64, now_ms: u64) -> bool {
+        if self
+            .connection
+            .as_ref()
+            .is_none_or(|c| c.connection_id != connection_id)
+        {
+            return false;
+        }
+        self.connection = None;
+        self.reset_in_flight();
+        self.disconnected_at_ms = Some(now_ms);
+        true
+    }
+
+    /// Detach whatever connection is attached, without waiting for it (it
+    /// did not close in time after a takeover).
+    pub fn force_detach(&mut self) {
+        self.connection = None;
+        self.reset_in_flight();
+    }
+
+    /// The session's subscriptions, by filter.
+    pub fn subscriptions(&self) -> &HashMap<String, SubscriptionOptions> {
+        &self.subscriptions
+    }
+
+    /// Record a subscription; true if it replaced one with the same filter.
+    pub fn add_subscription(&mut self, filter: String, options: SubscriptionOptions) -> bool {
+        self.subscriptions.insert(filter, options).is_some()
+    }
+
+    /// Forget a subscription; true if there was one.
+    pub fn remove_subscription(&mut self, filter: &str) -> bool {
+        self.subscriptions.remove(filter).is_some()
+    }
+
+    /// Incoming QoS 2 packet ids received and not yet released.
+    pub fn incoming_qos2(&self) -> &HashSet<u16> {
+        &self.incoming_qos2
+    }
+
+    /// An incoming QoS 2 message with `packet_id` was accepted (PUBREC owed).
+    pub fn receive_qos2(&mut self, packet_id: u16) {
+        self.incoming_qos2.insert(packet_id);
+    }
+
+    /// PUBREL (or a failed write) frees an incoming QoS 2 packet id; true if it was held.
+    pub fn release_qos2(&mut self, packet_id: u16) -> bool {
+        self.incoming_qos2.remove(&packet_id)
+    }
+
+    /// Set the pending will's cancel token, returning the one it replaces.
+    pub fn set_pending_will(&mut self, cancel: CancellationToken) -> Option<CancellationToken> {
+        self.pending_will.replace(cancel)
+    }
+
+    /// Take the pending will's cancel token (the client came back).
+    pub fn take_pending_will(&mut self) -> Option<CancellationToken> {
+        self.pending_will.take()
     }
 
     fn push(&mut self, e: Entry) {
@@ -317,7 +423,6 @@ impl SessionState {
         }: NewEntry,
         config: &BrokerConfig,
         ops: &mut Vec<PacketOp>,
-        client: &ClientId,
     ) -> Enqueued {
         if delivery.qos == QoS::AtMostOnce && !self.is_online() && !config.queue_qos0_offline {
             return Enqueued::Skipped;
@@ -347,7 +452,7 @@ impl SessionState {
             self.last_drop = Some(over);
             match victim.and_then(|i| self.remove_at(i)) {
                 Some(e) if e.stored => ops.push(PacketOp::Remove {
-                    client: client.clone(),
+                    client: self.client.clone(),
                     seq: e.seq,
                 }),
                 Some(_) => {}
@@ -407,7 +512,6 @@ impl SessionState {
         budget: usize,
         out: &mut Vec<Outgoing>,
         ops: &mut Vec<PacketOp>,
-        client: &ClientId,
     ) -> bool {
         let now = now_ms();
         let mut taken = 0usize;
@@ -445,7 +549,7 @@ impl SessionState {
                     if e.message.is_expired(now) {
                         if e.stored {
                             ops.push(PacketOp::Remove {
-                                client: client.clone(),
+                                client: self.client.clone(),
                                 seq: e.seq,
                             });
                         }
@@ -501,7 +605,7 @@ impl SessionState {
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2 after PUBREL): the delivery is done.
     /// Returns the store removal if the entry was stored. Unknown ids are ignored
     /// (a late duplicate acknowledgement is harmless).
-    pub fn complete(&mut self, packet_id: u16, qos2: bool, client: &ClientId) -> Option<PacketOp> {
+    pub fn complete(&mut self, packet_id: u16, qos2: bool) -> Option<PacketOp> {
         let seq = *self.packet_ids.get(&packet_id)?;
         let i = self.index_of(seq)?;
         let expected = match self.queue[i].state {
@@ -516,7 +620,7 @@ impl SessionState {
         self.in_flight -= 1;
         let e = self.remove_at(i)?;
         e.stored.then(|| PacketOp::Remove {
-            client: client.clone(),
+            client: self.client.clone(),
             seq: e.seq,
         })
     }
@@ -524,13 +628,13 @@ impl SessionState {
     /// Drop an in-flight delivery without acknowledgement: the client refused
     /// it (PUBREC with an error code) or it cannot be sent (larger than the
     /// client's maximum packet size). Returns the store removal if stored.
-    pub fn abandon(&mut self, packet_id: u16, client: &ClientId) -> Option<PacketOp> {
+    pub fn abandon(&mut self, packet_id: u16) -> Option<PacketOp> {
         let seq = self.packet_ids.remove(&packet_id)?;
         self.in_flight -= 1;
         let i = self.index_of(seq)?;
         let e = self.remove_at(i)?;
         e.stored.then(|| PacketOp::Remove {
-            client: client.clone(),
+            client: self.client.clone(),
             seq: e.seq,
         })
     }
@@ -554,7 +658,6 @@ impl SessionState {
         share: Option<&str>,
         in_flight: bool,
         ops: &mut Vec<PacketOp>,
-        client: &ClientId,
     ) -> Vec<Entry> {
         let mut taken = Vec::new();
         let mut i = 0;
@@ -578,7 +681,7 @@ impl SessionState {
                 if let Some(e) = self.remove_at(i) {
                     if e.stored {
                         ops.push(PacketOp::Remove {
-                            client: client.clone(),
+                            client: self.client.clone(),
                             seq: e.seq,
                         });
                     }
@@ -593,7 +696,7 @@ impl SessionState {
 
     /// PUBREC for an outgoing QoS 2 delivery: PUBREL is now owed. Returns the
     /// state change to store if the entry is stored.
-    pub fn received(&mut self, packet_id: u16, client: &ClientId) -> Option<PacketOp> {
+    pub fn received(&mut self, packet_id: u16) -> Option<PacketOp> {
         let seq = *self.packet_ids.get(&packet_id)?;
         let i = self.index_of(seq)?;
         let e = &mut self.queue[i];
@@ -604,7 +707,7 @@ impl SessionState {
                     sent: false,
                 };
                 e.stored.then(|| PacketOp::SetState {
-                    client: client.clone(),
+                    client: self.client.clone(),
                     seq,
                     state: PacketState::Released { packet_id },
                 })
@@ -623,7 +726,7 @@ impl SessionState {
 
     /// The connection went away: whatever was in flight must be resent on the
     /// next one, with the same packet ids and in the same order.
-    pub fn reset_in_flight(&mut self) {
+    fn reset_in_flight(&mut self) {
         for e in self.queue.iter_mut() {
             match e.state {
                 EntryState::InFlight { packet_id, .. } => {
@@ -648,8 +751,9 @@ impl SessionState {
         self.queue.iter().any(|e| e.state == EntryState::Pending)
     }
 
-    /// Drop every entry (the session is being discarded).
+    /// Drop every entry and subscription (the session is being discarded).
     pub fn clear(&mut self) {
+        self.subscriptions.clear();
         self.queue.clear();
         self.queued_bytes = 0;
         self.packet_ids.clear();
@@ -691,15 +795,15 @@ mod tests {
         let s = Session::new(id.clone(), true, None);
         let mut st = s.lock();
         let mut ops = vec![];
-        let Enqueued::Queued(a) = st.enqueue(entry(1, true), &cfg, &mut ops, &id) else {
+        let Enqueued::Queued(a) = st.enqueue(entry(1, true), &cfg, &mut ops) else {
             panic!("not queued")
         };
-        st.enqueue(entry(2, false), &cfg, &mut ops, &id);
+        st.enqueue(entry(2, false), &cfg, &mut ops);
         let mut out = vec![];
-        st.next_outgoing(32, usize::MAX, &mut out, &mut ops, &id);
+        st.next_outgoing(32, usize::MAX, &mut out, &mut ops);
         assert!(out.is_empty(), "nothing may overtake a pending entry");
         st.mark_ready(a);
-        st.next_outgoing(32, usize::MAX, &mut out, &mut ops, &id);
+        st.next_outgoing(32, usize::MAX, &mut out, &mut ops);
         assert_eq!(payloads(&out), vec!["1", "2"]);
     }
 
@@ -711,14 +815,14 @@ mod tests {
         let mut st = s.lock();
         let mut ops = vec![];
         for n in 0..5 {
-            st.enqueue(entry(n, false), &cfg, &mut ops, &id);
+            st.enqueue(entry(n, false), &cfg, &mut ops);
         }
         let mut out = vec![];
-        st.next_outgoing(2, usize::MAX, &mut out, &mut ops, &id);
+        st.next_outgoing(2, usize::MAX, &mut out, &mut ops);
         assert_eq!(payloads(&out), vec!["0", "1"]);
         st.reset_in_flight();
         out.clear();
-        st.next_outgoing(3, usize::MAX, &mut out, &mut ops, &id);
+        st.next_outgoing(3, usize::MAX, &mut out, &mut ops);
         assert_eq!(payloads(&out), vec!["0", "1", "2"]);
         match &out[0] {
             Outgoing::Publish { dup, packet_id, .. } => {
@@ -727,7 +831,7 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(st.complete(1, false, &id).is_none());
+        assert!(st.complete(1, false).is_none());
         assert_eq!(st.in_flight(), 2);
     }
 
@@ -762,34 +866,34 @@ mod tests {
         let mut ops = vec![];
         for _ in 0..3 {
             assert!(matches!(
-                st.enqueue(sized(1000, QoS::AtLeastOnce), &cfg, &mut ops, &id),
+                st.enqueue(sized(1000, QoS::AtLeastOnce), &cfg, &mut ops),
                 Enqueued::Queued(_)
             ));
         }
         assert_eq!(st.queued_bytes(), 3 * per);
         assert_eq!(
-            st.enqueue(sized(1000, QoS::AtMostOnce), &cfg, &mut ops, &id),
+            st.enqueue(sized(1000, QoS::AtMostOnce), &cfg, &mut ops),
             Enqueued::Dropped(DropReason::Bytes)
         );
         assert_eq!(
-            st.enqueue(sized(1000, QoS::AtLeastOnce), &cfg, &mut ops, &id),
+            st.enqueue(sized(1000, QoS::AtLeastOnce), &cfg, &mut ops),
             Enqueued::Dropped(DropReason::Bytes)
         );
         cfg.overflow_policy = OverflowPolicy::DropOldest;
         assert_eq!(
-            st.enqueue(sized(1000, QoS::AtMostOnce), &cfg, &mut ops, &id),
+            st.enqueue(sized(1000, QoS::AtMostOnce), &cfg, &mut ops),
             Enqueued::Dropped(DropReason::Bytes),
             "QoS 0 never evicts"
         );
         assert!(matches!(
-            st.enqueue(sized(1000, QoS::AtLeastOnce), &cfg, &mut ops, &id),
+            st.enqueue(sized(1000, QoS::AtLeastOnce), &cfg, &mut ops),
             Enqueued::Queued(_)
         ));
         assert_eq!((st.queue_len(), st.queued_bytes()), (3, 3 * per));
         assert_eq!(st.dropped, 4);
         assert_eq!(st.last_drop(), Some(DropReason::Bytes));
         let mut out = vec![];
-        st.next_outgoing(32, usize::MAX, &mut out, &mut ops, &id);
+        st.next_outgoing(32, usize::MAX, &mut out, &mut ops);
         for o in &out {
             let Outgoing::Publish {
                 packet_id: Some(p), ..
@@ -797,7 +901,7 @@ mod tests {
             else {
                 panic!("unexpected {o:?}")
             };
-            assert!(st.complete(*p, false, &id).is_none());
+            assert!(st.complete(*p, false).is_none());
         }
         assert_eq!((st.queue_len(), st.queued_bytes()), (0, 0));
     }
@@ -811,15 +915,15 @@ mod tests {
         let mut st = s.lock();
         let mut ops = vec![];
         for _ in 0..10 {
-            st.enqueue(sized(1000, QoS::AtMostOnce), &cfg, &mut ops, &id);
+            st.enqueue(sized(1000, QoS::AtMostOnce), &cfg, &mut ops);
         }
         let mut out = vec![];
-        assert!(st.next_outgoing(32, 2500, &mut out, &mut ops, &id));
+        assert!(st.next_outgoing(32, 2500, &mut out, &mut ops));
         assert_eq!(out.len(), 3, "stops once the budget is spent");
         assert_eq!(st.queue_len(), 7);
         assert_eq!(st.queued_bytes(), 7 * (1001 + ENTRY_OVERHEAD));
         out.clear();
-        assert!(!st.next_outgoing(32, usize::MAX, &mut out, &mut ops, &id));
+        assert!(!st.next_outgoing(32, usize::MAX, &mut out, &mut ops));
         assert_eq!((out.len(), st.queued_bytes()), (7, 0));
     }
 
@@ -831,10 +935,10 @@ mod tests {
         let mut st = s.lock();
         let mut ops = vec![];
         for n in 0..3 {
-            st.enqueue(entry(n, false), &cfg, &mut ops, &id);
+            st.enqueue(entry(n, false), &cfg, &mut ops);
         }
         let mut out = vec![];
-        st.next_outgoing(32, usize::MAX, &mut out, &mut ops, &id);
+        st.next_outgoing(32, usize::MAX, &mut out, &mut ops);
         let ids = |out: &[Outgoing]| -> Vec<Option<u16>> {
             out.iter()
                 .map(|o| match o {
@@ -857,7 +961,7 @@ mod tests {
             });
         }
         out.clear();
-        st2.next_outgoing(32, usize::MAX, &mut out, &mut ops, &id);
+        st2.next_outgoing(32, usize::MAX, &mut out, &mut ops);
         assert_eq!(ids(&out), vec![Some(2), Some(3)]);
     }
 }

@@ -16,7 +16,7 @@ use std::hash::Hash;
 /// of a worker thread and aborted the process).
 ///
 /// ```
-/// use broker_core::trie::SubscriptionTree;
+/// use broker_core::internals::trie::SubscriptionTree;
 /// let mut t = SubscriptionTree::new();
 /// t.insert("a/+/c", "alice", 1);
 /// t.insert("a/#", "bob", 2);
@@ -109,11 +109,13 @@ impl<K: Hash + Eq + Clone, V> SubscriptionTree<K, V> {
     }
 
     /// Number of (filter, key) pairs.
+    #[cfg_attr(not(feature = "testkit"), allow(dead_code))]
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// True when no filter is held.
+    #[cfg_attr(not(feature = "testkit"), allow(dead_code))]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -173,10 +173,7 @@ async fn wait_until_queued(b: &common::TestBroker, devices: &[(usize, String)], 
             .map(|(_, id)| {
                 (
                     id.as_str(),
-                    b.broker
-                        .session(id)
-                        .map(|s| s.lock().queue_len())
-                        .unwrap_or(0),
+                    b.broker.session(id).map(|s| s.queued).unwrap_or(0),
                 )
             })
             .collect();

@@ -5,8 +5,8 @@
 
 mod common;
 
-use broker_core::codec::{v3, v5};
 use broker_core::config::BrokerConfig;
+use broker_core::internals::codec::{v3, v5};
 use common::v5::{connect, opts, publish, Packet, RawV5};
 use common::{start, RawClient};
 

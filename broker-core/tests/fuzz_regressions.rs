@@ -7,7 +7,7 @@ mod packets;
 #[path = "../../fuzz/checks/topics.rs"]
 mod topics;
 
-use broker_core::codec::{decode_stream, v3};
+use broker_core::internals::codec::{decode_stream, v3};
 use bytes::BytesMut;
 use tokio_util::codec::Encoder;
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use broker_core::group_commit::GroupCommit;
+use broker_core::internals::group_commit::GroupCommit;
 use broker_core::message::{Message, MessageId, QoS, Seq};
 use broker_core::storage::{
     Delivery, PacketOp, PacketStore, QueueTarget, QueuedPacket, StorageResult,

@@ -5,8 +5,8 @@ mod common;
 
 use std::num::NonZeroU32;
 
-use broker_core::codec::v5;
 use broker_core::config::BrokerConfig;
+use broker_core::internals::codec::v5;
 use bytes::Bytes;
 use bytestring::ByteString;
 use common::v5::{connect, opts, payload, pid, publish, Packet, RawV5};

@@ -6,9 +6,9 @@ mod common;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use broker_core::codec::v5;
 use broker_core::config::BrokerConfig;
 use broker_core::hooks::{AuthExchange, AuthStep, EnhancedAuth, Hooks};
+use broker_core::internals::codec::v5;
 use bytes::Bytes;
 use bytestring::ByteString;
 use common::v5::{connect, opts, Packet, RawV5};
@@ -71,6 +71,7 @@ impl AuthExchange for ChallengeExchange {
 async fn broker_with_auth() -> common::TestBroker {
     let hooks = Hooks {
         enhanced_auth: Some(Arc::new(Challenge)),
+        ..Hooks::default()
     };
     start_hooks(
         BrokerConfig::default(),

@@ -9,8 +9,8 @@ use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
 use std::time::Duration;
 
-use broker_core::codec::{v3, v5, Publish};
 use broker_core::config::BrokerConfig;
+use broker_core::internals::codec::{v3, v5, Publish};
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use common::v5::{ack, ack2, connect, opts, payload, pid, publish, will, Packet, RawV5};

@@ -9,8 +9,8 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use broker_core::codec::{v5, Publish};
 use broker_core::config::BrokerConfig;
+use broker_core::internals::codec::{v5, Publish};
 use bytes::Bytes;
 use bytestring::ByteString;
 use common::v5::{connect, opts, payload, publish, will, Packet, RawV5};
@@ -71,10 +71,7 @@ async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// Wait until the broker has detached the connection of `id` (its session
 /// may stay or go): later steps must not race the broker's disconnect.
 async fn until_offline(b: &TestBroker, id: &str) {
-    let offline = eventually(WAIT, || {
-        b.broker.session(id).is_none_or(|s| !s.lock().is_online())
-    })
-    .await;
+    let offline = eventually(WAIT, || b.broker.session(id).is_none_or(|s| !s.online)).await;
     assert!(offline, "the broker still sees {id} connected");
 }
 
@@ -595,10 +592,7 @@ async fn server_keep_alive_is_announced_and_enforced() {
         after >= Duration::from_millis(1300) && after <= Duration::from_secs(3),
         "disconnected after {after:?}"
     );
-    assert!(b
-        .broker
-        .session("pinging")
-        .is_some_and(|s| s.lock().is_online()));
+    assert!(b.broker.session("pinging").is_some_and(|s| s.online));
 }
 
 #[tokio::test]

@@ -8,8 +8,8 @@ mod common;
 use std::num::{NonZeroU16, NonZeroU32};
 use std::time::Duration;
 
-use broker_core::codec::{v3, v5, Publish};
 use broker_core::config::BrokerConfig;
+use broker_core::internals::codec::{v3, v5, Publish};
 use bytes::Bytes;
 use bytestring::ByteString;
 use common::v5::{ack, connect, opts, payload, publish, Packet, RawV5};
@@ -145,7 +145,7 @@ async fn assert_quiet_v3(c: &mut RawClient, who: &str) {
 /// Wait until the broker has seen `id`'s connection end.
 async fn wait_offline(b: &TestBroker, id: &str) {
     let deadline = Instant::now() + WAIT;
-    while b.broker.session(id).is_some_and(|s| s.lock().is_online()) {
+    while b.broker.session(id).is_some_and(|s| s.online) {
         assert!(
             Instant::now() < deadline,
             "{id} still online after {WAIT:?}"

@@ -4,8 +4,8 @@ mod common;
 
 use std::time::Duration;
 
-use broker_core::codec::v3;
 use broker_core::config::BrokerConfig;
+use broker_core::internals::codec::v3;
 use common::*;
 
 fn quick() -> BrokerConfig {
@@ -430,14 +430,7 @@ async fn fill_offline_queue(policy: broker_core::config::OverflowPolicy) -> Vec<
         publ.publish("t", format!("m{i}").as_bytes(), 1, false)
             .await;
     }
-    assert_eq!(
-        b.broker
-            .stats
-            .dropped
-            .load(std::sync::atomic::Ordering::Relaxed),
-        2,
-        "drops are counted"
-    );
+    assert_eq!(b.broker.stats().dropped, 2, "drops are counted");
     let (mut sub, _) = RawClient::connect(b.addr, "dev", false).await;
     let mut got = vec![];
     for _ in 0..3 {

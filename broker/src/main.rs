@@ -15,8 +15,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use broker_core::broker::Broker;
-use broker_core::server::Server;
+use broker_core::Broker;
 use clap::Parser;
 use tracing::{error, info};
 
@@ -85,25 +84,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let storage = storage_url::open(&settings.storage)
         .await
         .with_context(|| format!("cannot open storage `{}`", settings.storage))?;
-    let broker = Broker::start(settings.broker.clone(), storage)
-        .await
-        .context("cannot restore sessions from storage")?;
-
-    let mut servers = Vec::new();
+    let mut builder = Broker::builder()
+        .config(settings.broker.clone())
+        .sys(settings.sys.clone())
+        .storage(storage);
     for addr in &settings.listen {
-        let server = Server::bind(broker.clone(), addr.as_str())
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        info!("listening on {}", server.local_addr()?);
-        servers.push(tokio::spawn(server.run()));
+        builder = builder.listen(addr.as_str());
+    }
+    let broker = builder.start().await?;
+    for addr in broker.local_addrs() {
+        info!("listening on {addr}");
     }
 
     stop.await?;
     info!("shutting down: closing connections and flushing storage");
     broker.shutdown().await;
-    for s in servers {
-        let _ = s.await;
-    }
     info!("stopped");
     Ok(())
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use broker_core::config::{BrokerConfig, OverflowPolicy};
+use broker_core::config::{BrokerConfig, OverflowPolicy, SysConfig};
 use clap::Parser;
 use serde::Deserialize;
 
@@ -62,6 +62,8 @@ pub struct FileConfig {
     pub storage: Option<String>,
     /// Core settings (`[broker]` table).
     pub broker: BrokerConfig,
+    /// `$SYS` topics (`[sys]` table).
+    pub sys: SysConfig,
 }
 
 impl FileConfig {
@@ -80,6 +82,8 @@ pub struct Settings {
     pub storage: String,
     /// Core settings.
     pub broker: BrokerConfig,
+    /// `$SYS` topics.
+    pub sys: SysConfig,
 }
 
 impl Settings {
@@ -122,7 +126,7 @@ impl Settings {
             broker.connect_timeout_secs = v;
         }
         if let Err(e) = broker.validate() {
-            bail!("invalid setting: {e}");
+            bail!("{e}");
         }
         let listen = if !cli.listen.is_empty() {
             cli.listen
@@ -140,6 +144,7 @@ impl Settings {
                 .or(file.storage)
                 .unwrap_or_else(|| DEFAULT_STORAGE.to_string()),
             broker,
+            sys: file.sys,
         })
     }
 }
@@ -169,6 +174,15 @@ mod tests {
         assert_eq!(s.listen, vec!["127.0.0.1:1999"]);
         assert_eq!(s.broker.max_inflight, 3);
         assert_eq!(s.broker.max_queued_messages, 9);
+        assert!(s.sys.enabled, "[sys] is on by default");
+    }
+
+    #[test]
+    fn sys_table() {
+        let f = FileConfig::parse("[sys]\nbroker_id = \"b1\"\ninterval_secs = 0\n").unwrap();
+        assert_eq!(f.sys.broker_id.as_deref(), Some("b1"));
+        assert_eq!(f.sys.interval_secs, 0);
+        assert!(FileConfig::parse("[sys]\nintervl = 1\n").is_err());
     }
 
     #[test]

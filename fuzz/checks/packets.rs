@@ -1,12 +1,12 @@
 //! The packet decoder on whole client byte streams, MQTT 3.1.1 and 5 (the
-//! CONNECT's protocol level picks), through `broker_core::codec::decode_stream`,
+//! CONNECT's protocol level picks), through `broker_core::internals::codec::decode_stream`,
 //! the path every connection reads through. Checked: no panic; the same
 //! packets whatever the read boundaries; every decoded packet re-encodes and
 //! decodes back to itself; 3.1.1 packets survive `upgrade` and `downgrade`.
 //!
 //! Input: one control byte (read size, packet size limit), then the stream.
 
-use broker_core::codec::{decode_stream, downgrade, v3, v5, Encoder, Protocol};
+use broker_core::internals::codec::{decode_stream, downgrade, v3, v5, Encoder, Protocol};
 use bytes::BytesMut;
 use tokio_util::codec::{Decoder, Encoder as _};
 

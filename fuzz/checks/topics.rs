@@ -10,8 +10,8 @@
 
 use std::collections::BTreeMap;
 
+use broker_core::internals::trie::SubscriptionTree;
 use broker_core::topic::{matches, validate_filter, validate_name};
-use broker_core::trie::SubscriptionTree;
 
 const TOKENS: [&str; 12] = [
     "a", "b", "+", "#", "", "$s", "c", "a+", "#b", "\u{0}", "é", "$share",

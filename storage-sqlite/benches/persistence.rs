@@ -15,17 +15,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use broker_core::broker::{Broker, SessionExpiry};
+use broker_core::client::ClientOptions;
 use broker_core::config::BrokerConfig;
 use broker_core::message::{Message, QoS};
-use broker_core::session::Attachment;
-use broker_core::subscription::SubscriptionOptions;
+use broker_core::Broker;
 use bytes::Bytes;
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use storage_sqlite::{SqliteOptions, SqliteStore, Synchronous};
-use tokio_util::sync::CancellationToken;
 
 const PUBLISHERS: usize = 16;
 const IN_FLIGHT: usize = 32;
@@ -38,7 +36,7 @@ async fn broker(
     synchronous: Synchronous,
     max_commit_batch: usize,
     subscribers: usize,
-) -> (Arc<Broker>, Arc<SqliteStore>) {
+) -> (Broker, Arc<SqliteStore>) {
     let options = SqliteOptions {
         synchronous,
         ..SqliteOptions::default()
@@ -53,39 +51,21 @@ async fn broker(
         .await
         .expect("broker starts");
     for i in 0..subscribers {
-        let attachment = Attachment {
-            connection_id: broker.next_connection_id(),
-            kick: CancellationToken::new(),
-            detached: CancellationToken::new(),
-        };
-        let id = attachment.connection_id;
-        let c = broker
-            .connect(
-                format!("offline-{i}").into(),
-                false,
-                SessionExpiry::Never,
-                attachment,
-            )
+        let mut c = broker
+            .connect(ClientOptions::persistent(format!("offline-{i}")))
             .await
             .expect("connect");
-        broker
-            .subscribe(
-                &c.session,
-                vec![(
-                    "sensors/#".into(),
-                    SubscriptionOptions::new(QoS::AtLeastOnce),
-                )],
-            )
+        c.subscribe("sensors/#", QoS::AtLeastOnce)
             .await
             .expect("subscribe");
-        broker.disconnect(&c.session, id).await;
+        c.disconnect().await;
     }
     (broker, store)
 }
 
 /// Publish `total` QoS 1 messages from [`PUBLISHERS`] publishers, each with
 /// up to [`IN_FLIGHT`] awaiting their commit; returns when all committed.
-async fn publish(broker: &Arc<Broker>, total: usize, payload: &Bytes) {
+async fn publish(broker: &Broker, total: usize, payload: &Bytes) {
     let per = total.div_ceil(PUBLISHERS);
     let publishers = (0..PUBLISHERS).map(|p| {
         let broker = broker.clone();
@@ -99,7 +79,8 @@ async fn publish(broker: &Arc<Broker>, total: usize, payload: &Bytes) {
                     QoS::AtLeastOnce,
                     false,
                 );
-                in_flight.push_back(broker.commit(broker.route(m, None)));
+                let b = broker.clone();
+                in_flight.push_back(async move { b.publish(m).await });
                 if in_flight.len() >= IN_FLIGHT {
                     if let Some(r) = in_flight.next().await {
                         r.expect("commit");

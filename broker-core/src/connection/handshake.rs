@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout, Instant};
 use tokio_util::codec::FramedRead;
 
-use crate::broker::Broker;
+use crate::broker::Core;
 use crate::codec::{
     reason, start, upgrade, v5, DecodeError, Encoder, MqttCodec, MqttPacket, Protocol,
 };
@@ -57,7 +57,7 @@ pub(super) async fn refuse<W: AsyncWrite + Unpin>(
 
 /// Read the protocol version and the CONNECT packet, answering refusals.
 pub(super) async fn read_connect<R, W>(
-    broker: &Broker,
+    broker: &Core,
     framed: &mut FramedRead<R, MqttCodec>,
     write: &mut W,
     deadline: Instant,
@@ -138,7 +138,7 @@ async fn next_before<R: AsyncRead + Unpin>(
 /// connect timeout. Returns the method and the data for CONNACK, `None` when
 /// the CONNECT named no method.
 pub(super) async fn authenticate<R, W>(
-    broker: &Broker,
+    broker: &Core,
     framed: &mut FramedRead<R, MqttCodec>,
     write: &mut W,
     client_id: &str,

@@ -1,4 +1,7 @@
-//! One client connection, from CONNECT to close, for MQTT 3.1, 3.1.1 and 5.0.
+//! One client connection, from CONNECT to close, for MQTT 3.1, 3.1.1 and 5.0:
+//! it translates packets into calls on its [`Link`](crate::link::Link) and
+//! the link's deliveries back into packets, and keeps nothing of the
+//! broker's state itself.
 //!
 //! - [`handshake`]: protocol detection, CONNECT, enhanced authentication, refusals;
 //! - [`reader`]: decodes packets and acts on them: publishes are routed at
@@ -19,6 +22,7 @@ mod reader;
 mod writer;
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,12 +36,14 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::broker::{Broker, SessionExpiry, Will};
+use crate::broker::{Core, SessionExpiry, Will};
 use crate::codec::{from_wire_qos, reason, v5, Encoder, MqttCodec, Protocol, VersionCodec};
 use crate::config::BrokerConfig;
+use crate::events::Event;
+use crate::hooks::ProtocolVersion;
+use crate::link::{AttachError, AttachRequest};
 use crate::message::{now_ms, Message, MessageProperties};
-use crate::session::Attachment;
-use crate::storage::{ClientId, StorageError};
+use crate::storage::StorageError;
 use crate::topic;
 
 use handshake::{authenticate, read_connect, refuse, send_now, Hello};
@@ -150,8 +156,9 @@ impl Close {
     }
 }
 
-/// Serve one client on `stream` until it ends. `peer` names it in logs.
-pub async fn handle<S>(broker: Arc<Broker>, stream: S, peer: String)
+/// Serve one client on `stream` until it ends. `peer` and `listener` name
+/// it in logs, events and hooks.
+pub(crate) async fn handle<S>(core: Arc<Core>, stream: S, peer: SocketAddr, listener: Arc<str>)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -160,27 +167,29 @@ where
     // large deployment are idle, and each byte here counts ten thousand times.
     let mut framed =
         FramedRead::with_capacity(read, MqttCodec::Version(VersionCodec), READ_BUFFER_START);
-    let deadline = Instant::now() + broker.config().connect_timeout();
-    let config = broker.config().clone();
+    let deadline = Instant::now() + core.config().connect_timeout();
+    let config = core.config().clone();
+    let refused = |client_id: Option<&str>, reason: String| {
+        info!(%peer, client = client_id.unwrap_or(""), %reason, "connection refused");
+        core.events().emit(|| Event::ConnectionError {
+            client_id: client_id.map(str::to_owned),
+            peer: Some(peer),
+            reason,
+        });
+    };
 
     let Hello {
         protocol,
         mut connect,
-    } = match read_connect(&broker, &mut framed, &mut write, deadline).await {
+    } = match read_connect(&core, &mut framed, &mut write, deadline).await {
         Ok(h) => h,
         Err(reason) => {
-            info!(%peer, %reason, "connection refused");
-            linger(&broker, &mut framed, Some(&mut write)).await;
+            refused(None, reason);
+            linger(&core, &mut framed, Some(&mut write)).await;
             return;
         }
     };
-
-    let assigned_id = connect.client_id.is_empty();
-    let client_id: ClientId = if assigned_id {
-        format!("auto-{:016x}", rand_id(&broker)).into()
-    } else {
-        ClientId::from(&*connect.client_id)
-    };
+    let named = connect.client_id.to_string();
     let will = match connect
         .last_will
         .as_ref()
@@ -190,16 +199,16 @@ where
         Ok(w) => w,
         Err((code, why)) => {
             let reason = refuse(&mut write, protocol, code, &why).await;
-            info!(%peer, client = %client_id, %reason, "connection refused");
-            linger(&broker, &mut framed, Some(&mut write)).await;
+            refused(Some(&named), reason);
+            linger(&core, &mut framed, Some(&mut write)).await;
             return;
         }
     };
     let auth = match authenticate(
-        &broker,
+        &core,
         &mut framed,
         &mut write,
-        &client_id,
+        &named,
         &mut connect,
         deadline,
     )
@@ -207,8 +216,8 @@ where
     {
         Ok(a) => a,
         Err(reason) => {
-            info!(%peer, client = %client_id, %reason, "connection refused");
-            linger(&broker, &mut framed, Some(&mut write)).await;
+            refused(Some(&named), reason);
+            linger(&core, &mut framed, Some(&mut write)).await;
             return;
         }
     };
@@ -220,34 +229,41 @@ where
         _ => (connect.keep_alive, None),
     };
 
-    let connection_id = broker.next_connection_id();
-    let kick = CancellationToken::new();
-    let detached = CancellationToken::new();
-    let attachment = Attachment {
-        connection_id,
-        kick: kick.clone(),
-        detached: detached.clone(),
+    let request = AttachRequest {
+        client_id: named.clone(),
+        username: connect.username.as_ref().map(|u| u.to_string()),
+        password: connect.password.clone(),
+        clean_start: connect.clean_start,
+        expiry,
+        will,
+        peer: Some(peer),
+        listener,
+        protocol: match protocol {
+            Protocol::V3 => ProtocolVersion::V3,
+            Protocol::V5 => ProtocolVersion::V5,
+        },
+        authenticated: auth.is_some(),
     };
-    let connected = match broker
-        .connect(client_id.clone(), connect.clean_start, expiry, attachment)
-        .await
-    {
-        Ok(c) => c,
+    let attached = match core.attach(request).await {
+        Ok(a) => a,
         Err(e) => {
-            warn!(%peer, client = %client_id, error = %e, "cannot open session: storage failed");
-            let why = "session storage unavailable";
-            refuse(
-                &mut write,
-                protocol,
-                v5::ConnectAckReason::ServerUnavailable,
-                why,
-            )
-            .await;
-            linger(&broker, &mut framed, Some(&mut write)).await;
+            use v5::ConnectAckReason as R;
+            let code = match &e {
+                AttachError::BadCredentials => R::BadUserNameOrPassword,
+                AttachError::NotAuthorized | AttachError::WillNotAuthorized => R::NotAuthorized,
+                AttachError::HookFailed(_) | AttachError::Storage(_) => R::ServerUnavailable,
+            };
+            if let AttachError::Storage(e) = &e {
+                warn!(%peer, client = %named, error = %e, "cannot open session: storage failed");
+            }
+            let reason = refuse(&mut write, protocol, code, &e.to_string()).await;
+            refused(Some(&named), reason);
+            linger(&core, &mut framed, Some(&mut write)).await;
             return;
         }
     };
-    let session = connected.session;
+    let link = attached.link;
+    let client_id = link.client_id().clone();
 
     let mut encoder = Encoder::new(protocol);
     if let Some(max) = connect.max_packet_size {
@@ -259,13 +275,13 @@ where
         None => (None, None),
     };
     let connack = v5::ConnectAck {
-        session_present: connected.session_present,
+        session_present: attached.session_present,
         reason_code: v5::ConnectAckReason::Success,
         session_expiry_interval_secs: expiry_granted,
         receive_max: NonZeroU16::new(config.receive_maximum).unwrap_or(NonZeroU16::MAX),
         max_qos: crate::codec::to_wire_qos(config.max_qos()),
         max_packet_size: Some(config.max_packet_size),
-        assigned_client_id: assigned_id.then(|| ByteString::from(&*client_id)),
+        assigned_client_id: attached.assigned_id.map(|id| ByteString::from(&*id)),
         topic_alias_max: config.topic_alias_maximum,
         retain_available: config.retain_available,
         wildcard_subscription_available: config.wildcard_subscriptions,
@@ -288,8 +304,7 @@ where
     .await
     .is_err()
     {
-        broker.disconnect(&session, connection_id).await;
-        detached.cancel();
+        link.detach(false, "write of CONNACK failed").await;
         return;
     }
     info!(
@@ -299,7 +314,7 @@ where
         clean_start = connect.clean_start,
         expiry = ?expiry,
         keep_alive,
-        session_present = connected.session_present,
+        session_present = attached.session_present,
         "client connected"
     );
 
@@ -312,18 +327,17 @@ where
         write,
         writer::Outbound {
             encoder,
-            max_inflight,
             topic_alias_max: connect.topic_alias_max,
         },
-        session.clone(),
+        link.outbox(max_inflight),
+        client_id.clone(),
         control_rx,
-        broker.clone(),
         stop_writer.clone(),
     ));
 
+    let kick = link.kicked().clone();
     let mut reader = reader::Reader::new(
-        broker.clone(),
-        session.clone(),
+        link,
         control_tx,
         protocol,
         expiry == SessionExpiry::OnDisconnect,
@@ -341,7 +355,7 @@ where
         Protocol::V3 => None,
     };
     let _ = tokio::time::timeout(GOODBYE_TIMEOUT, reader.close(goodbye)).await;
-    drop(reader);
+    let link = reader.into_link();
     if tokio::time::timeout(GOODBYE_TIMEOUT, &mut writer)
         .await
         .is_err()
@@ -349,13 +363,8 @@ where
         stop_writer.cancel();
         let _ = writer.await;
     }
-    if close.publishes_will() {
-        if let Some(will) = will {
-            broker.schedule_will(&session, will);
-        }
-    }
-    broker.disconnect(&session, connection_id).await;
-    detached.cancel();
+    link.detach(close.publishes_will(), &close.to_string())
+        .await;
     match &close {
         Close::Violation(..) | Close::Storage(_) => {
             warn!(%peer, client = %client_id, reason = %close, "connection closed")
@@ -364,7 +373,7 @@ where
     }
     if close.lingers() {
         // The writer has shut the write side after its last packet.
-        linger::<_, tokio::io::WriteHalf<S>>(&broker, &mut framed, None).await;
+        linger::<_, tokio::io::WriteHalf<S>>(&core, &mut framed, None).await;
     }
 }
 
@@ -373,13 +382,13 @@ where
 /// already did), then read and discard until the client closes or [`LINGER`]
 /// passes. Closing a socket with unread data makes the kernel send a reset,
 /// which discards what the client had not read yet, reason code included.
-async fn linger<R, W>(broker: &Broker, framed: &mut FramedRead<R, MqttCodec>, write: Option<&mut W>)
+async fn linger<R, W>(core: &Core, framed: &mut FramedRead<R, MqttCodec>, write: Option<&mut W>)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     use tokio::io::AsyncReadExt;
-    let within = if broker.shutdown_token().is_cancelled() {
+    let within = if core.shutdown_token().is_cancelled() {
         LINGER_AT_SHUTDOWN
     } else {
         LINGER
@@ -403,12 +412,6 @@ where
             _ => return,
         }
     }
-}
-
-fn rand_id(broker: &Broker) -> u64 {
-    // Unique enough for a generated id: process-wide counter mixed with the clock.
-    let n = broker.next_connection_id();
-    now_ms().rotate_left(20) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// How long the session outlives this connection, and the interval to send

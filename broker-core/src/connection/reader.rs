@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 use std::num::NonZeroU16;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytestring::ByteString;
@@ -22,15 +22,15 @@ use tracing::warn;
 
 use super::aliases::{AliasError, InboundAliases};
 use super::{message_properties, Close, Control, PropertyError};
-use crate::broker::{Broker, SessionExpiry, SubscribeRefusal, Unsubscribed};
+use crate::broker::{SessionExpiry, SubscribeRefusal, Unsubscribed};
 use crate::codec::{
     from_wire_qos, inbound, puback, pubcomp, reason, v5, DecodeError, MqttCodec, MqttPacket,
     Protocol, Publish,
 };
 use crate::hooks::{AuthExchange, AuthStep};
+use crate::link::{Ack, Link, PublishRefused};
 use crate::message::{Message, QoS};
-use crate::session::Session;
-use crate::storage::{PacketOp, StorageError};
+use crate::storage::StorageError;
 use crate::subscription::SubscriptionOptions;
 use crate::topic;
 
@@ -40,8 +40,7 @@ use v5::DisconnectReasonCode as D;
 type PendingAck = BoxFuture<'static, Result<Option<v5::Packet>, StorageError>>;
 
 pub(super) struct Reader {
-    broker: Arc<Broker>,
-    session: Arc<Session>,
+    link: Link,
     control: mpsc::Sender<Control>,
     pending: FuturesOrdered<PendingAck>,
     protocol: Protocol,
@@ -61,17 +60,15 @@ pub(super) struct Reader {
 
 impl Reader {
     pub(super) fn new(
-        broker: Arc<Broker>,
-        session: Arc<Session>,
+        link: Link,
         control: mpsc::Sender<Control>,
         protocol: Protocol,
         expiry_zero_at_connect: bool,
         auth_method: Option<ByteString>,
     ) -> Self {
-        let aliases = InboundAliases::new(broker.config().topic_alias_maximum);
+        let aliases = InboundAliases::new(link.core().config().topic_alias_maximum);
         Reader {
-            broker,
-            session,
+            link,
             control,
             pending: FuturesOrdered::new(),
             protocol,
@@ -91,9 +88,9 @@ impl Reader {
         kick: &CancellationToken,
         writer_stopped: CancellationToken,
     ) -> Close {
-        let shutdown = self.broker.shutdown_token();
+        let shutdown = self.link.core().shutdown_token();
         // Back-pressure: stop reading while this many acknowledgements wait.
-        let max_pending = usize::from(self.broker.config().receive_maximum);
+        let max_pending = usize::from(self.link.core().config().receive_maximum);
         let mut deadline = Instant::now() + keep_alive;
         loop {
             tokio::select! {
@@ -114,6 +111,9 @@ impl Reader {
                 }
                 _ = sleep_until(deadline), if !keep_alive.is_zero() => return Close::KeepAliveTimeout,
                 frame = next_frame(framed, &mut self.fresh_read), if self.pending.len() < max_pending => {
+                    if let Some(Ok((_, size))) = &frame {
+                        self.link.core().stats().bytes_received.fetch_add(u64::from(*size), Ordering::Relaxed);
+                    }
                     let packet = match frame.map(inbound) {
                         None => return Close::Eof,
                         Some(Ok(p)) => p,
@@ -132,6 +132,11 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// The link, to detach it once the connection is over.
+    pub(super) fn into_link(self) -> Link {
+        self.link
     }
 
     /// Ask the writer to send `last` (if any) and close the socket.
@@ -175,45 +180,22 @@ impl Reader {
         Ok(())
     }
 
-    /// Queue the store operation an acknowledgement caused: it needs no
-    /// reply, joins the next group commit, and completes even if the
-    /// connection closes (a failure is logged by the writer).
-    fn write_ops(&self, op: Option<PacketOp>) {
-        if let Some(op) = op {
-            drop(self.broker.submit(vec![op]));
-        }
-        self.session.wake.notify_one();
-    }
-
     async fn on_packet(&mut self, packet: v5::Packet) -> Result<(), Close> {
-        let client = self.session.client_id.clone();
         match packet {
             v5::Packet::Publish(p) => self.on_publish(*p).await?,
-            v5::Packet::PublishAck(a) => {
-                // Any reason code ends a QoS 1 delivery.
-                let op = self
-                    .session
-                    .lock()
-                    .complete(a.packet_id.get(), false, &client);
-                self.write_ops(op);
-            }
+            // Any reason code ends a QoS 1 delivery.
+            v5::Packet::PublishAck(a) => self.link.acknowledge(Ack::Qos1Done(a.packet_id.get())),
             v5::Packet::PublishReceived(a) => {
-                let mut st = self.session.lock();
-                let op = if (a.reason_code as u8) >= 0x80 {
-                    // The client refused the message: no PUBREL, the delivery ends.
-                    st.abandon(a.packet_id.get(), &client)
+                let id = a.packet_id.get();
+                // An error code refuses the message: no PUBREL, the delivery ends.
+                self.link.acknowledge(if (a.reason_code as u8) >= 0x80 {
+                    Ack::Refused(id)
                 } else {
-                    st.received(a.packet_id.get(), &client)
-                };
-                drop(st);
-                self.write_ops(op);
+                    Ack::Received(id)
+                });
             }
             v5::Packet::PublishComplete(a) => {
-                let op = self
-                    .session
-                    .lock()
-                    .complete(a.packet_id.get(), true, &client);
-                self.write_ops(op);
+                self.link.acknowledge(Ack::Qos2Done(a.packet_id.get()))
             }
             v5::Packet::PublishRelease(a) => self.on_release(a.packet_id),
             v5::Packet::Subscribe(s) => self.on_subscribe(s).await?,
@@ -223,8 +205,8 @@ impl Reader {
                 }
                 let filters = u.topic_filters.iter().map(|f| f.to_string()).collect();
                 let outcomes = self
-                    .broker
-                    .unsubscribe(&self.session, filters)
+                    .link
+                    .unsubscribe(filters)
                     .await
                     .map_err(Close::Storage)?;
                 let status = outcomes
@@ -255,12 +237,13 @@ impl Reader {
                     }
                     // The broker's cap applies here as at CONNECT.
                     let secs = self
-                        .broker
+                        .link
+                        .core()
                         .config()
                         .max_session_expiry_secs
                         .map_or(secs, |max| secs.min(max));
                     let expiry = SessionExpiry::from_interval(secs);
-                    self.broker.set_session_expiry(&self.session, expiry);
+                    self.link.set_expiry(expiry);
                 }
                 self.drain_pending().await?;
                 // Only a normal disconnection (0x00) deletes the will (MQTT 5
@@ -280,34 +263,24 @@ impl Reader {
         Ok(())
     }
 
-    /// PUBREL for an incoming QoS 2 message: PUBCOMP once the packet id is
-    /// free in the store too (otherwise a restart would take the client's
-    /// next message with this id for a duplicate).
+    /// PUBREL for an incoming QoS 2 message: PUBCOMP once the link has
+    /// freed the packet id in the store too.
     fn on_release(&mut self, packet_id: NonZeroU16) {
-        let known = self.session.lock().incoming_qos2.remove(&packet_id.get());
-        if !known {
+        let Some(write) = self.link.release(packet_id.get()) else {
             let ack = pubcomp(packet_id, v5::PublishAck2Reason::PacketIdNotFound);
             self.ack_now(v5::Packet::PublishComplete(ack));
             return;
-        }
+        };
         let ack = v5::Packet::PublishComplete(pubcomp(packet_id, v5::PublishAck2Reason::Success));
-        if self.session.lock().persistent {
-            let write = self.broker.submit(vec![PacketOp::IncomingQos2Released {
-                client: self.session.client_id.clone(),
-                packet_id: packet_id.get(),
-            }]);
-            self.pending
-                .push_back(async move { write.await.map(|_| Some(ack)) }.boxed());
-        } else {
-            self.ack_now(ack);
-        }
+        self.pending
+            .push_back(async move { write.await.map(|_| Some(ack)) }.boxed());
     }
 
     async fn on_subscribe(&mut self, s: v5::Subscribe) -> Result<(), Close> {
         if s.topic_filters.is_empty() {
             return Err(Close::protocol("SUBSCRIBE without topic filters"));
         }
-        if s.id.is_some() && !self.broker.config().subscription_identifiers {
+        if s.id.is_some() && !self.link.core().config().subscription_identifiers {
             return Err(Close::Violation(
                 D::SubscriptionIdentifiersNotSupported,
                 "subscription identifiers are not supported".into(),
@@ -330,8 +303,8 @@ impl Reader {
             ));
         }
         let outcomes = self
-            .broker
-            .subscribe(&self.session, requests.clone())
+            .link
+            .subscribe(requests.clone())
             .await
             .map_err(Close::Storage)?;
         let status = outcomes
@@ -351,6 +324,7 @@ impl Reader {
                 }
                 Err(SubscribeRefusal::TooManyLevels) => v5::SubscribeAckReason::TopicFilterInvalid,
                 Err(SubscribeRefusal::QuotaExceeded) => v5::SubscribeAckReason::QuotaExceeded,
+                Err(SubscribeRefusal::NotAuthorized) => v5::SubscribeAckReason::NotAuthorized,
             })
             .collect();
         self.send(v5::Packet::SubscribeAck(v5::SubscribeAck {
@@ -373,12 +347,8 @@ impl Reader {
                 options.qos = granted.qos;
                 // The subscription stands either way: a store that cannot be
                 // read costs the retained messages, not the connection.
-                if let Err(e) = self
-                    .broker
-                    .deliver_retained(&self.session, &filter, &options)
-                    .await
-                {
-                    warn!(client = %self.session.client_id, %filter, error = %e, "retained messages not delivered");
+                if let Err(e) = self.link.deliver_retained(&filter, &options).await {
+                    warn!(client = %self.link.client_id(), %filter, error = %e, "retained messages not delivered");
                 }
             }
         }
@@ -397,8 +367,8 @@ impl Reader {
         }
         match a.reason_code {
             v5::AuthReasonCode::ReAuth => {
-                let hook = self.broker.hooks().enhanced_auth.clone();
-                self.reauth = hook.and_then(|h| h.begin(&self.session.client_id, &method));
+                let hook = self.link.core().hooks().enhanced_auth.clone();
+                self.reauth = hook.and_then(|h| h.begin(self.link.client_id(), &method));
             }
             v5::AuthReasonCode::ContinueAuth if self.reauth.is_some() => {}
             _ => return Err(Close::protocol("unexpected AUTH reason code")),
@@ -450,7 +420,7 @@ impl Reader {
 
     async fn on_publish(&mut self, mut p: Publish) -> Result<(), Close> {
         self.yield_to_earlier_readers().await;
-        let config = self.broker.config();
+        let config = self.link.core().config().clone();
         let props = p.properties.take().unwrap_or_default();
         let topic = self
             .aliases
@@ -494,14 +464,10 @@ impl Reader {
             (_, Some(id)) => Some(id),
             (_, None) => return Err(Close::protocol("QoS > 0 PUBLISH without packet id")),
         };
-        if qos == QoS::ExactlyOnce {
-            let id = packet_id.map_or(0, |i| i.get());
-            if self.session.lock().incoming_qos2.contains(&id) {
+        if let (QoS::ExactlyOnce, Some(id)) = (qos, packet_id) {
+            if self.link.holds_qos2(id.get()) {
                 // A resend of a message already accepted: acknowledge, do not route again.
-                let ack = puback(
-                    packet_id.unwrap_or(NonZeroU16::MIN),
-                    v5::PublishAckReason::Success,
-                );
+                let ack = puback(id, v5::PublishAckReason::Success);
                 self.ack_now(v5::Packet::PublishReceived(ack));
                 return Ok(());
             }
@@ -520,28 +486,6 @@ impl Reader {
             }
             self.quota.insert(id.get());
         }
-        if topic::check_levels(&topic, config.max_topic_levels).is_err() {
-            self.broker
-                .note_deep_topic(&self.session.client_id, "PUBLISH topic");
-            let why = format!(
-                "PUBLISH topic has more than {} levels",
-                config.max_topic_levels
-            );
-            // MQTT 5 refuses the message and keeps the connection; MQTT 3.1.1
-            // has no way to say so but closing.
-            return match (self.protocol, packet_id) {
-                (Protocol::V5, Some(id)) => {
-                    let mut ack = puback(id, v5::PublishAckReason::TopicNameInvalid);
-                    ack.reason_string = reason(why);
-                    self.ack_now(match qos {
-                        QoS::AtLeastOnce => v5::Packet::PublishAck(ack),
-                        _ => v5::Packet::PublishReceived(ack),
-                    });
-                    Ok(())
-                }
-                _ => Err(Close::Violation(D::TopicNameInvalid, why)),
-            };
-        }
         let properties = match message_properties(&p.payload, &props) {
             Ok(props) => props,
             Err(PropertyError::PayloadFormat(why)) => {
@@ -549,12 +493,7 @@ impl Reader {
                     return Err(Close::Violation(D::PayloadFormatInvalid, why));
                 };
                 // Refused, not routed; the client learns why from the reason code.
-                let mut ack = puback(id, v5::PublishAckReason::PayloadFormatInvalid);
-                ack.reason_string = reason(why);
-                self.ack_now(match qos {
-                    QoS::AtLeastOnce => v5::Packet::PublishAck(ack),
-                    _ => v5::Packet::PublishReceived(ack),
-                });
+                self.refuse_publish(id, qos, v5::PublishAckReason::PayloadFormatInvalid, why);
                 return Ok(());
             }
             Err(PropertyError::Protocol(why)) => return Err(Close::protocol(why)),
@@ -565,13 +504,48 @@ impl Reader {
         if message.retain {
             // Retained updates of one publisher are applied in its order.
             self.drain_pending().await?;
-            self.broker
-                .update_retained(&message)
-                .await
-                .map_err(Close::Storage)?;
         }
-        let mut routed = self.broker.route(message, Some(&self.session.client_id));
-        let ack_reason = if routed.matched() {
+        let qos2_id = packet_id
+            .filter(|_| qos == QoS::ExactlyOnce)
+            .map(|i| i.get());
+        let published = match self.link.publish(message, qos2_id).await {
+            Ok(p) => p,
+            Err(PublishRefused::Storage(e)) => return Err(Close::Storage(e)),
+            Err(PublishRefused::TooDeep(max)) => {
+                let why = format!("PUBLISH topic has more than {max} levels");
+                // MQTT 5 refuses the message and keeps the connection; MQTT
+                // 3.1.1 has no way to say so but closing.
+                return match (self.protocol, packet_id) {
+                    (Protocol::V5, Some(id)) => {
+                        self.refuse_publish(id, qos, v5::PublishAckReason::TopicNameInvalid, why);
+                        Ok(())
+                    }
+                    _ => Err(Close::Violation(D::TopicNameInvalid, why)),
+                };
+            }
+            Err(PublishRefused::NotAuthorized) => {
+                match (self.protocol, packet_id) {
+                    (Protocol::V5, Some(id)) => self.refuse_publish(
+                        id,
+                        qos,
+                        v5::PublishAckReason::NotAuthorized,
+                        "not authorized to publish on this topic".into(),
+                    ),
+                    // MQTT 3.1.1 cannot say no: acknowledged and dropped, as
+                    // Mosquitto does (closing would make the client resend it
+                    // forever). PUBREL then gets PUBCOMP as for any unknown id.
+                    (Protocol::V3, Some(id)) => self.ack_now(match qos {
+                        QoS::AtLeastOnce => {
+                            v5::Packet::PublishAck(puback(id, v5::PublishAckReason::Success))
+                        }
+                        _ => v5::Packet::PublishReceived(puback(id, v5::PublishAckReason::Success)),
+                    }),
+                    (_, None) => {}
+                }
+                return Ok(());
+            }
+        };
+        let ack_reason = if published.matched {
             v5::PublishAckReason::Success
         } else {
             v5::PublishAckReason::NoMatchingSubscribers
@@ -579,47 +553,37 @@ impl Reader {
         let ack = match (qos, packet_id) {
             (QoS::AtLeastOnce, Some(id)) => Some(v5::Packet::PublishAck(puback(id, ack_reason))),
             (QoS::ExactlyOnce, Some(id)) => {
-                let persistent = {
-                    let mut st = self.session.lock();
-                    st.incoming_qos2.insert(id.get());
-                    st.persistent
-                };
-                if persistent {
-                    routed.push_op(PacketOp::IncomingQos2Received {
-                        client: self.session.client_id.clone(),
-                        packet_id: id.get(),
-                    });
-                }
                 Some(v5::Packet::PublishReceived(puback(id, ack_reason)))
             }
             _ => None,
         };
-        // Submitted now, in this publisher's order; acknowledged when durable.
-        let commit = self.broker.commit(routed);
+        // Submitted in this publisher's order; acknowledged when durable.
+        let commit = published.committed;
         match ack {
             None => {
                 let _ = commit.await;
             }
-            Some(ack) => {
-                let session = self.session.clone();
-                let id = packet_id.map_or(0, |i| i.get());
-                self.pending.push_back(
-                    async move {
-                        match commit.await {
-                            Ok(()) => Ok(Some(ack)),
-                            Err(e) => {
-                                if qos == QoS::ExactlyOnce {
-                                    session.lock().incoming_qos2.remove(&id);
-                                }
-                                Err(e)
-                            }
-                        }
-                    }
-                    .boxed(),
-                );
-            }
+            Some(ack) => self
+                .pending
+                .push_back(async move { commit.await.map(|()| Some(ack)) }.boxed()),
         }
         Ok(())
+    }
+
+    /// Refuse a QoS 1/2 publish with `code`, saying why; it is not routed.
+    fn refuse_publish(
+        &mut self,
+        id: NonZeroU16,
+        qos: QoS,
+        code: v5::PublishAckReason,
+        why: String,
+    ) {
+        let mut ack = puback(id, code);
+        ack.reason_string = reason(why);
+        self.ack_now(match qos {
+            QoS::AtLeastOnce => v5::Packet::PublishAck(ack),
+            _ => v5::Packet::PublishReceived(ack),
+        });
     }
 }
 

@@ -1,7 +1,6 @@
-//! The writer task: control packets first, then the session's queue in order.
+//! The writer task: control packets first, then the link's outbox in order.
 
 use std::num::NonZeroU32;
-use std::sync::Arc;
 
 use bytes::BytesMut;
 use bytestring::ByteString;
@@ -12,23 +11,22 @@ use tracing::{debug, warn};
 
 use super::aliases::{AliasUse, OutboundAliases};
 use super::Control;
-use crate::broker::Broker;
 use crate::codec::{packet_id, pubcomp, to_wire_qos, v5, EncodeError, Encoder, Publish};
+use crate::link::Outbox;
 use crate::message::{now_ms, Message, QoS};
-use crate::session::{Outgoing, Session};
-use crate::storage::{ClientId, PacketOp};
+use crate::session::Outgoing;
+use crate::storage::ClientId;
 
 /// Payload and topic bytes taken from the queue per write: a client that
 /// reads slowly leaves its backlog in the session queue, where
 /// `max_queued_bytes` bounds it, not in this task's buffer.
 const WRITE_BUDGET: usize = 64 * 1024;
 
-/// What the writer needs to know about the client's limits.
+/// What the writer needs to know about the client's limits (its in-flight
+/// window is the outbox's).
 pub(super) struct Outbound {
     /// Encodes in the client's protocol, within its Maximum Packet Size.
     pub encoder: Encoder,
-    /// In-flight window: the broker's, lowered to the client's Receive Maximum.
-    pub max_inflight: usize,
     /// The client's Topic Alias Maximum.
     pub topic_alias_max: u16,
 }
@@ -38,12 +36,11 @@ pub(super) async fn run<S>(
     mut write: WriteHalf<S>,
     Outbound {
         mut encoder,
-        max_inflight,
         topic_alias_max,
     }: Outbound,
-    session: Arc<Session>,
+    mut outbox: Outbox,
+    client: ClientId,
     mut control: mpsc::Receiver<Control>,
-    broker: Arc<Broker>,
     stop: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -51,9 +48,7 @@ pub(super) async fn run<S>(
     // Grows with the traffic; an idle connection keeps next to nothing.
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
-    let mut ops = Vec::new();
     let mut aliases = OutboundAliases::new(topic_alias_max);
-    let client = session.client_id.clone();
     loop {
         let mut last = None;
         while let Ok(c) = control.try_recv() {
@@ -73,18 +68,19 @@ pub(super) async fn run<S>(
             let _ = write.shutdown().await;
             return;
         }
-        let more =
-            session
-                .lock()
-                .next_outgoing(max_inflight, WRITE_BUDGET, &mut out, &mut ops, &client);
+        let more = outbox.take(WRITE_BUDGET, &mut out);
         for o in out.drain(..) {
-            encode_outgoing(&mut encoder, &mut aliases, o, &mut buf, &session, &mut ops);
-        }
-        if !ops.is_empty() {
-            // Removals of expired or undeliverable entries; failures are logged by the writer.
-            drop(broker.submit(std::mem::take(&mut ops)));
+            encode_outgoing(
+                &mut encoder,
+                &mut aliases,
+                o,
+                &mut buf,
+                &client,
+                &mut outbox,
+            );
         }
         if !buf.is_empty() {
+            outbox.wrote(buf.len());
             tokio::select! {
                 r = write.write_all_buf(&mut buf) => {
                     if r.is_err() {
@@ -125,7 +121,7 @@ pub(super) async fn run<S>(
                     return;
                 }
             },
-            _ = session.wake.notified() => {}
+            _ = outbox.changed() => {}
         }
     }
 }
@@ -143,10 +139,9 @@ fn encode_outgoing(
     aliases: &mut OutboundAliases,
     o: Outgoing,
     buf: &mut BytesMut,
-    session: &Session,
-    ops: &mut Vec<PacketOp>,
+    client: &ClientId,
+    outbox: &mut Outbox,
 ) {
-    let client = &session.client_id;
     match o {
         Outgoing::PubRel { packet_id: id } => {
             let p =
@@ -168,7 +163,7 @@ fn encode_outgoing(
                 Err(EncodeError::OverMaxPacketSize { size, max }) => {
                     debug!(%client, topic = %message.topic, size, max, "message larger than the client accepts: dropped");
                     if let Some(id) = id {
-                        ops.extend(session.lock().abandon(id, client));
+                        outbox.abandon(id);
                     }
                 }
                 Err(e) => warn!(%client, error = %e, "could not encode an outgoing message"),

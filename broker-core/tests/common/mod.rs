@@ -9,11 +9,11 @@ use std::time::Duration;
 
 pub mod v5;
 
-use broker_core::broker::Broker;
-use broker_core::codec::{v3, MqttCodec};
 use broker_core::config::BrokerConfig;
+use broker_core::internals::codec::{v3, MqttCodec};
 use broker_core::server::Server;
 use broker_core::storage::Storage;
+use broker_core::Broker;
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use futures::StreamExt;
@@ -29,7 +29,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 pub struct TestBroker {
     pub addr: SocketAddr,
-    pub broker: Arc<Broker>,
+    pub broker: Broker,
     pub storage: Storage,
     task: JoinHandle<()>,
 }
@@ -115,10 +115,10 @@ pub fn publish_packet(
     retain: bool,
 ) -> v3::Packet {
     let qos = broker_core::message::QoS::from_u8(qos).expect("QoS 0, 1 or 2");
-    v3::Packet::Publish(Box::new(broker_core::codec::Publish {
+    v3::Packet::Publish(Box::new(broker_core::internals::codec::Publish {
         dup: false,
         retain,
-        qos: broker_core::codec::to_wire_qos(qos),
+        qos: broker_core::internals::codec::to_wire_qos(qos),
         topic: ByteString::from(topic),
         packet_id: (qos != broker_core::message::QoS::AtMostOnce).then(|| id(packet_id)),
         payload: Bytes::copy_from_slice(payload),
@@ -184,7 +184,7 @@ impl RawClient {
             return p;
         }
         match tokio::time::timeout(WAIT, self.read.next()).await {
-            Ok(Some(Ok((broker_core::codec::MqttPacket::V3(p), _)))) => p,
+            Ok(Some(Ok((broker_core::internals::codec::MqttPacket::V3(p), _)))) => p,
             Ok(other) => panic!("connection ended or bad frame: {other:?}"),
             Err(_) => panic!("no packet within {WAIT:?}"),
         }
@@ -196,7 +196,7 @@ impl RawClient {
             return Some(p);
         }
         match tokio::time::timeout(d, self.read.next()).await {
-            Ok(Some(Ok((broker_core::codec::MqttPacket::V3(p), _)))) => Some(p),
+            Ok(Some(Ok((broker_core::internals::codec::MqttPacket::V3(p), _)))) => Some(p),
             Ok(other) => panic!("connection ended or bad frame: {other:?}"),
             Err(_) => None,
         }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroU32};
 use std::time::Duration;
 
-use broker_core::codec::{v5, MqttCodec, MqttPacket, Publish};
+use broker_core::internals::codec::{v5, MqttCodec, MqttPacket, Publish};
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use futures::StreamExt;

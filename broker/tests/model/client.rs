@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::num::NonZeroU16;
 use std::time::Duration;
 
-use broker_core::codec::{v3, v5, MqttCodec, MqttPacket, Publish};
+use broker_core::internals::codec::{v3, v5, MqttCodec, MqttPacket, Publish};
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use futures::StreamExt;

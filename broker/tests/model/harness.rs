@@ -12,10 +12,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use broker_core::broker::Broker;
 use broker_core::config::BrokerConfig;
 use broker_core::server::Server;
 use broker_core::storage::Storage;
+use broker_core::Broker;
 use storage_memory::MemoryStore;
 use tokio::task::JoinHandle;
 
@@ -117,7 +117,7 @@ impl Store {
 
 struct Running {
     addr: SocketAddr,
-    broker: Arc<Broker>,
+    broker: Broker,
     task: JoinHandle<()>,
 }
 
@@ -188,7 +188,7 @@ impl Harness {
         self.running.as_ref().expect("broker running").addr
     }
 
-    fn broker(&self) -> &Arc<Broker> {
+    fn broker(&self) -> &Broker {
         &self.running.as_ref().expect("broker running").broker
     }
 
@@ -481,10 +481,7 @@ impl Harness {
         let id = client_id(c);
         let deadline = Instant::now() + wait();
         loop {
-            let online = self
-                .broker()
-                .session(&id)
-                .is_some_and(|s| s.lock().is_online());
+            let online = self.broker().session(&id).is_some_and(|s| s.online);
             if !online {
                 return Ok(());
             }
@@ -572,7 +569,7 @@ impl Harness {
         let _ = tokio::time::timeout(wait(), task).await;
         // The old broker's tasks let go of the store (the SQLite file's lock,
         // its last writes) before the new one opens it.
-        let weak = Arc::downgrade(&broker);
+        let weak = broker_core::internals::weak_state(&broker);
         drop(broker);
         let deadline = Instant::now() + wait();
         while weak.strong_count() > 0 || self.store_busy() {

@@ -1,0 +1,92 @@
+//! At start: every stored session, its subscriptions (into the trie) and
+//! its queue, read back page by page in sequence order.
+
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use super::routing::insert_subscription;
+use super::{Core, RESTORE_PAGE};
+use crate::message::now_ms;
+use crate::session::Session;
+use crate::storage::{ClientId, StorageResult};
+use crate::topic;
+
+impl Core {
+    pub(super) async fn restore(&self) -> StorageResult<()> {
+        let stored = self.storage.subscriptions.load_sessions().await?;
+        let (mut sessions, mut messages) = (0usize, 0usize);
+        for s in stored {
+            let id: ClientId = s.record.client_id.as_str().into();
+            let session = Arc::new(Session::new(
+                id.clone(),
+                true,
+                s.record.expiry_secs.map(u64::from),
+            ));
+            let qos2 = self.storage.packets.incoming_qos2(&id).await?;
+            {
+                let mut st = session.lock();
+                // A session that was online when the broker stopped counts as
+                // disconnected from now.
+                let since = s.record.disconnected_at_ms.unwrap_or_else(now_ms);
+                st.set_offline_since(since);
+                for id in qos2 {
+                    st.receive_qos2(id);
+                }
+                if let Some(secs) = st.expiry_secs() {
+                    self.expiry
+                        .schedule(&id, since.saturating_add(secs.saturating_mul(1000)));
+                }
+            }
+            let mut after = None;
+            loop {
+                let page = self
+                    .storage
+                    .packets
+                    .read_queue(&id, after, RESTORE_PAGE)
+                    .await?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.seq);
+                let full = page.len() == RESTORE_PAGE;
+                let mut st = session.lock();
+                for p in page {
+                    st.restore_entry(p);
+                    messages += 1;
+                }
+                drop(st);
+                if !full {
+                    break;
+                }
+            }
+            {
+                let mut trie = self.trie.write();
+                let mut st = session.lock();
+                for sub in s.subscriptions {
+                    match topic::parse_shared(&sub.filter) {
+                        Ok(shared) => insert_subscription(
+                            &mut trie,
+                            &sub.filter,
+                            shared,
+                            &session,
+                            &sub.options,
+                        ),
+                        Err(e) => {
+                            warn!(client = %id, filter = %sub.filter, error = %e, "stored subscription ignored");
+                            continue;
+                        }
+                    }
+                    st.add_subscription(sub.filter, sub.options);
+                }
+            }
+            self.sessions.lock().insert(id, session);
+            sessions += 1;
+        }
+        if sessions > 0 {
+            info!(
+                sessions,
+                messages, "restored persistent sessions from storage"
+            );
+        }
+        Ok(())
+    }
+}
