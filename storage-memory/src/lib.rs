@@ -150,7 +150,7 @@ impl Packets {
             if let PacketOp::Enqueue { message, targets } = op {
                 // Id 0 means "not assigned yet"; two such bodies would collide.
                 if message.id == 0 && !targets.is_empty() {
-                    return Err(StorageError::Backend(format!(
+                    return Err(StorageError::backend(format!(
                         "message on topic {:?} has no id (0) and cannot be stored",
                         message.topic
                     )));
@@ -277,7 +277,7 @@ impl PacketStore for MemoryStore {
         let mut out = Vec::with_capacity(limit.min(q.entries.len()));
         for (&seq, e) in range.take(limit) {
             let body = packets.bodies.get(&e.message_id).ok_or_else(|| {
-                StorageError::Corrupt(format!(
+                StorageError::corrupt(format!(
                     "queue entry {seq} of {client:?} references missing message {}",
                     e.message_id
                 ))
@@ -516,7 +516,7 @@ mod tests {
                 },
             ])
             .await;
-        assert!(matches!(result, Err(StorageError::Backend(_))));
+        assert!(matches!(result, Err(StorageError::Backend { .. })));
         assert!(store.read_queue("a", None, 10).await.unwrap().is_empty());
         assert_eq!(store.last_message_id().await.unwrap(), 0);
     }

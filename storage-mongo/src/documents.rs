@@ -55,7 +55,9 @@ pub(crate) const STATE_RELEASED: i32 = 1;
 
 /// A value the broker gave that BSON's signed 64-bit integers cannot hold.
 pub(crate) fn to_i64(v: u64, what: &str) -> StorageResult<i64> {
-    i64::try_from(v).map_err(|_| StorageError::Backend(format!("{what} {v} is too large to store")))
+    i64::try_from(v).map_err(|e| {
+        StorageError::backend(format!("{what} {v} is too large to store")).with_source(e)
+    })
 }
 
 fn binary(bytes: &[u8]) -> Bson {
@@ -129,7 +131,7 @@ impl<'a> Fields<'a> {
     }
 
     fn corrupt(&self, key: &str, problem: impl std::fmt::Display) -> StorageError {
-        StorageError::Corrupt(format!(
+        StorageError::corrupt(format!(
             "field `{key}` of a `{}` document {problem}",
             self.collection
         ))
@@ -355,7 +357,7 @@ pub(crate) fn entry_from_doc(f: &mut Fields<'_>) -> StorageResult<(Delivery, Pac
             packet_id: f.int(field::PACKET_ID)?,
         },
         other => {
-            return Err(StorageError::Corrupt(format!(
+            return Err(StorageError::corrupt(format!(
                 "field `state` of a `packets` document holds {other}, which is no state"
             )))
         }
@@ -460,13 +462,13 @@ mod tests {
         d.insert(field::QOS, 3);
         assert!(matches!(
             message_from_doc(d, "messages", field::ID),
-            Err(StorageError::Corrupt(_))
+            Err(StorageError::Corrupt { .. })
         ));
         let mut d = body_doc(&rich(), 1).expect("encodes");
         d.insert(field::ID, -1_i64);
         assert!(matches!(
             message_from_doc(d, "messages", field::ID),
-            Err(StorageError::Corrupt(_))
+            Err(StorageError::Corrupt { .. })
         ));
         let mut d = body_doc(&rich(), 1).expect("encodes");
         d.remove(field::PAYLOAD);

@@ -199,16 +199,18 @@ pub(crate) fn describe(e: &Error) -> String {
 
 /// A runtime driver error as the broker sees it: conditions that may pass
 /// are `Unavailable`, documents the driver cannot decode `Corrupt`, the
-/// rest `Backend`.
+/// rest `Backend`. The message carries the gist ([`describe`]), the driver's
+/// error itself is the source.
 pub(crate) fn storage_error(e: Error) -> StorageError {
     let message = format!("MongoDB: {}", describe(&e));
-    if is_unavailable(&e) {
-        return StorageError::Unavailable(message);
-    }
-    match &*e.kind {
-        ErrorKind::BsonDeserialization(_) => StorageError::Corrupt(message),
-        _ => StorageError::Backend(message),
-    }
+    let error = if is_unavailable(&e) {
+        StorageError::unavailable(message)
+    } else if matches!(&*e.kind, ErrorKind::BsonDeserialization(_)) {
+        StorageError::corrupt(message)
+    } else {
+        StorageError::backend(message)
+    };
+    error.with_source(e)
 }
 
 /// Query parameters whose values are secrets.

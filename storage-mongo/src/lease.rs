@@ -96,7 +96,7 @@ impl Lease {
         match &*lock(&self.state) {
             State::Held => Ok(()),
             State::Lost(why) => Err(self.lost_error(why)),
-            State::Released => Err(StorageError::Unavailable(format!(
+            State::Released => Err(StorageError::unavailable(format!(
                 "the MongoDB store {} is closed",
                 self.where_
             ))),
@@ -104,7 +104,7 @@ impl Lease {
     }
 
     fn lost_error(&self, why: &str) -> StorageError {
-        StorageError::Unavailable(format!(
+        StorageError::unavailable(format!(
             "this broker lost its lease on {} ({why}); it no longer writes there, restart it",
             self.where_
         ))

@@ -512,10 +512,11 @@ impl MongoStore {
     ) -> StorageResult<T> {
         let result = match tokio::time::timeout(self.operation_timeout, operation).await {
             Ok(result) => result,
-            Err(_) => Err(StorageError::Unavailable(format!(
+            Err(elapsed) => Err(StorageError::unavailable(format!(
                 "MongoDB at {} did not complete {what} within {:?}",
                 self.uri, self.operation_timeout
-            ))),
+            ))
+            .with_source(elapsed)),
         };
         self.health.observe(&result);
         result
@@ -574,7 +575,7 @@ impl MongoStore {
                     };
                     let m = documents::message_from_doc(body, "messages", field::ID)?;
                     if m.id != id {
-                        return Err(StorageError::Corrupt(format!(
+                        return Err(StorageError::corrupt(format!(
                             "queue entry {seq} points at message {id} but got body {}",
                             m.id
                         )));
@@ -818,7 +819,7 @@ impl PacketStore for MongoStore {
             };
             let docs = self.transaction(&mut body).await?;
             self.decode_page(docs)?.ok_or_else(|| {
-                StorageError::Corrupt(format!(
+                StorageError::corrupt(format!(
                     "a queue entry of client {client:?} points at a message body that is not stored"
                 ))
             })

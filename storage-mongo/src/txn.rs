@@ -139,7 +139,7 @@ pub(crate) async fn run<B: TxnBody>(
                 continue;
             }
             Err(Abort::Again) => {
-                return Err(StorageError::Backend(format!(
+                return Err(StorageError::backend(format!(
                     "MongoDB transaction still conflicting after {attempt} attempts"
                 )))
             }
@@ -218,7 +218,7 @@ impl Health {
     /// Note the outcome of an operation.
     pub(crate) fn observe<T>(&self, result: &StorageResult<T>) {
         match result {
-            Err(StorageError::Unavailable(reason)) => self.lost(reason),
+            Err(e) if e.is_unavailable() => self.lost(e.message()),
             // Any answer, even an error, means the server is there.
             _ => self.answered(),
         }
@@ -273,10 +273,10 @@ mod tests {
         let h = Health::new("mongodb://h/".into());
         h.observe::<()>(&Ok(()));
         assert!(!h.is_down());
-        h.observe::<()>(&Err(StorageError::Unavailable("gone".into())));
-        h.observe::<()>(&Err(StorageError::Unavailable("still gone".into())));
+        h.observe::<()>(&Err(StorageError::unavailable("gone")));
+        h.observe::<()>(&Err(StorageError::unavailable("still gone")));
         assert!(h.is_down());
-        h.observe::<()>(&Err(StorageError::Backend("an answer".into())));
+        h.observe::<()>(&Err(StorageError::backend("an answer")));
         assert!(!h.is_down());
     }
 }

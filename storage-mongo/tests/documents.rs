@@ -214,7 +214,9 @@ async fn damaged_documents_are_corrupt_not_panics() {
         .await
         .expect("damage an entry");
     match storage.packets.read_queue("q", None, 10).await {
-        Err(StorageError::Corrupt(reason)) => {
+        Err(StorageError::Corrupt {
+            message: reason, ..
+        }) => {
             assert!(reason.contains("qos"), "{reason}")
         }
         other => panic!("a damaged entry: expected Corrupt, got {other:?}"),
@@ -226,7 +228,9 @@ async fn damaged_documents_are_corrupt_not_panics() {
         .await
         .expect("delete a body");
     match storage.packets.read_queue("gone", None, 10).await {
-        Err(StorageError::Corrupt(reason)) => {
+        Err(StorageError::Corrupt {
+            message: reason, ..
+        }) => {
             assert!(reason.contains("not stored"), "{reason}")
         }
         other => panic!("an entry without its body: expected Corrupt, got {other:?}"),
@@ -239,7 +243,7 @@ async fn damaged_documents_are_corrupt_not_panics() {
     assert!(
         matches!(
             storage.subscriptions.load_sessions().await,
-            Err(StorageError::Corrupt(_))
+            Err(StorageError::Corrupt { .. })
         ),
         "a negative expiry"
     );
@@ -251,7 +255,7 @@ async fn damaged_documents_are_corrupt_not_panics() {
     assert!(
         matches!(
             storage.retained.lookup_retained("#").await,
-            Err(StorageError::Corrupt(_))
+            Err(StorageError::Corrupt { .. })
         ),
         "a retained message without its fields"
     );
@@ -263,7 +267,7 @@ async fn damaged_documents_are_corrupt_not_panics() {
     assert!(
         matches!(
             storage.packets.last_message_id().await,
-            Err(StorageError::Corrupt(_))
+            Err(StorageError::Corrupt { .. })
         ),
         "a high-water mark that is not a number"
     );

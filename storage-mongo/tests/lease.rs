@@ -82,7 +82,7 @@ fn enqueue(id: u64, client: &str, seq: u64) -> PacketOp {
 
 fn assert_lease_error<T: std::fmt::Debug>(r: Result<T, StorageError>, want: &str, what: &str) {
     match r {
-        Err(StorageError::Unavailable(why)) => {
+        Err(StorageError::Unavailable { message: why, .. }) => {
             assert!(why.contains("lost its lease"), "{what}: {why}");
             assert!(why.contains(want), "{what}: {why} (wanted {want:?})");
         }

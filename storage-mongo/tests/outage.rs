@@ -176,7 +176,9 @@ fn assert_unavailable<T: std::fmt::Debug>(
     options: &MongoOptions,
 ) {
     match result {
-        Err(StorageError::Unavailable(reason)) => {
+        Err(StorageError::Unavailable {
+            message: reason, ..
+        }) => {
             eprintln!("{what}: {reason} (after {elapsed:?})");
             assert!(!reason.is_empty(), "{what}: empty reason")
         }
@@ -260,7 +262,9 @@ async fn server_crash_fails_operations_then_they_work_again_with_the_data() {
     loop {
         match storage.packets.read_queue("c", None, 10).await {
             Ok(_) => break,
-            Err(StorageError::Unavailable(reason)) if Instant::now() < deadline => {
+            Err(StorageError::Unavailable {
+                message: reason, ..
+            }) if Instant::now() < deadline => {
                 eprintln!("not back yet: {reason}");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -374,7 +378,9 @@ async fn a_partitioned_server_fails_operations_within_the_timeout() {
     loop {
         match storage.packets.write(vec![enqueue(3, "p", 3)]).await {
             Ok(()) => break,
-            Err(StorageError::Unavailable(reason)) if Instant::now() < deadline => {
+            Err(StorageError::Unavailable {
+                message: reason, ..
+            }) if Instant::now() < deadline => {
                 eprintln!("not back yet: {reason}");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }

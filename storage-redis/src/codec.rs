@@ -28,7 +28,7 @@ const DELIVERY_SHARED: u8 = 2;
 
 /// A stored value that could not be decoded.
 pub(crate) fn corrupt(what: &str, detail: impl std::fmt::Display) -> StorageError {
-    StorageError::Corrupt(format!("{what}: {detail}"))
+    StorageError::corrupt(format!("{what}: {detail}"))
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {

@@ -98,8 +98,8 @@ const TRANSIENT_CODES: &[&str] = &[
 /// A Redis error as the broker sees it: lost connections, timeouts and
 /// conditions that may pass (loading, out of memory, persistence failing,
 /// read-only replica) are `Unavailable`; values of the wrong type or shape
-/// under our keys are `Corrupt`.
-pub(crate) fn storage_error(e: &RedisError) -> StorageError {
+/// under our keys are `Corrupt`. The Redis error is kept as the source.
+pub(crate) fn storage_error(e: RedisError) -> StorageError {
     let transient = e.is_io_error()
         || e.is_unrecoverable_error()
         || matches!(
@@ -112,41 +112,56 @@ pub(crate) fn storage_error(e: &RedisError) -> StorageError {
                 | ErrorKind::AuthenticationFailed
         )
         || e.code().is_some_and(|c| TRANSIENT_CODES.contains(&c));
-    if transient {
-        return StorageError::Unavailable(format!("Redis: {e}"));
-    }
-    if e.kind() == ErrorKind::TypeError || e.code() == Some("WRONGTYPE") {
-        return StorageError::Corrupt(format!("unexpected value in Redis: {e}"));
-    }
-    StorageError::Backend(format!("Redis: {e}"))
+    let error = if transient && e.is_io_error() {
+        StorageError::unavailable("no connection to Redis")
+    } else if transient {
+        StorageError::unavailable("Redis cannot serve the command now")
+    } else if e.kind() == ErrorKind::TypeError || e.code() == Some("WRONGTYPE") {
+        StorageError::corrupt("unexpected value in Redis")
+    } else {
+        StorageError::backend("Redis refused the command")
+    };
+    error.with_source(e)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::error::Error;
+
+    use broker_core::storage::StorageErrorKind;
+
     use super::*;
+
+    fn kind(e: RedisError) -> StorageErrorKind {
+        storage_error(e).kind()
+    }
 
     #[test]
     fn classification() {
+        use StorageErrorKind::{Backend, Corrupt, Unavailable};
         let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
-        assert!(matches!(storage_error(&io), StorageError::Unavailable(_)));
+        assert_eq!(kind(io), Unavailable);
         let timeout = RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
-        assert!(matches!(
-            storage_error(&timeout),
-            StorageError::Unavailable(_)
-        ));
+        assert_eq!(kind(timeout), Unavailable);
         let loading = RedisError::from((ErrorKind::BusyLoadingError, "loading"));
-        assert!(matches!(
-            storage_error(&loading),
-            StorageError::Unavailable(_)
-        ));
+        assert_eq!(kind(loading), Unavailable);
         let oom = redis::make_extension_error("OOM".into(), Some("maxmemory".into()));
-        assert!(matches!(storage_error(&oom), StorageError::Unavailable(_)));
+        assert_eq!(kind(oom), Unavailable);
         let wrongtype = redis::make_extension_error("WRONGTYPE".into(), None);
-        assert!(matches!(
-            storage_error(&wrongtype),
-            StorageError::Corrupt(_)
-        ));
+        assert_eq!(kind(wrongtype), Corrupt);
         let other = RedisError::from((ErrorKind::ResponseError, "syntax"));
-        assert!(matches!(storage_error(&other), StorageError::Backend(_)));
+        assert_eq!(kind(other), Backend);
+    }
+
+    #[test]
+    fn the_redis_error_is_the_source() {
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let e = storage_error(io);
+        assert_eq!(e.to_string(), "storage unavailable: no connection to Redis");
+        let source = e.source().expect("a source");
+        let inner = source
+            .downcast_ref::<RedisError>()
+            .expect("the Redis error");
+        assert!(inner.is_io_error());
     }
 }

@@ -112,7 +112,7 @@ impl Lease {
         match &*lock(&self.state) {
             State::Held => Ok(()),
             State::Lost(why) => Err(self.lost_error(why)),
-            State::Released => Err(StorageError::Unavailable(format!(
+            State::Released => Err(StorageError::unavailable(format!(
                 "the Redis store at {} (prefix `{}`) is closed",
                 self.url, self.prefix
             ))),
@@ -120,7 +120,7 @@ impl Lease {
     }
 
     fn lost_error(&self, why: &str) -> StorageError {
-        StorageError::Unavailable(format!(
+        StorageError::unavailable(format!(
             "this broker lost its lease on prefix `{}` at {} ({why}); it no longer writes there, \
              restart it",
             self.prefix, self.url

@@ -283,12 +283,13 @@ struct Health {
 impl Health {
     fn observe<T>(&self, url: &str, result: &StorageResult<T>) {
         match result {
-            Err(StorageError::Unavailable(why)) => {
+            Err(e) if e.is_unavailable() => {
                 if self.up.swap(false, Ordering::SeqCst) {
                     *lock(&self.down_since) = Some(Instant::now());
                     tracing::warn!(
-                        "Redis storage at {url} unavailable ({why}); storage operations fail \
-                         until it answers again"
+                        error = e as &dyn std::error::Error,
+                        "Redis storage at {url} unavailable; storage operations fail until it \
+                         answers again"
                     );
                 }
             }
@@ -635,18 +636,20 @@ impl RedisStore {
             Ok(Err(e)) if e.code() == Some(error::LEASE_LOST) => Err(self
                 .lease
                 .lost(e.detail().unwrap_or("taken by another broker"))),
-            Ok(Err(e)) => Err(error::storage_error(&e)),
-            Err(_) => Err(StorageError::Unavailable(format!(
+            Ok(Err(e)) => Err(error::storage_error(e)),
+            Err(elapsed) => Err(StorageError::unavailable(format!(
                 "no answer from Redis within {} ms",
                 timeout.as_millis()
-            ))),
+            ))
+            .with_source(elapsed)),
         };
         self.health.observe(&self.url, &result);
-        result.map_err(|e| match e {
-            StorageError::Unavailable(why) if !why.contains(&self.url) => {
-                StorageError::Unavailable(format!("{why} (at {})", self.url))
+        result.map_err(|e| {
+            if e.is_unavailable() && !e.message().contains(&self.url) {
+                e.map_message(|m| format!("{m} (at {})", self.url))
+            } else {
+                e
             }
-            other => other,
         })
     }
 
@@ -836,7 +839,7 @@ fn pairs(v: Value, what: &str) -> StorageResult<Vec<(Vec<u8>, Vec<u8>)>> {
 }
 
 fn utf8(b: Vec<u8>, what: &str) -> StorageResult<String> {
-    String::from_utf8(b).map_err(|e| corrupt(what, e))
+    String::from_utf8(b).map_err(|e| corrupt(what, "not UTF-8").with_source(e))
 }
 
 /// The smallest byte string greater than every string starting with

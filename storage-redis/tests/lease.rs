@@ -52,7 +52,7 @@ fn enqueue(id: u64, client: &str, seq: u64) -> PacketOp {
 
 fn assert_lease_error<T: std::fmt::Debug>(r: Result<T, StorageError>, want: &str, what: &str) {
     match r {
-        Err(StorageError::Unavailable(why)) => {
+        Err(StorageError::Unavailable { message: why, .. }) => {
             assert!(why.contains("lost its lease"), "{what}: {why}");
             assert!(why.contains(want), "{what}: {why} (wanted {want:?})");
         }
@@ -295,7 +295,7 @@ async fn outage_longer_than_the_lease_keeps_it() {
     loop {
         match store.write(vec![enqueue(2, "c", 2)]).await {
             Ok(()) => break,
-            Err(StorageError::Unavailable(why)) if !why.contains("lease") => {
+            Err(StorageError::Unavailable { message: why, .. }) if !why.contains("lease") => {
                 assert!(
                     Instant::now() < deadline,
                     "no write after the outage: {why}"

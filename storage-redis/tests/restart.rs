@@ -179,8 +179,8 @@ fn assert_unavailable<T: std::fmt::Debug>(
     timeout: Duration,
 ) {
     match result {
-        Err(StorageError::Unavailable(why)) => {
-            assert!(why.contains("127.0.0.1"), "{what}: {why}")
+        Err(StorageError::Unavailable { message, .. }) => {
+            assert!(message.contains("127.0.0.1"), "{what}: {message}")
         }
         other => panic!("{what} while Redis is down: {other:?}"),
     }
@@ -294,7 +294,7 @@ async fn redis_killed_and_restarted() {
     let queue = loop {
         match store.read_queue("c", None, 10).await {
             Ok(q) => break q,
-            Err(StorageError::Unavailable(_)) if Instant::now() < deadline => {
+            Err(StorageError::Unavailable { .. }) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await
             }
             Err(e) => panic!("read_queue after Redis came back: {e}"),

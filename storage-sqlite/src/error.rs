@@ -73,25 +73,65 @@ impl OpenError {
 
 /// A runtime SQLite error as the broker sees it: conditions that may pass
 /// (disk full, locked, I/O) are `Unavailable`, damaged files `Corrupt`.
+/// The SQLite error is kept as the source.
 pub(crate) fn storage_error(e: rusqlite::Error) -> StorageError {
-    match e.sqlite_error_code() {
-        Some(ErrorCode::DiskFull) => {
-            StorageError::Unavailable(format!("database or disk is full: {e}"))
+    let error = match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => StorageError::unavailable("database or disk is full"),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            StorageError::unavailable("the SQLite database is locked")
         }
-        Some(
-            ErrorCode::DatabaseBusy
-            | ErrorCode::DatabaseLocked
-            | ErrorCode::SystemIoFailure
-            | ErrorCode::CannotOpen
-            | ErrorCode::ReadOnly,
-        ) => StorageError::Unavailable(e.to_string()),
+        Some(ErrorCode::SystemIoFailure) => {
+            StorageError::unavailable("I/O error on the SQLite database")
+        }
+        Some(ErrorCode::CannotOpen) => {
+            StorageError::unavailable("SQLite cannot open the database file")
+        }
+        Some(ErrorCode::ReadOnly) => StorageError::unavailable("the SQLite database is read-only"),
         Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
-            StorageError::Corrupt(e.to_string())
+            StorageError::corrupt("the SQLite database file is damaged")
         }
         _ => match e {
             rusqlite::Error::FromSqlConversionFailure(..)
-            | rusqlite::Error::IntegralValueOutOfRange(..) => StorageError::Corrupt(e.to_string()),
-            e => StorageError::Backend(e.to_string()),
+            | rusqlite::Error::IntegralValueOutOfRange(..) => {
+                StorageError::corrupt("a stored value does not fit its column")
+            }
+            _ => StorageError::backend("SQLite failed"),
         },
+    };
+    error.with_source(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::*;
+
+    #[test]
+    fn the_sqlite_error_is_the_source() {
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            Some("database or disk is full".into()),
+        );
+        let e = storage_error(full);
+        assert!(e.is_unavailable(), "{e:?}");
+        assert!(e.message().contains("full"), "{e}");
+        let source = e.source().expect("a source");
+        let inner = source
+            .downcast_ref::<rusqlite::Error>()
+            .expect("SQLite's error");
+        assert_eq!(inner.sqlite_error_code(), Some(ErrorCode::DiskFull));
+
+        let corrupt = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+            None,
+        );
+        assert!(storage_error(corrupt).is_corrupt());
+        let other = storage_error(rusqlite::Error::QueryReturnedNoRows);
+        assert_eq!(
+            other.kind(),
+            broker_core::storage::StorageErrorKind::Backend
+        );
+        assert!(other.source().is_some());
     }
 }

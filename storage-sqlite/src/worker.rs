@@ -60,12 +60,11 @@ impl Worker {
         });
         let sent = self.jobs.as_ref().map(|j| j.send(job).is_ok());
         if sent != Some(true) {
-            return Err(StorageError::Unavailable(
-                "the SQLite worker has stopped".into(),
-            ));
+            return Err(StorageError::unavailable("the SQLite worker has stopped"));
         }
-        rx.await
-            .map_err(|_| StorageError::Backend("the SQLite worker stopped mid-operation".into()))?
+        rx.await.map_err(|e| {
+            StorageError::backend("the SQLite worker stopped mid-operation").with_source(e)
+        })?
     }
 }
 

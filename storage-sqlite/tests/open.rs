@@ -104,8 +104,13 @@ async fn a_full_database_refuses_writes_and_keeps_what_it_has() {
     };
     assert!(written > 10, "only {written} writes fit");
     assert!(
-        matches!(&error, StorageError::Unavailable(m) if m.contains("full")),
+        matches!(&error, StorageError::Unavailable { message, .. } if message.contains("full")),
         "{error:?}"
+    );
+    let cause = std::error::Error::source(&error).and_then(|s| s.downcast_ref::<rusqlite::Error>());
+    assert!(
+        cause.is_some(),
+        "SQLite's error is not the source: {error:?}"
     );
     // What was committed before is intact, in order, also after a reopen;
     // the failed write left nothing behind.

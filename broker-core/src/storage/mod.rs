@@ -51,18 +51,201 @@ use crate::subscription::SubscriptionOptions;
 /// A client identifier, shared cheaply.
 pub type ClientId = Arc<str>;
 
-/// Errors a storage backend reports.
-#[derive(Debug, Clone, thiserror::Error)]
+/// The error behind a [`StorageError`], kept for [`std::error::Error::source`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors a storage backend reports, classified by what the caller can do.
+///
+/// The message says what failed in the adapter's words; the driver's own
+/// error, when there is one, is the [`source`](std::error::Error::source),
+/// so that a report of the whole chain names both without repeating either.
+///
+/// ```
+/// use std::error::Error;
+/// use broker_core::storage::StorageError;
+///
+/// let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+/// let e = StorageError::unavailable("cannot reach the database").with_source(io);
+/// assert!(e.is_unavailable());
+/// assert_eq!(e.to_string(), "storage unavailable: cannot reach the database");
+/// assert_eq!(e.source().map(|s| s.to_string()).as_deref(), Some("refused"));
+/// ```
+#[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     /// The database cannot be reached or refused the operation; retrying later may work.
-    #[error("storage unavailable: {0}")]
-    Unavailable(String),
+    #[error("storage unavailable: {message}")]
+    Unavailable {
+        /// What failed.
+        message: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// Stored data could not be understood.
-    #[error("stored data is invalid: {0}")]
-    Corrupt(String),
+    #[error("stored data is invalid: {message}")]
+    Corrupt {
+        /// What is wrong with the data.
+        message: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// Any other backend failure.
-    #[error("storage error: {0}")]
-    Backend(String),
+    #[error("storage error: {message}")]
+    Backend {
+        /// What failed.
+        message: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+/// The three kinds of [`StorageError`], to compare or copy a kind without
+/// the error's source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageErrorKind {
+    /// [`StorageError::Unavailable`].
+    Unavailable,
+    /// [`StorageError::Corrupt`].
+    Corrupt,
+    /// [`StorageError::Backend`].
+    Backend,
+}
+
+impl StorageError {
+    /// Retrying later may work: the database cannot be reached or refused the operation.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StorageErrorKind::Unavailable, message)
+    }
+
+    /// Stored data could not be understood.
+    pub fn corrupt(message: impl Into<String>) -> Self {
+        Self::new(StorageErrorKind::Corrupt, message)
+    }
+
+    /// Any other backend failure.
+    pub fn backend(message: impl Into<String>) -> Self {
+        Self::new(StorageErrorKind::Backend, message)
+    }
+
+    /// An error of `kind` without a source.
+    pub fn new(kind: StorageErrorKind, message: impl Into<String>) -> Self {
+        let (message, source) = (message.into(), None);
+        match kind {
+            StorageErrorKind::Unavailable => StorageError::Unavailable { message, source },
+            StorageErrorKind::Corrupt => StorageError::Corrupt { message, source },
+            StorageErrorKind::Backend => StorageError::Backend { message, source },
+        }
+    }
+
+    /// The same error, caused by `source` (replacing any source it had).
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        *self.source_mut() = Some(Box::new(source));
+        self
+    }
+
+    /// Which of the three kinds this is.
+    pub fn kind(&self) -> StorageErrorKind {
+        match self {
+            StorageError::Unavailable { .. } => StorageErrorKind::Unavailable,
+            StorageError::Corrupt { .. } => StorageErrorKind::Corrupt,
+            StorageError::Backend { .. } => StorageErrorKind::Backend,
+        }
+    }
+
+    /// What failed, without the kind's prefix that `Display` adds and without the source.
+    pub fn message(&self) -> &str {
+        match self {
+            StorageError::Unavailable { message, .. }
+            | StorageError::Corrupt { message, .. }
+            | StorageError::Backend { message, .. } => message,
+        }
+    }
+
+    /// True for [`StorageError::Unavailable`]: retrying later may work.
+    pub fn is_unavailable(&self) -> bool {
+        self.kind() == StorageErrorKind::Unavailable
+    }
+
+    /// True for [`StorageError::Corrupt`]: stored data could not be understood.
+    pub fn is_corrupt(&self) -> bool {
+        self.kind() == StorageErrorKind::Corrupt
+    }
+
+    /// The same error with `f` applied to its message; kind and source stay.
+    pub fn map_message(mut self, f: impl FnOnce(String) -> String) -> Self {
+        let message = match &mut self {
+            StorageError::Unavailable { message, .. }
+            | StorageError::Corrupt { message, .. }
+            | StorageError::Backend { message, .. } => message,
+        };
+        *message = f(std::mem::take(message));
+        self
+    }
+
+    /// A copy of `shared` for one of several callers failed by it (a group
+    /// commit fails every request of a batch alike): the same kind and
+    /// message, and a source that reads as `shared`'s source and continues
+    /// into that source's own chain. Only a downcast of the first source to
+    /// the driver's type is lost; the original error itself is not copied.
+    pub fn copy_of(shared: &std::sync::Arc<StorageError>) -> StorageError {
+        let copy = StorageError::new(shared.kind(), shared.message());
+        match shared.source_ref() {
+            Some(_) => copy.with_source(SharedSource(shared.clone())),
+            None => copy,
+        }
+    }
+
+    fn source_ref(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        match self {
+            StorageError::Unavailable { source, .. }
+            | StorageError::Corrupt { source, .. }
+            | StorageError::Backend { source, .. } => source.as_deref(),
+        }
+    }
+
+    fn source_mut(&mut self) -> &mut Option<BoxError> {
+        match self {
+            StorageError::Unavailable { source, .. }
+            | StorageError::Corrupt { source, .. }
+            | StorageError::Backend { source, .. } => source,
+        }
+    }
+}
+
+/// The source of a [`StorageError::copy_of`]: stands for the shared error's
+/// source (its text, its `Debug`, its chain).
+struct SharedSource(std::sync::Arc<StorageError>);
+
+impl SharedSource {
+    fn inner(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        self.0.source_ref()
+    }
+}
+
+impl std::fmt::Display for SharedSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.inner() {
+            Some(e) => std::fmt::Display::fmt(e, f),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Debug for SharedSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.inner() {
+            Some(e) => std::fmt::Debug::fmt(e, f),
+            None => f.write_str("None"),
+        }
+    }
+}
+
+impl std::error::Error for SharedSource {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner().and_then(|e| e.source())
+    }
 }
 
 /// Result of a storage operation.
@@ -303,5 +486,70 @@ impl Storage {
             subscriptions: backend.clone(),
             retained: backend,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("driver: {0}")]
+    struct Driver(&'static str, #[source] std::io::Error);
+
+    fn driver() -> Driver {
+        Driver("disk full", std::io::Error::other("ENOSPC"))
+    }
+
+    /// The text of each error in `e`'s source chain.
+    fn chain(e: &StorageError) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut next = e.source();
+        while let Some(s) = next {
+            out.push(s.to_string());
+            next = s.source();
+        }
+        out
+    }
+
+    #[test]
+    fn the_source_is_kept() {
+        let e = StorageError::unavailable("cannot write the batch").with_source(driver());
+        assert_eq!(e.to_string(), "storage unavailable: cannot write the batch");
+        assert_eq!(e.message(), "cannot write the batch");
+        assert!(e.is_unavailable() && !e.is_corrupt());
+        let source = e.source().expect("a source");
+        let inner = source.downcast_ref::<Driver>().expect("the driver's error");
+        assert_eq!(inner.0, "disk full");
+        assert_eq!(chain(&e), ["driver: disk full", "ENOSPC"]);
+    }
+
+    #[test]
+    fn kinds_messages_and_no_source() {
+        let e = StorageError::corrupt("field `qos` holds 3");
+        assert_eq!(e.to_string(), "stored data is invalid: field `qos` holds 3");
+        assert!(e.is_corrupt() && e.source().is_none());
+        let e = StorageError::backend("no such table");
+        assert_eq!(e.kind(), StorageErrorKind::Backend);
+        assert_eq!(e.to_string(), "storage error: no such table");
+        let e = StorageError::new(StorageErrorKind::Unavailable, "down")
+            .with_source(driver())
+            .map_message(|m| format!("{m} (at db)"));
+        assert_eq!(e.message(), "down (at db)");
+        assert!(e.is_unavailable() && e.source().is_some());
+    }
+
+    #[test]
+    fn a_copy_for_another_caller_keeps_kind_message_and_chain() {
+        let shared = Arc::new(StorageError::corrupt("bad body").with_source(driver()));
+        let copy = StorageError::copy_of(&shared);
+        assert_eq!(copy.kind(), StorageErrorKind::Corrupt);
+        assert_eq!(copy.to_string(), shared.to_string());
+        assert_eq!(chain(&copy), chain(&shared));
+        let plain = StorageError::copy_of(&Arc::new(StorageError::unavailable("stopping")));
+        assert!(plain.is_unavailable() && plain.source().is_none());
     }
 }
