@@ -91,7 +91,7 @@ async fn run(
             "group commit"
         );
         if let Err(e) = &result {
-            warn!(error = %e, requests = batch.len(), "storage write failed");
+            warn!(error = %e.report(), requests = batch.len(), "storage write failed");
         }
         // Every request of the batch fails alike, each with its copy of the error.
         let shared = result.err().map(Arc::new);

@@ -62,7 +62,7 @@ pub(crate) async fn start(core: &Arc<Core>) {
                     // (bodies included) once per interval.
                     match core.storage().retained.lookup_retained("#").await {
                         Ok(r) => stats.push(("$SYS/broker/retained messages/count".into(), r.len().to_string())),
-                        Err(e) => warn!(error = %e, "cannot count retained messages for $SYS"),
+                        Err(e) => warn!(error = %e.report(), "cannot count retained messages for $SYS"),
                     }
                     for (topic, value) in stats {
                         publish(&core, topic, value, true).await;
@@ -86,7 +86,9 @@ async fn stored_id(core: &Core) -> String {
                 return id.to_string();
             }
         }
-        Err(e) => warn!(error = %e, "cannot read the stored $SYS broker id: a new one is used"),
+        Err(e) => {
+            warn!(error = %e.report(), "cannot read the stored $SYS broker id: a new one is used")
+        }
     }
     let id = format!(
         "{:012x}",
@@ -95,7 +97,7 @@ async fn stored_id(core: &Core) -> String {
     let mut m = Message::new(ID_TOPIC, id.clone(), QoS::AtMostOnce, true);
     m.id = 0;
     if let Err(e) = retained.set_retained(Arc::new(m)).await {
-        warn!(error = %e, "cannot store the $SYS broker id");
+        warn!(error = %e.report(), "cannot store the $SYS broker id");
     }
     id
 }
@@ -196,7 +198,7 @@ async fn publish(core: &Core, topic: String, payload: String, retain: bool) {
     let message = Message::new(topic, payload, QoS::AtMostOnce, retain);
     match core.publish(message, &Origin::Internal, None).await {
         Ok(accepted) => drop(accepted.committed),
-        Err(e) => warn!(error = %e, "$SYS message not published"),
+        Err(e) => warn!(error = %e.report(), "$SYS message not published"),
     }
 }
 

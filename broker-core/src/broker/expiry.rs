@@ -140,7 +140,7 @@ impl Core {
             client_id: client.clone(),
         });
         if let Err(e) = self.discard(&s).await {
-            warn!(%client, error = %e, "could not discard the expired session");
+            warn!(%client, error = %e.report(), "could not discard the expired session");
         }
     }
 }

@@ -160,7 +160,7 @@ impl Core {
         if persistent && expiry != Some(0) {
             let record = session_record(&session.client_id, expiry, Some(now));
             if let Err(e) = self.storage.subscriptions.save_session(&record).await {
-                warn!(client = %session.client_id, error = %e, "could not record the disconnect time");
+                warn!(client = %session.client_id, error = %e.report(), "could not record the disconnect time");
             }
             if let Some(secs) = expiry {
                 self.expiry.schedule(
@@ -172,10 +172,10 @@ impl Core {
             // member that is online, if the group has one.
             let online_elsewhere = |share: &str| self.group_has_online_member(share, session);
             if let Err(e) = self.redistribute(session, online_elsewhere, false).await {
-                warn!(client = %session.client_id, error = %e, "could not hand shared messages to another member");
+                warn!(client = %session.client_id, error = %e.report(), "could not hand shared messages to another member");
             }
         } else if let Err(e) = self.discard(session).await {
-            warn!(client = %session.client_id, error = %e, "could not discard the session");
+            warn!(client = %session.client_id, error = %e.report(), "could not discard the session");
         }
     }
 

@@ -84,7 +84,7 @@ impl Core {
                 client_id: id.clone(),
                 topic,
             }),
-            Err(e) => warn!(client = %id, error = %e, "will message not published"),
+            Err(e) => warn!(client = %id, error = %e.report(), "will message not published"),
         }
     }
 }

@@ -254,7 +254,7 @@ where
                 AttachError::HookFailed(_) | AttachError::Storage(_) => R::ServerUnavailable,
             };
             if let AttachError::Storage(e) = &e {
-                warn!(%peer, client = %named, error = %e, "cannot open session: storage failed");
+                warn!(%peer, client = %named, error = %e.report(), "cannot open session: storage failed");
             }
             let reason = refuse(&mut write, protocol, code, &e.to_string()).await;
             refused(Some(&named), reason);

@@ -348,7 +348,7 @@ impl Reader {
                 // The subscription stands either way: a store that cannot be
                 // read costs the retained messages, not the connection.
                 if let Err(e) = self.link.deliver_retained(&filter, &options).await {
-                    warn!(client = %self.link.client_id(), %filter, error = %e, "retained messages not delivered");
+                    warn!(client = %self.link.client_id(), %filter, error = %e.report(), "retained messages not delivered");
                 }
             }
         }

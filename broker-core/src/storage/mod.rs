@@ -113,7 +113,35 @@ pub enum StorageErrorKind {
     Backend,
 }
 
+/// A [`StorageError`] with its whole chain of sources, for log lines:
+/// `storage unavailable: no connection to Redis: Connection refused (os error 111)`.
+///
+/// ```
+/// use broker_core::storage::StorageError;
+/// let io = std::io::Error::other("disk on fire");
+/// let e = StorageError::unavailable("cannot write").with_source(io);
+/// assert_eq!(e.report().to_string(), "storage unavailable: cannot write: disk on fire");
+/// ```
+pub struct Report<'a>(&'a StorageError);
+
+impl std::fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = std::error::Error::source(self.0);
+        while let Some(e) = next {
+            write!(f, ": {e}")?;
+            next = e.source();
+        }
+        Ok(())
+    }
+}
+
 impl StorageError {
+    /// The error and its sources on one line, for logs.
+    pub fn report(&self) -> Report<'_> {
+        Report(self)
+    }
+
     /// Retrying later may work: the database cannot be reached or refused the operation.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StorageErrorKind::Unavailable, message)
