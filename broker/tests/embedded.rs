@@ -7,8 +7,38 @@ use broker_core::client::ClientOptions;
 use broker_core::message::{Message, QoS};
 use broker_core::Broker;
 
+/// Shut down and wait until the broker's tasks have let go of the SQLite
+/// file (its lock), so that the next broker can open it.
+async fn stop(broker: Broker) {
+    broker.shutdown().await;
+    let state = broker_core::internals::weak_state(&broker);
+    drop(broker);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while state.strong_count() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stopped broker still holds its store"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 async fn start(url: &str) -> Broker {
-    let storage = storage_url::open(url).await.expect("SQLite opens");
+    // The stopped broker's group-commit task lets go of the file a moment
+    // after the broker itself.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let storage = loop {
+        match storage_url::open(url).await {
+            Ok(s) => break s,
+            Err(e)
+                if tokio::time::Instant::now() < deadline
+                    && format!("{e:#}").contains("locked") =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("SQLite opens: {e:#}"),
+        }
+    };
     Broker::builder()
         .storage(storage)
         .start()
@@ -58,7 +88,7 @@ async fn in_process_persistent_subscriber_gets_its_backlog_in_order_across_a_res
     let unacked = device.recv().await.expect("delivery");
     assert_eq!(&unacked.message().payload[..], b"50");
     drop(device);
-    broker.shutdown().await;
+    stop(broker).await;
 
     let broker = start(&url).await;
     let mut device = broker
