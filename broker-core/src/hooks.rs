@@ -13,10 +13,13 @@
 //!   `hook_timeout_ms` (default 5 s); past that, or if it returns an error
 //!   or panics, the broker refuses what was asked (fails closed), counts it
 //!   in `Stats::hook_failures` and logs it.
-//! - [`Authorize::authorize_delivery`] is not async: it runs on the routing
-//!   hot path, once per matching subscriber of every message, under the
-//!   routing lock. It must answer from memory in microseconds and never
-//!   block. A panic there denies that delivery.
+//! - [`Authorize::authorize_delivery`] is not async: it runs on the delivery
+//!   hot path, in the recipient's connection task, once per message about
+//!   to be sent (again when a message is resent after a reconnect). It must
+//!   answer from memory in microseconds and never block. A panic there
+//!   denies that delivery. It runs at delivery, not at routing, so a denied
+//!   message is queued (and for a persistent session stored) until its turn
+//!   comes, then dropped as if delivered.
 //! - No decision is cached by the broker, except where a hook asks for it
 //!   ([`Authorize::publish_cache`]): then a client's allowed publishes are
 //!   remembered per topic for that long, on its connection only.
@@ -232,9 +235,10 @@ pub trait Authorize: Send + Sync + 'static {
 
     /// May `message` be delivered to `recipient` (Mosca's `authorizeForward`)?
     ///
-    /// Contract: synchronous, on the routing hot path (see the module
+    /// Contract: synchronous, on the delivery hot path (see the module
     /// documentation): answer from memory, never block. Deny: that
-    /// subscriber does not get the message; the others do.
+    /// subscriber does not get the message (its queued copy is dropped as
+    /// if delivered); the others do.
     fn authorize_delivery(&self, recipient: &ClientInfo, message: &Message) -> Decision {
         let _ = (recipient, message);
         Decision::Allow
