@@ -213,6 +213,8 @@ impl Client {
                 will: None,
                 peer: None,
                 listener: Arc::from("internal"),
+                allow_anonymous: true,
+                certificate_identity: false,
                 protocol: ProtocolVersion::Internal,
                 authenticated: false,
             })

@@ -109,6 +109,12 @@ pub struct BrokerConfig {
     /// Milliseconds an authentication or authorization hook may take before
     /// the broker gives up on it and refuses (fails closed).
     pub hook_timeout_ms: u64,
+    /// Failed authentications one peer address may have within
+    /// `auth_failure_window_secs`; then its connections are refused
+    /// (CONNACK 0x9F / 0x03) until the window ends. 0: no limit.
+    pub auth_failure_limit: u32,
+    /// The window of `auth_failure_limit`, in seconds.
+    pub auth_failure_window_secs: u64,
 }
 
 /// The `$SYS` topics (the `[sys]` table of the binary's config).
@@ -187,6 +193,8 @@ impl Default for BrokerConfig {
             max_connections: 100_000,
             max_connection_rate: 1000,
             hook_timeout_ms: 5000,
+            auth_failure_limit: 10,
+            auth_failure_window_secs: 60,
         }
     }
 }
@@ -241,6 +249,9 @@ impl BrokerConfig {
         }
         if self.max_keep_alive == Some(0) {
             return Err(invalid("max_keep_alive", "must be at least 1 second"));
+        }
+        if self.auth_failure_limit > 0 && self.auth_failure_window_secs == 0 {
+            return Err(invalid("auth_failure_window_secs", "must be at least 1"));
         }
         if self.hook_timeout_ms == 0 {
             return Err(invalid("hook_timeout_ms", "must be at least 1"));

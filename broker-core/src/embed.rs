@@ -204,6 +204,8 @@ pub struct StatsSnapshot {
     pub clients_maximum: u64,
     /// Clients the authentication hook refused.
     pub authentication_failures: u64,
+    /// Connections refused because their address failed too many authentications.
+    pub authentication_throttled: u64,
     /// Requests the authorization hook denied.
     pub authorization_denials: u64,
     /// Hook calls that timed out, failed or panicked.
@@ -333,6 +335,7 @@ impl Broker {
             clients_connected: get(&s.clients_connected),
             clients_maximum: get(&s.clients_maximum),
             authentication_failures: get(&s.authentication_failures),
+            authentication_throttled: get(&s.authentication_throttled),
             authorization_denials: get(&s.authorization_denials),
             hook_failures: get(&s.hook_failures),
             events_dropped: self.core.events().dropped(),

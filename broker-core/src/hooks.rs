@@ -85,8 +85,14 @@ pub struct ConnectInfo {
     pub password: Option<Bytes>,
     /// The peer's address (`None` for in-process clients).
     pub peer: Option<SocketAddr>,
-    /// The name of the listener it came through (its bind address, or `internal`).
+    /// The name of the listener it came through (`PROTOCOL:ADDRESS`, or `internal`).
     pub listener: Arc<str>,
+    /// Whether that listener admits clients no authentication vouches for
+    /// (its `allow_anonymous`); what counts as anonymous is the hook's call.
+    pub allow_anonymous: bool,
+    /// `username` is the name of the client's verified TLS certificate
+    /// (`use_identity_as_username`): the certificate stands for the password.
+    pub username_from_certificate: bool,
     /// Its protocol.
     pub protocol: ProtocolVersion,
 }

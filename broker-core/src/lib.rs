@@ -45,6 +45,7 @@
 //! [`storage`]'s traits.
 
 mod admission;
+mod auth_throttle;
 mod broker;
 mod codec;
 mod connection;

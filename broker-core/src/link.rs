@@ -55,6 +55,10 @@ pub(crate) struct AttachRequest {
     pub(crate) will: Option<Will>,
     pub(crate) peer: Option<SocketAddr>,
     pub(crate) listener: Arc<str>,
+    /// The listener admits clients no authentication vouches for.
+    pub(crate) allow_anonymous: bool,
+    /// `username` is the name of the client's verified TLS certificate.
+    pub(crate) certificate_identity: bool,
     pub(crate) protocol: ProtocolVersion,
     /// MQTT 5 enhanced authentication already let the client in: the
     /// authentication hook is not asked again.
@@ -73,6 +77,9 @@ pub enum AttachError {
     /// The authorization hook refused the client's will.
     #[error("the will message is not authorized")]
     WillNotAuthorized,
+    /// Its address failed to authenticate too often lately (`auth_failure_limit`).
+    #[error("too many failed authentications from this address")]
+    Throttled,
     /// A hook timed out, failed or panicked; the client may retry later.
     #[error("authentication could not be decided: {0}")]
     HookFailed(String),
@@ -165,31 +172,47 @@ impl Core {
             req.client_id.as_str().into()
         };
         let mut identity = req.username.clone();
-        if let (Some(hook), false) = (&self.hooks().authenticate, req.authenticated) {
-            let info = ConnectInfo {
-                client_id: client_id.to_string(),
-                username: req.username.clone(),
-                password: req.password.clone(),
-                peer: req.peer,
-                listener: req.listener.clone(),
-                protocol: req.protocol,
-            };
-            let login = call_hook(self, "authenticate", &client_id, hook.authenticate(&info))
-                .await
-                .ok_or_else(|| {
-                    AttachError::HookFailed("the authentication hook did not answer".into())
-                })?;
-            match login {
-                Login::Allow { identity: Some(i) } => identity = Some(i),
-                Login::Allow { identity: None } => {}
-                Login::BadCredentials => {
-                    Stats::bump(&self.stats().authentication_failures);
-                    return Err(AttachError::BadCredentials);
+        let ip = req.peer.map(|p| p.ip());
+        if ip.is_some_and(|ip| self.auth_throttle().blocked(ip)) {
+            return Err(AttachError::Throttled);
+        }
+        let login = match (&self.hooks().authenticate, req.authenticated) {
+            (_, true) => Login::allow(),
+            (Some(hook), false) => {
+                let info = ConnectInfo {
+                    client_id: client_id.to_string(),
+                    username: req.username.clone(),
+                    password: req.password.clone(),
+                    peer: req.peer,
+                    listener: req.listener.clone(),
+                    allow_anonymous: req.allow_anonymous,
+                    username_from_certificate: req.certificate_identity,
+                    protocol: req.protocol,
+                };
+                call_hook(self, "authenticate", &client_id, hook.authenticate(&info))
+                    .await
+                    .ok_or_else(|| {
+                        AttachError::HookFailed("the authentication hook did not answer".into())
+                    })?
+            }
+            // Nothing verifies a username without a hook: on a listener
+            // that refuses anonymous clients only a certificate gets in.
+            (None, false) if req.allow_anonymous || req.certificate_identity => Login::allow(),
+            (None, false) => Login::NotAuthorized,
+        };
+        match login {
+            Login::Allow { identity: Some(i) } => identity = Some(i),
+            Login::Allow { identity: None } => {}
+            Login::BadCredentials | Login::NotAuthorized => {
+                Stats::bump(&self.stats().authentication_failures);
+                if let Some(ip) = ip {
+                    self.auth_throttle().failed(ip);
                 }
-                Login::NotAuthorized => {
-                    Stats::bump(&self.stats().authentication_failures);
-                    return Err(AttachError::NotAuthorized);
-                }
+                return Err(if login == Login::BadCredentials {
+                    AttachError::BadCredentials
+                } else {
+                    AttachError::NotAuthorized
+                });
             }
         }
         let client = Arc::new(ClientInfo {

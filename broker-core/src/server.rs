@@ -1,5 +1,10 @@
-//! TCP listeners: accept, admit (`max_connections`, `max_connection_rate`),
+//! Listeners: accept, admit (`max_connections`, `max_connection_rate`),
 //! and hand each connection to its own task until the broker shuts down.
+//!
+//! [`Server`] is the plain TCP listener. Other transports (TLS, WebSocket:
+//! the `broker-net` crate) go through the same three steps with
+//! [`Broker::admit`], [`Admitted::spawn`] and [`Broker::serve`], so that
+//! every connection, whatever carries it, is served by one code path.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -19,12 +24,93 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, ToSocketAddrs};
 use tracing::{debug, warn};
 
 use crate::broker::Core;
 use crate::connection;
 use crate::Broker;
+
+/// Who is at the other end of an accepted connection, as its listener knows
+/// it; the hooks see this in [`ConnectInfo`](crate::hooks::ConnectInfo).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The peer's address.
+    pub addr: SocketAddr,
+    /// The listener's name (`PROTOCOL:ADDRESS`), in logs, events and hooks.
+    pub listener: Arc<str>,
+    /// Whether the listener admits clients that no authentication vouches
+    /// for. Without an authentication hook, a listener that does not
+    /// refuses every client but those with a [`Peer::certificate_identity`].
+    pub allow_anonymous: bool,
+    /// The name in the client's verified TLS certificate, when the listener
+    /// uses it as the username (Mosquitto's `use_identity_as_username`):
+    /// it replaces the User Name of CONNECT, and the certificate stands for
+    /// the password.
+    pub certificate_identity: Option<String>,
+}
+
+impl Peer {
+    /// A peer of listener `listener` that admits anonymous clients.
+    pub fn new(addr: SocketAddr, listener: Arc<str>) -> Peer {
+        Peer {
+            addr,
+            listener,
+            allow_anonymous: true,
+            certificate_identity: None,
+        }
+    }
+}
+
+/// A connection the broker admitted: it holds its place among the open
+/// connections until the task given to [`Admitted::spawn`] ends.
+pub struct Admitted {
+    core: Arc<Core>,
+    permit: crate::admission::Permit,
+}
+
+impl Admitted {
+    /// Run `connection` (typically a transport handshake, then
+    /// [`Broker::serve`]) on its own task, which shutdown waits for.
+    pub fn spawn<F>(self, connection: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let Admitted { core, permit } = self;
+        core.spawn_connection(async move {
+            connection.await;
+            drop(permit);
+        });
+    }
+}
+
+impl Broker {
+    /// Admit a new connection, or refuse it (counted and logged) when
+    /// `max_connections` are open or they come faster than
+    /// `max_connection_rate`; the caller then just closes the socket.
+    pub fn admit(&self) -> Option<Admitted> {
+        let permit = self.core().admit().ok()?;
+        Some(Admitted {
+            core: self.core().clone(),
+            permit,
+        })
+    }
+
+    /// Serve one MQTT client on `stream` (any byte stream: TCP, TLS,
+    /// WebSocket) until it ends.
+    pub async fn serve<S>(&self, stream: S, peer: Peer)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        connection::handle(self.core().clone(), stream, peer).await
+    }
+
+    /// Resolves once the broker begins to shut down: listeners stop accepting.
+    pub fn shutting_down(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.core().shutdown_token().cancelled_owned()
+    }
+}
 
 /// A bound listener serving MQTT over TCP.
 pub struct Server {
@@ -63,7 +149,7 @@ impl Server {
                         let Ok(permit) = self.core.admit() else { continue };
                         let _ = stream.set_nodelay(true);
                         debug!(%peer, "accepted");
-                        let serve = connection::handle(self.core.clone(), stream, peer, self.name.clone());
+                        let serve = connection::handle(self.core.clone(), stream, Peer::new(peer, self.name.clone()));
                         self.core.spawn_connection(async move {
                             serve.await;
                             drop(permit);

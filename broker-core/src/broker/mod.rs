@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::{Admission, Permit, Refused};
+use crate::auth_throttle::AuthThrottle;
 use crate::config::{BrokerConfig, SysConfig};
 use crate::events::{Event, EventBus};
 use crate::group_commit::GroupCommit;
@@ -126,6 +127,8 @@ pub(crate) struct Stats {
     pub(crate) clients_maximum: AtomicU64,
     /// Connections refused by the authentication hook.
     pub(crate) authentication_failures: AtomicU64,
+    /// Connections refused because their address failed too many authentications.
+    pub(crate) authentication_throttled: AtomicU64,
     /// Publishes, subscriptions and deliveries the authorization hook denied.
     pub(crate) authorization_denials: AtomicU64,
     /// Hook calls that timed out, failed or panicked (and so refused).
@@ -160,6 +163,8 @@ pub(crate) struct Core {
     connections: TaskTracker,
     /// The gate every accepted connection passes first.
     admission: Arc<Admission>,
+    /// Failed authentications per peer address.
+    auth_throttle: AuthThrottle,
     shutdown: CancellationToken,
     events: EventBus,
     started: Instant,
@@ -190,6 +195,7 @@ impl Core {
             config.max_connection_rate,
             stats.clone(),
         );
+        let config_throttle = (config.auth_failure_limit, config.auth_failure_window_secs);
         let core = Arc::new(Core {
             writer: GroupCommit::start(storage.packets.clone(), config.max_commit_batch),
             config,
@@ -211,6 +217,11 @@ impl Core {
             events: EventBus::default(),
             started: Instant::now(),
             admission,
+            auth_throttle: AuthThrottle::new(
+                config_throttle.0,
+                std::time::Duration::from_secs(config_throttle.1),
+                stats.clone(),
+            ),
             stats,
         });
         core.restore().await?;
@@ -320,6 +331,11 @@ impl Core {
     /// `max_connection_rate`); the permit is held for the connection's life.
     pub(crate) fn admit(&self) -> Result<Permit, Refused> {
         self.admission.try_admit()
+    }
+
+    /// The failed-authentication throttle.
+    pub(crate) fn auth_throttle(&self) -> &AuthThrottle {
+        &self.auth_throttle
     }
 
     /// Client connections open now (admitted and not yet closed).

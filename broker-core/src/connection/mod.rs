@@ -22,7 +22,6 @@ mod reader;
 mod writer;
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +42,7 @@ use crate::events::Event;
 use crate::hooks::ProtocolVersion;
 use crate::link::{AttachError, AttachRequest};
 use crate::message::{now_ms, Message, MessageProperties};
+use crate::server::Peer;
 use crate::storage::StorageError;
 use crate::topic;
 
@@ -156,12 +156,13 @@ impl Close {
     }
 }
 
-/// Serve one client on `stream` until it ends. `peer` and `listener` name
-/// it in logs, events and hooks.
-pub(crate) async fn handle<S>(core: Arc<Core>, stream: S, peer: SocketAddr, listener: Arc<str>)
+/// Serve one client on `stream` until it ends. `transport` names it in
+/// logs, events and hooks.
+pub(crate) async fn handle<S>(core: Arc<Core>, stream: S, transport: Peer)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let peer = transport.addr;
     let (read, mut write) = tokio::io::split(stream);
     // Buffers start small and grow with the traffic: most connections of a
     // large deployment are idle, and each byte here counts ten thousand times.
@@ -229,15 +230,22 @@ where
         _ => (connect.keep_alive, None),
     };
 
+    // A certificate identity replaces the User Name (use_identity_as_username).
+    let username = match &transport.certificate_identity {
+        Some(name) => Some(name.clone()),
+        None => connect.username.as_ref().map(|u| u.to_string()),
+    };
     let request = AttachRequest {
         client_id: named.clone(),
-        username: connect.username.as_ref().map(|u| u.to_string()),
+        username,
         password: connect.password.clone(),
         clean_start: connect.clean_start,
         expiry,
         will,
         peer: Some(peer),
-        listener,
+        listener: transport.listener,
+        allow_anonymous: transport.allow_anonymous,
+        certificate_identity: transport.certificate_identity.is_some(),
         protocol: match protocol {
             Protocol::V3 => ProtocolVersion::V3,
             Protocol::V5 => ProtocolVersion::V5,
@@ -251,6 +259,7 @@ where
             let code = match &e {
                 AttachError::BadCredentials => R::BadUserNameOrPassword,
                 AttachError::NotAuthorized | AttachError::WillNotAuthorized => R::NotAuthorized,
+                AttachError::Throttled => R::ConnectionRateExceeded,
                 AttachError::HookFailed(_) | AttachError::Storage(_) => R::ServerUnavailable,
             };
             if let AttachError::Storage(e) = &e {
