@@ -65,6 +65,7 @@ where
     Ok(WsStream {
         inner,
         pending: Bytes::new(),
+        sending: None,
     })
 }
 
@@ -75,11 +76,16 @@ fn refusal(status: StatusCode, why: &str) -> ErrorResponse {
 }
 
 /// A WebSocket carrying MQTT as a byte stream: reads concatenate binary
-/// frames; each write is sent as one binary frame.
+/// frames; each write is sent as one binary frame and is complete only
+/// once flushed to the socket (the connection code does not flush after
+/// every write, as a socket does not need it), so a write that must wait
+/// is reported, on the caller's retry with the same bytes, as done.
 pub(crate) struct WsStream<S> {
     inner: WebSocketStream<S>,
     /// What is left of the last frame read.
     pending: Bytes,
+    /// Bytes of a write handed to the WebSocket and not yet flushed out.
+    sending: Option<usize>,
 }
 
 fn to_io(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
@@ -128,11 +134,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        ready!(Pin::new(&mut self.inner).poll_ready(cx)).map_err(to_io)?;
-        Pin::new(&mut self.inner)
-            .start_send(Message::Binary(Bytes::copy_from_slice(buf)))
-            .map_err(to_io)?;
-        Poll::Ready(Ok(buf.len()))
+        if self.sending.is_none() {
+            ready!(Pin::new(&mut self.inner).poll_ready(cx)).map_err(to_io)?;
+            Pin::new(&mut self.inner)
+                .start_send(Message::Binary(Bytes::copy_from_slice(buf)))
+                .map_err(to_io)?;
+            self.sending = Some(buf.len());
+        }
+        ready!(Pin::new(&mut self.inner).poll_flush(cx)).map_err(to_io)?;
+        Poll::Ready(Ok(self.sending.take().unwrap_or(0)))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
