@@ -62,7 +62,7 @@ impl AuthThrottle {
             });
         if blocked {
             let n = Stats::bump(&self.stats.authentication_throttled);
-            if n == 1 || n % 1000 == 0 {
+            if n == 1 || n.is_multiple_of(1000) {
                 warn!(peer = %ip, refused = n, "connection refused: too many failed authentications from this address");
             }
         }

@@ -364,3 +364,40 @@ impl std::fmt::Debug for Hooks {
             .finish()
     }
 }
+
+/// A shared hook is a hook: the application keeps a handle (to reload it,
+/// say) and gives the broker a clone.
+#[async_trait]
+impl<T: Authenticate + ?Sized> Authenticate for Arc<T> {
+    async fn authenticate(&self, client: &ConnectInfo) -> Result<Login, HookError> {
+        (**self).authenticate(client).await
+    }
+}
+
+#[async_trait]
+impl<T: Authorize + ?Sized> Authorize for Arc<T> {
+    async fn authorize_publish(
+        &self,
+        client: &ClientInfo,
+        message: &Message,
+    ) -> Result<Decision, HookError> {
+        (**self).authorize_publish(client, message).await
+    }
+
+    async fn authorize_subscribe(
+        &self,
+        client: &ClientInfo,
+        filter: &str,
+        qos: QoS,
+    ) -> Result<SubscribeDecision, HookError> {
+        (**self).authorize_subscribe(client, filter, qos).await
+    }
+
+    fn authorize_delivery(&self, recipient: &ClientInfo, message: &Message) -> Decision {
+        (**self).authorize_delivery(recipient, message)
+    }
+
+    fn publish_cache(&self) -> Option<Duration> {
+        (**self).publish_cache()
+    }
+}

@@ -158,7 +158,7 @@ impl Listener {
                 Ok(p) => Some(p),
                 Err(_) => {
                     let n = self.over_limit.fetch_add(1, Ordering::Relaxed) + 1;
-                    if n == 1 || n % 1000 == 0 {
+                    if n == 1 || n.is_multiple_of(1000) {
                         warn!(listener = %self.name, %peer, refused = n,
                             "connection refused: the listener's max_connections are open");
                     }

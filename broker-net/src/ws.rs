@@ -29,6 +29,8 @@ pub(crate) async fn accept<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // The callback's signature is tungstenite's (its error is a whole response).
+    #[allow(clippy::result_large_err)]
     let check = |request: &Request, mut response: Response| -> Result<Response, ErrorResponse> {
         if request.uri().path() != path {
             return Err(refusal(StatusCode::NOT_FOUND, "no MQTT endpoint here"));
@@ -69,6 +71,7 @@ where
     })
 }
 
+#[allow(clippy::result_large_err)]
 fn refusal(status: StatusCode, why: &str) -> ErrorResponse {
     let mut r = ErrorResponse::new(Some(why.to_string()));
     *r.status_mut() = status;

@@ -66,9 +66,12 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     path
 }
 
+/// A username, and whether it came from a certificate.
+type SeenLogin = (Option<String>, bool);
+
 /// Records what the authentication hook saw.
 #[derive(Default, Clone)]
-struct Seen(Arc<Mutex<Vec<(Option<String>, bool)>>>);
+struct Seen(Arc<Mutex<Vec<SeenLogin>>>);
 
 #[async_trait::async_trait]
 impl Authenticate for Seen {
