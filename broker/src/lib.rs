@@ -1,5 +1,6 @@
 //! The binary's settings and storage URLs as a library: `main.rs` runs them,
 //! and the fuzz targets (`fuzz/`) parse with exactly the same code.
 
+pub mod passwd;
 pub mod settings;
 pub mod storage_url;

@@ -13,13 +13,15 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
+use broker_auth::FileAuth;
 use broker_core::Broker;
 use clap::Parser;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
-use broker::settings::{Cli, Settings};
+use broker::settings::{Cli, Command, Settings};
 use broker::storage_url;
 
 fn main() -> ExitCode {
@@ -77,10 +79,32 @@ fn return_memory_when_idle() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::Passwd {
+        file,
+        user,
+        password_stdin,
+        delete,
+        argon2,
+    }) = &cli.command
+    {
+        let scheme = if *argon2 {
+            broker_auth::password::Scheme::Argon2id
+        } else {
+            broker_auth::password::Scheme::Pbkdf2Sha512
+        };
+        return broker::passwd::run(file, user, *delete, *password_stdin, scheme);
+    }
     // Handlers first: a signal that comes once "listening on" is printed
     // must stop the broker gracefully, not kill it.
     let stop = wait_for_signal()?;
     let settings = Settings::load(cli)?;
+    let auth = match (&settings.auth.password_file, &settings.auth.acl_file) {
+        (None, None) => None,
+        (passwords, acl) => Some(Arc::new(
+            FileAuth::load(passwords.as_deref(), acl.as_deref())
+                .context("cannot load the [auth] files")?,
+        )),
+    };
     let storage = storage_url::open(&settings.storage)
         .await
         .with_context(|| format!("cannot open storage `{}`", settings.storage))?;
@@ -88,19 +112,87 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .config(settings.broker.clone())
         .sys(settings.sys.clone())
         .storage(storage);
-    for addr in &settings.listen {
-        builder = builder.listen(addr.as_str());
+    if let Some(auth) = &auth {
+        builder = builder.authenticate(auth.clone()).authorize(auth.clone());
     }
     let broker = builder.start().await?;
-    for addr in broker.local_addrs() {
-        info!("listening on {addr}");
+    let mut reloads = Vec::new();
+    for config in &settings.listeners {
+        let listener = match broker_net::bind(&broker, config).await {
+            Ok(l) => l,
+            Err(e) => {
+                broker.shutdown().await;
+                return Err(e.into());
+            }
+        };
+        // Plain MQTT as it always was (scripts read this line); others name their protocol.
+        match listener.protocol() {
+            broker_net::Protocol::Mqtt => info!("listening on {}", listener.local_addr()),
+            other => info!("listening on {} ({other})", listener.local_addr()),
+        }
+        if let Some(tls) = listener.tls_reload() {
+            reloads.push((listener.name().to_string(), tls));
+        }
+        tokio::spawn(listener.run());
     }
+    reload_on_hangup(auth, reloads)?;
 
     stop.await?;
     info!("shutting down: closing connections and flushing storage");
     broker.shutdown().await;
     info!("stopped");
     Ok(())
+}
+
+/// On SIGHUP, read the password, ACL and TLS files again. A file that does
+/// not load keeps what was loaded before, with a log line saying why.
+fn reload_on_hangup(
+    auth: Option<Arc<FileAuth>>,
+    tls: Vec<(String, broker_net::TlsReload)>,
+) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                if let Some(auth) = &auth {
+                    match auth.reload() {
+                        Ok(()) => info!("reloaded the [auth] files"),
+                        Err(e) => warn!(
+                            "reload of the [auth] files failed, keeping the previous ones: {}",
+                            report(&e)
+                        ),
+                    }
+                }
+                for (name, reload) in &tls {
+                    match reload.reload() {
+                        Ok(()) => {
+                            info!(listener = %name, cert = %reload.cert_path().display(), "reloaded TLS certificate and key")
+                        }
+                        Err(e) => {
+                            warn!(listener = %name, "TLS reload failed, keeping the previous certificate: {}", report(&e))
+                        }
+                    }
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (auth, tls);
+    Ok(())
+}
+
+/// An error with its sources, on one line.
+fn report(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
 }
 
 /// Install the SIGINT/SIGTERM handlers now; the future resolves at the first signal.

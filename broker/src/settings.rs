@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use broker_core::config::{BrokerConfig, OverflowPolicy, SysConfig};
-use clap::Parser;
+use broker_net::{is_loopback, ListenerConfig, Protocol};
+use clap::{Parser, Subcommand};
 use serde::Deserialize;
 
 /// Default listen address.
@@ -20,6 +21,9 @@ pub const DEFAULT_STORAGE: &str = "memory://";
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Cli {
+    /// Something else than serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// TOML configuration file (same settings as the flags; flags win).
     #[arg(long, short = 'c')]
     pub config: Option<PathBuf>,
@@ -52,6 +56,44 @@ pub struct Cli {
     pub connect_timeout_secs: Option<u64>,
 }
 
+/// The subcommands; without one the broker serves.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, update or delete a user of a password file (Mosquitto's format).
+    Passwd {
+        /// The password file (created if missing).
+        file: PathBuf,
+        /// The user name.
+        user: String,
+        /// Read the password from the first line of standard input instead of prompting.
+        #[arg(long)]
+        password_stdin: bool,
+        /// Delete the user.
+        #[arg(long, short = 'D')]
+        delete: bool,
+        /// Store an argon2id hash instead of Mosquitto's PBKDF2-SHA512 (`$7$`).
+        #[arg(long)]
+        argon2: bool,
+    },
+}
+
+/// The `[auth]` table.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// A password file in Mosquitto's format (or made by `broker passwd`).
+    pub password_file: Option<PathBuf>,
+    /// An ACL file in Mosquitto's syntax.
+    pub acl_file: Option<PathBuf>,
+}
+
+impl AuthSettings {
+    /// Whether anything verifies who a client is.
+    pub fn authenticates(&self) -> bool {
+        self.password_file.is_some()
+    }
+}
+
 /// The TOML file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -64,6 +106,10 @@ pub struct FileConfig {
     pub broker: BrokerConfig,
     /// `$SYS` topics (`[sys]` table).
     pub sys: SysConfig,
+    /// Listeners (`[[listener]]` tables), beside the plain `listen` addresses.
+    pub listener: Vec<ListenerConfig>,
+    /// Authentication and authorization (`[auth]` table).
+    pub auth: AuthSettings,
 }
 
 impl FileConfig {
@@ -76,14 +122,18 @@ impl FileConfig {
 /// Everything the binary runs with.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Listen addresses.
-    pub listen: Vec<String>,
+    /// Every listener: the `--listen` (or `listen`) addresses as plain
+    /// `mqtt` ones first, then the `[[listener]]` tables; `allow_anonymous`
+    /// is always set (the safe default resolved).
+    pub listeners: Vec<ListenerConfig>,
     /// Storage URL.
     pub storage: String,
     /// Core settings.
     pub broker: BrokerConfig,
     /// `$SYS` topics.
     pub sys: SysConfig,
+    /// Authentication and authorization files.
+    pub auth: AuthSettings,
 }
 
 impl Settings {
@@ -131,21 +181,61 @@ impl Settings {
         let listen = if !cli.listen.is_empty() {
             cli.listen
         } else {
-            file.listen
-                .unwrap_or_else(|| vec![DEFAULT_LISTEN.to_string()])
+            file.listen.unwrap_or_else(|| {
+                if file.listener.is_empty() {
+                    vec![DEFAULT_LISTEN.to_string()]
+                } else {
+                    Vec::new()
+                }
+            })
         };
-        if listen.is_empty() {
+        let mut listeners: Vec<ListenerConfig> = listen
+            .into_iter()
+            .map(|bind| ListenerConfig::new(bind, Protocol::Mqtt))
+            .chain(file.listener)
+            .collect();
+        if listeners.is_empty() {
             bail!("no listen address configured");
         }
+        for l in &mut listeners {
+            if let Err(e) = l.validate() {
+                bail!("{e}");
+            }
+            l.allow_anonymous = Some(allow_anonymous(l, &file.auth)?);
+        }
         Ok(Settings {
-            listen,
+            listeners,
             storage: cli
                 .storage
                 .or(file.storage)
                 .unwrap_or_else(|| DEFAULT_STORAGE.to_string()),
             broker,
             sys: file.sys,
+            auth: file.auth,
         })
+    }
+}
+
+/// The safe default, as Mosquitto 2.0 has it: without authentication,
+/// anonymous clients only on loopback; a listener reachable from elsewhere
+/// with nothing to authenticate its clients does not start unless
+/// `allow_anonymous = true` says that is meant. With a password file,
+/// anonymous clients are refused unless `allow_anonymous = true`.
+fn allow_anonymous(l: &ListenerConfig, auth: &AuthSettings) -> anyhow::Result<bool> {
+    let by_certificate = l.require_certificate && l.use_identity_as_username;
+    let loopback = is_loopback(&l.bind);
+    match l.allow_anonymous {
+        Some(v) => Ok(v),
+        None if auth.authenticates() || by_certificate => Ok(false),
+        None if loopback => Ok(true),
+        None => bail!(
+            "listener {} ({}) is not on a loopback address and no authentication is configured: \
+             set `password_file` in [auth] (see `broker passwd`), or client certificates \
+             (`require_certificate` and `use_identity_as_username`), or `allow_anonymous = true` \
+             in its [[listener]] table to let anyone in",
+            l.bind,
+            l.protocol
+        ),
     }
 }
 
@@ -171,7 +261,8 @@ mod tests {
             "3",
         ]);
         let s = Settings::load(cli).unwrap();
-        assert_eq!(s.listen, vec!["127.0.0.1:1999"]);
+        assert_eq!(s.listeners.len(), 1);
+        assert_eq!(s.listeners[0].bind, "127.0.0.1:1999");
         assert_eq!(s.broker.max_inflight, 3);
         assert_eq!(s.broker.max_queued_messages, 9);
         assert!(s.sys.enabled, "[sys] is on by default");
@@ -197,5 +288,69 @@ mod tests {
         let cli = Cli::parse_from(["broker", "--max-inflight", "0"]);
         let err = format!("{:#}", Settings::load(cli).unwrap_err());
         assert!(err.contains("max_inflight"), "{err}");
+    }
+
+    fn resolve(text: &str, args: &[&str]) -> anyhow::Result<Settings> {
+        let cli = Cli::parse_from(std::iter::once("broker").chain(args.iter().copied()));
+        Settings::resolve(cli, FileConfig::parse(text)?)
+    }
+
+    #[test]
+    fn listener_tables_beside_listen_flags() {
+        let text = "[[listener]]\nbind = \"127.0.0.1:8080\"\nprotocol = \"ws\"\n\
+                    [[listener]]\nbind = \"127.0.0.1:8883\"\nprotocol = \"mqtts\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let s = resolve(text, &["--listen", "127.0.0.1:1883"]).unwrap();
+        let got: Vec<_> = s
+            .listeners
+            .iter()
+            .map(|l| (l.bind.as_str(), l.protocol))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("127.0.0.1:1883", Protocol::Mqtt),
+                ("127.0.0.1:8080", Protocol::Ws),
+                ("127.0.0.1:8883", Protocol::Mqtts)
+            ]
+        );
+        // Tables alone: no default listener added.
+        assert_eq!(resolve(text, &[]).unwrap().listeners.len(), 2);
+        assert!(resolve(
+            "[[listener]]\nbind = \"127.0.0.1:1\"\nprotocol = \"mqtts\"\n",
+            &[]
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("`cert` and `key`"));
+        assert!(resolve(
+            "[[listener]]\nbind = \"127.0.0.1:1\"\nprotcol = \"ws\"\n",
+            &[]
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn anonymous_only_on_loopback_unless_said() {
+        let public = "[[listener]]\nbind = \"0.0.0.0:1883\"\n";
+        let err = resolve(public, &[]).unwrap_err().to_string();
+        assert!(err.contains("allow_anonymous = true"), "{err}");
+        assert!(resolve("", &["--listen", "0.0.0.0:1883"]).is_err());
+        let said = "[[listener]]\nbind = \"0.0.0.0:1883\"\nallow_anonymous = true\n";
+        assert_eq!(
+            resolve(said, &[]).unwrap().listeners[0].allow_anonymous,
+            Some(true)
+        );
+        let with_passwords = format!("{public}[auth]\npassword_file = \"p\"\n");
+        assert_eq!(
+            resolve(&with_passwords, &[]).unwrap().listeners[0].allow_anonymous,
+            Some(false)
+        );
+        let loopback = resolve("", &[]).unwrap();
+        assert_eq!(loopback.listeners[0].allow_anonymous, Some(true));
+        let loopback_with_passwords = resolve("[auth]\npassword_file = \"p\"\n", &[]).unwrap();
+        assert_eq!(
+            loopback_with_passwords.listeners[0].allow_anonymous,
+            Some(false)
+        );
     }
 }

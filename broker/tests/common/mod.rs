@@ -56,6 +56,9 @@ impl BrokerProcess {
             .wait_for_line("listening on ", within)
             .unwrap_or_else(|seen| panic!("broker did not start; its log: {seen:?}"));
         process.port = addr
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
             .rsplit(':')
             .next()
             .and_then(|p| p.trim().parse().ok())
