@@ -332,7 +332,7 @@ fn start_broker(dir: &Path, config: &str) -> (BrokerProcess, HashMap<String, u16
 }
 
 /// Run a script from tests/web; fails the test with its output and the
-/// broker's log unless it exits 0.
+/// broker's log unless it exits 0 having printed its `OK` line.
 fn script(program: &Path, args: &[&str], env: &[(&str, &Path)], broker: &BrokerProcess) -> Outcome {
     let mut c = Command::new(program);
     c.args(args).current_dir(web_dir());
@@ -342,8 +342,10 @@ fn script(program: &Path, args: &[&str], env: &[(&str, &Path)], broker: &BrokerP
     let o =
         run(c, SCRIPT_TIMEOUT).unwrap_or_else(|e| panic!("cannot run {} ({e})", program.display()));
     let what = format!("{} {}", program.display(), args.join(" "));
+    // Exit code 0 and the script's last word: an early exit is no success.
+    let finished = o.stdout.lines().any(|l| l.ends_with("] OK"));
     assert!(
-        o.success,
+        o.success && finished,
         "{}\n--- broker log ---\n{}",
         o.describe(&what),
         broker.log().join("\n")

@@ -48,7 +48,9 @@ async function fail(msg) {
   process.exit(1);
 }
 
-setTimeout(() => fail(`no result within ${TIMEOUT_MS} ms`), TIMEOUT_MS).unref();
+// The timer also keeps the process alive: the only ways out are OK or FAIL.
+setTimeout(() => fail(`no result within ${TIMEOUT_MS} ms`), TIMEOUT_MS);
+process.on('beforeExit', () => fail('the script ran out of work without finishing'));
 
 // The chat directory, with /mqtt.min.js from node_modules.
 function serve() {

@@ -34,7 +34,9 @@ function fail(msg) {
   process.exit(1);
 }
 
-setTimeout(() => fail(`no result within ${TIMEOUT_MS} ms`), TIMEOUT_MS).unref();
+// The timer also keeps the process alive: the only ways out are OK or FAIL.
+setTimeout(() => fail(`no result within ${TIMEOUT_MS} ms`), TIMEOUT_MS);
+process.on('beforeExit', () => fail('the script ran out of work without finishing'));
 
 function options(clientId, clean) {
   const o = {
@@ -48,9 +50,22 @@ function options(clientId, clean) {
   return o;
 }
 
-async function connect(clientId, clean) {
-  const client = await mqtt.connectAsync(url, options(clientId, clean));
+// A client and its CONNACK; rejects when the connection fails or closes
+// first (a refused WebSocket upgrade only closes it).
+function open(clientId, clean) {
+  const client = mqtt.connect(url, options(clientId, clean));
   clients.push(client);
+  const connack = new Promise((resolve, reject) => {
+    client.once('connect', resolve);
+    client.once('error', (e) => reject(new Error(`${clientId}: ${e.message}`)));
+    client.once('close', () => reject(new Error(`${clientId}: connection closed before CONNACK`)));
+  });
+  return { client, connack };
+}
+
+async function connect(clientId, clean) {
+  const { client, connack } = open(clientId, clean);
+  await connack;
   client.on('error', (e) => fail(`${clientId}: ${e.message}`));
   return client;
 }
@@ -129,13 +144,10 @@ async function main() {
   await pub.publishAsync(`inbox/${run}`, 'while you were away', { qos: 1 });
 
   step = 'persistent session: reconnect';
-  const again = mqtt.connect(url, options(id, false));
-  clients.push(again);
+  // Listening before CONNACK: the queued message may follow it at once.
+  const { client: again, connack: connected } = open(id, false);
   const offline = collect(again, 1);
-  const connack = await new Promise((resolve, reject) => {
-    again.once('connect', resolve);
-    again.once('error', reject);
-  });
+  const connack = await connected;
   if (!connack.sessionPresent) fail('CONNACK of the reconnect has session present = 0');
   expectEqual(
     text(await offline),
