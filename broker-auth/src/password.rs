@@ -285,9 +285,10 @@ pub struct PasswordFile {
     users: BTreeMap<String, Hash>,
 }
 
-/// A user name must survive being written as `user:hash` and read back
-/// (by us and by Mosquitto, which trims blanks and skips `#` lines).
-fn check_user(user: &str) -> Result<(), PasswordError> {
+/// Check that `user` can be written as `user:hash` and read back (by us and
+/// by Mosquitto, which trims blanks and skips `#` lines), as
+/// [`PasswordFile::set`] requires; e.g. before prompting for a password.
+pub fn check_user(user: &str) -> Result<(), PasswordError> {
     let bad = user.is_empty()
         || user.len() > 65_535
         || user.contains([':', '\n', '\r', '\0'])

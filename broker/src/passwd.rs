@@ -7,7 +7,7 @@ use std::io::BufRead;
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use broker_auth::password::{PasswordFile, Scheme};
+use broker_auth::password::{check_user, PasswordFile, Scheme};
 
 /// Run the subcommand.
 pub fn run(
@@ -17,6 +17,10 @@ pub fn run(
     password_stdin: bool,
     scheme: Scheme,
 ) -> anyhow::Result<()> {
+    if !delete {
+        // Before the prompt: a name that cannot be stored is refused now.
+        check_user(user)?;
+    }
     let mut passwords = if file.exists() {
         PasswordFile::load(file).with_context(|| format!("cannot read {}", file.display()))?
     } else if delete {
