@@ -31,11 +31,11 @@
 //! - `%c` and `%u` are substituted in patterns only. A pattern with `%u`
 //!   does not apply to a client without a username (as in Mosquitto).
 //! - A client id or username containing `+`, `#` or `/` would widen a
-//!   pattern (`devices/%c/#` for client `#`), so for such a client a pattern
-//!   that uses it grants nothing, and a `deny` pattern that uses it denies
-//!   everything: a hostile name can neither gain access nor escape a deny.
-//!   (Mosquitto denies such clients everything once the file has a pattern,
-//!   and does not check `/`.)
+//!   pattern (`devices/%c/#` for client `#`). Such a client gets no grant
+//!   from any pattern (as in Mosquitto, which checks only `+` and `#`), and
+//!   a `deny` pattern that uses the offending value denies it everything:
+//!   a hostile name can neither gain access nor escape a deny. Its
+//!   section's `topic` rules still apply (as in Mosquitto).
 //! - Wildcards at the first level do not match topics starting with `$`
 //!   (`#` does not grant `$SYS/...`), as in MQTT matching.
 //!
@@ -264,12 +264,14 @@ impl AclFile {
         {
             return Some(true);
         }
+        let hostile = widens(c.id) || c.username.is_some_and(widens);
         let mut found = false;
         for p in self.patterns.iter().filter(|p| wanted(p.grant)) {
             match p.applies(c) {
                 Applies::No => {}
                 Applies::Hostile if p.grant == Grant::Deny => return None,
                 Applies::Hostile => {}
+                Applies::Yes if hostile && p.grant != Grant::Deny => {}
                 Applies::Yes => found = found || test(&p.filter, c, true),
             }
         }
@@ -614,11 +616,22 @@ pattern deny users/%u/inbox/secret
         assert!(!acl.check("a/b", None, "home/a/b/locked", Access::Write));
         assert!(!acl.check("a/b", None, "home/other", Access::Read));
         assert!(!acl.check_subscribe("+", None, "home/#"));
-        // ... but rules without `%c` still apply to it.
-        let acl = AclFile::parse("topic readwrite home/#\npattern read dev/%c\n").unwrap();
+        // Its section's rules still apply; no pattern grants it anything,
+        // even one not using the hostile value (as in Mosquitto).
+        let acl = AclFile::parse(
+            "topic readwrite home/#\npattern read dev/%c\npattern read inbox/%u\npattern deny home/%u\n",
+        )
+        .unwrap();
         assert!(acl.check("a/b", None, "home/x", Access::Write));
         assert!(!acl.check("a/b", None, "dev/a/b", Access::Read));
         assert!(!acl.check("#", None, "dev/x", Access::Read));
+        assert!(acl.check("ok", Some("u"), "inbox/u", Access::Read));
+        assert!(!acl.check("#", Some("u"), "inbox/u", Access::Read));
+        assert!(!acl.check("x/y", Some("u"), "inbox/u", Access::Read));
+        // A deny pattern with safe values still applies to a hostile client.
+        let acl = AclFile::parse("user u\ntopic readwrite home/#\npattern deny home/%u\n").unwrap();
+        assert!(acl.check("#", Some("u"), "home/v", Access::Read));
+        assert!(!acl.check("#", Some("u"), "home/u", Access::Read));
     }
 
     #[test]
