@@ -177,17 +177,15 @@ impl Rule {
 impl AclFile {
     /// Read `path` (at most [`MAX_FILE`] bytes).
     pub fn load(path: &Path) -> Result<AclFile, AclError> {
-        let io_error = |source| AclError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        let size = std::fs::metadata(path).map_err(io_error)?.len();
-        if size > MAX_FILE {
-            return Err(AclError::TooLarge {
+        let text = crate::file::read_bounded(path, MAX_FILE).map_err(|e| match e {
+            crate::file::ReadError::Io(source) => AclError::Io {
                 path: path.to_owned(),
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(io_error)?;
+                source,
+            },
+            crate::file::ReadError::TooLarge => AclError::TooLarge {
+                path: path.to_owned(),
+            },
+        })?;
         Self::parse(&text).map_err(|(line, what)| AclError::Line {
             path: path.to_owned(),
             line,

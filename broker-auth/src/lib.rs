@@ -29,6 +29,7 @@
 //! ```
 
 pub mod acl;
+mod file;
 pub mod password;
 
 use std::path::{Path, PathBuf};

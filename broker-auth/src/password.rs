@@ -303,17 +303,15 @@ pub fn check_user(user: &str) -> Result<(), PasswordError> {
 impl PasswordFile {
     /// Read `path` (at most [`MAX_FILE`] bytes).
     pub fn load(path: &Path) -> Result<PasswordFile, PasswordError> {
-        let io_error = |source| PasswordError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        let size = std::fs::metadata(path).map_err(io_error)?.len();
-        if size > MAX_FILE {
-            return Err(PasswordError::TooLarge {
+        let text = crate::file::read_bounded(path, MAX_FILE).map_err(|e| match e {
+            crate::file::ReadError::Io(source) => PasswordError::Io {
                 path: path.to_owned(),
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(io_error)?;
+                source,
+            },
+            crate::file::ReadError::TooLarge => PasswordError::TooLarge {
+                path: path.to_owned(),
+            },
+        })?;
         Self::parse(&text).map_err(|(line, what)| PasswordError::Line {
             path: path.to_owned(),
             line,
