@@ -3,9 +3,10 @@
 //! # Contract
 //! - [`acquire`] at open takes the database for this process or fails with
 //!   [`OpenError::Locked`] naming the holder (host, pid, since). A lease
-//!   that is renewed while the opener watches is refused within one renewal
-//!   interval; one that is not renewed for the holder's whole TTL (its
-//!   holder died) is then taken, with a log line saying so.
+//!   that is renewed twice while the opener watches is refused, within two
+//!   renewal intervals (one move alone may be a late write of a holder that
+//!   died); one that is not renewed for the holder's whole TTL (its holder
+//!   died) is then taken, with a log line saying so.
 //! - While held, a heartbeat task renews it every third of the TTL.
 //! - Every write runs in a transaction that checks the token ([`Fenced`]):
 //!   a packet batch updates the lock document, so a takeover (which updates
@@ -242,10 +243,15 @@ impl Lease {
     }
 
     /// Start renewing every third of the TTL.
+    ///
+    /// At most one renewal is ever outstanding: one that gets no answer is
+    /// waited for, not abandoned for a new one, so a holder killed while the
+    /// server is slow leaves at most one late renewal behind it, which
+    /// [`acquire`] tells from a live holder's steady renewals.
     pub(crate) fn start_heartbeat(self: &Arc<Self>, operation_timeout: Duration) {
         let weak = Arc::downgrade(self);
         let every = self.ttl / 3;
-        let timeout = operation_timeout.min(every);
+        let slow = operation_timeout.min(every);
         let handle = tokio::spawn(async move {
             let mut failing_since: Option<Instant> = None;
             let mut tick = tokio::time::interval(every);
@@ -269,18 +275,24 @@ impl Lease {
                         )
                         .into_future()
                 });
-                let outcome = match tokio::time::timeout(timeout, renew).await {
-                    Ok(Ok(r)) if r.matched_count == 1 => Ok(()),
-                    Ok(Ok(_)) => {
-                        let why = lease.describe_owner().await;
-                        lease.lost(&why);
-                        return;
+                tokio::pin!(renew);
+                let answer = loop {
+                    match tokio::time::timeout(slow, &mut renew).await {
+                        Ok(answer) => break answer,
+                        Err(_) if failing_since.is_none() => {
+                            failing_since = Some(Instant::now());
+                            tracing::warn!(
+                                "cannot renew the lease on {} (no answer within {} ms); still \
+                                 the owner, waiting for the answer",
+                                lease.where_,
+                                slow.as_millis()
+                            );
+                        }
+                        Err(_) => {}
                     }
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("no answer".to_owned()),
                 };
-                match outcome {
-                    Ok(()) => {
+                match answer {
+                    Ok(r) if r.matched_count == 1 => {
                         if let Some(t) = failing_since.take() {
                             tracing::info!(
                                 "renewed the lease on {} again after {:.1} s",
@@ -289,10 +301,15 @@ impl Lease {
                             );
                         }
                     }
-                    Err(why) if failing_since.is_none() => {
+                    Ok(_) => {
+                        let why = lease.describe_owner().await;
+                        lease.lost(&why);
+                        return;
+                    }
+                    Err(e) if failing_since.is_none() => {
                         failing_since = Some(Instant::now());
                         tracing::warn!(
-                            "cannot renew the lease on {} ({why}); still the owner, retrying \
+                            "cannot renew the lease on {} ({e}); still the owner, retrying \
                              every {} ms",
                             lease.where_,
                             every.as_millis()
@@ -394,6 +411,8 @@ pub(crate) async fn acquire(
     let mut seen: Option<(Bson, Bson, Instant)> = None;
     // When the takeover first met a transaction the dead holder left open.
     let mut conflicted: Option<Instant> = None;
+    // Whether the document moved once since the first look.
+    let mut moved = false;
     loop {
         let current = tokio::time::timeout(
             operation_timeout,
@@ -442,6 +461,16 @@ pub(crate) async fn acquire(
                     Some((t, b, _))
                         if (*t != token_now || *b != beat_now) && conflicted.take().is_some() =>
                     {
+                        seen = Some((token_now, beat_now, Instant::now()));
+                        false
+                    }
+                    // One move is not yet a renewal: the one renewal a dead
+                    // holder may have left outstanding can land late (the
+                    // server was slow, or retried it behind the holder's
+                    // open transaction). A live holder renews every third
+                    // of its TTL, so it is seen moving again within one TTL.
+                    Some((t, b, _)) if (*t != token_now || *b != beat_now) && !moved => {
+                        moved = true;
                         seen = Some((token_now, beat_now, Instant::now()));
                         false
                     }

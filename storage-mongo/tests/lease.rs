@@ -163,6 +163,38 @@ async fn crashed_holder_is_waited_for_and_ids_continue() {
     second.close().await;
 }
 
+/// A holder killed while the server was slow leaves one renewal behind,
+/// which lands after the next broker began watching the lease: that single
+/// move is not taken for a live holder, and the lease is taken over.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_late_renewal_of_a_dead_holder_is_not_a_live_holder() {
+    let _turn = TURN.acquire().await.expect("open semaphore");
+    let db = Db::new("lease_late");
+    let lease = Duration::from_millis(1500);
+    let first = db.open(lease).await;
+    first.abandon();
+    drop(first);
+
+    let meta = db.meta().await;
+    let late = tokio::spawn(async move {
+        // Well after the opener's first look, well before its TTL is up.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        meta.update_one(doc! { "_id": "lease" }, doc! { "$inc": { "beat": 1_i64 } })
+            .await
+            .expect("the late renewal lands")
+            .matched_count
+    });
+    let second = MongoStore::open(&db.uri, db.options(lease))
+        .await
+        .expect("one late renewal does not make a dead holder live");
+    assert_eq!(
+        late.await.expect("late renewal task"),
+        1,
+        "it moved the lease"
+    );
+    second.close().await;
+}
+
 /// Taken by another broker, or deleted: every write fails with the lease error.
 #[tokio::test(flavor = "multi_thread")]
 async fn lost_lease_stops_every_write() {
