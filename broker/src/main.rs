@@ -98,13 +98,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // must stop the broker gracefully, not kill it.
     let stop = wait_for_signal()?;
     let settings = Settings::load(cli)?;
-    let auth = match (&settings.auth.password_file, &settings.auth.acl_file) {
-        (None, None) => None,
-        (passwords, acl) => Some(Arc::new(
-            FileAuth::load(passwords.as_deref(), acl.as_deref())
-                .context("cannot load the [auth] files")?,
-        )),
-    };
+    let hooks = broker::hooks::Configured::from_settings(&settings.auth)?;
     let storage = storage_url::open(&settings.storage)
         .await
         .with_context(|| format!("cannot open storage `{}`", settings.storage))?;
@@ -112,10 +106,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .config(settings.broker.clone())
         .sys(settings.sys.clone())
         .storage(storage);
-    if let Some(auth) = &auth {
-        builder = builder.authenticate(auth.clone()).authorize(auth.clone());
+    if let Some(hook) = hooks.authenticate {
+        builder = builder.authenticate(hook);
+    }
+    if let Some(hook) = hooks.authorize {
+        builder = builder.authorize(hook);
     }
     let broker = builder.start().await?;
+    let webhook = match &settings.webhook {
+        Some(w) => match broker_http_hooks::Webhook::start(&broker, &w.config()) {
+            Ok(hook) => Some(hook),
+            Err(e) => {
+                broker.shutdown().await;
+                return Err(anyhow::Error::new(e).context("invalid [webhook] settings"));
+            }
+        },
+        None => None,
+    };
     let mut reloads = Vec::new();
     for config in &settings.listeners {
         let listener = match broker_net::bind(&broker, config).await {
@@ -135,11 +142,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         tokio::spawn(listener.run());
     }
-    reload_on_hangup(auth, reloads)?;
+    reload_on_hangup(hooks.files, reloads)?;
 
     stop.await?;
     info!("shutting down: closing connections and flushing storage");
     broker.shutdown().await;
+    if let Some(webhook) = webhook {
+        let s = webhook.finish(std::time::Duration::from_secs(5)).await;
+        info!(
+            sent = s.sent,
+            dropped = s.dropped,
+            failed_posts = s.failed_posts,
+            "webhook finished"
+        );
+    }
     info!("stopped");
     Ok(())
 }

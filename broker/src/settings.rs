@@ -85,12 +85,111 @@ pub struct AuthSettings {
     pub password_file: Option<PathBuf>,
     /// An ACL file in Mosquitto's syntax.
     pub acl_file: Option<PathBuf>,
+    /// URL deciding CONNECTs (see broker-http-hooks for the JSON).
+    pub http_authenticate: Option<String>,
+    /// URL deciding PUBLISHes.
+    pub http_authorize_publish: Option<String>,
+    /// URL deciding SUBSCRIBEs.
+    pub http_authorize_subscribe: Option<String>,
+    /// Milliseconds one HTTP call may take (default 2000); below `hook_timeout_ms`.
+    pub http_timeout_ms: Option<u64>,
+    /// Seconds an HTTP decision is remembered (default 60; 0 asks every time).
+    pub http_cache_ttl_secs: Option<u64>,
+    /// Bytes each HTTP decision cache may hold (default 16 MiB).
+    pub http_cache_max_bytes: Option<usize>,
+    /// HTTP calls outstanding at once (default 64).
+    pub http_max_in_flight: Option<usize>,
+    /// Headers sent with every HTTP call, e.g. `Authorization`.
+    pub http_headers: std::collections::BTreeMap<String, String>,
 }
 
 impl AuthSettings {
     /// Whether anything verifies who a client is.
     pub fn authenticates(&self) -> bool {
-        self.password_file.is_some()
+        self.password_file.is_some() || self.http_authenticate.is_some()
+    }
+
+    /// The HTTP hooks' settings, if any URL is set.
+    pub fn http(&self) -> Option<broker_http_hooks::HttpAuthConfig> {
+        if self.http_authenticate.is_none()
+            && self.http_authorize_publish.is_none()
+            && self.http_authorize_subscribe.is_none()
+        {
+            return None;
+        }
+        let d = broker_http_hooks::HttpAuthConfig::default();
+        Some(broker_http_hooks::HttpAuthConfig {
+            authenticate: self.http_authenticate.clone(),
+            authorize_publish: self.http_authorize_publish.clone(),
+            authorize_subscribe: self.http_authorize_subscribe.clone(),
+            timeout: self
+                .http_timeout_ms
+                .map_or(d.timeout, std::time::Duration::from_millis),
+            cache_ttl: self
+                .http_cache_ttl_secs
+                .map_or(d.cache_ttl, std::time::Duration::from_secs),
+            cache_max_bytes: self.http_cache_max_bytes.unwrap_or(d.cache_max_bytes),
+            max_in_flight: self.http_max_in_flight.unwrap_or(d.max_in_flight),
+            headers: self.http_headers.clone().into_iter().collect(),
+        })
+    }
+
+    fn validate(&self, broker: &BrokerConfig) -> anyhow::Result<()> {
+        if self.password_file.is_some() && self.http_authenticate.is_some() {
+            bail!(
+                "[auth] has both `password_file` and `http_authenticate`: one of them decides \
+                 who connects; remove the other"
+            );
+        }
+        if let Some(ms) = self.http_timeout_ms {
+            if ms == 0 || ms >= broker.hook_timeout_ms {
+                bail!(
+                    "[auth] http_timeout_ms = {ms} must be at least 1 and below [broker] \
+                     hook_timeout_ms ({}), so that a slow service is reported as such",
+                    broker.hook_timeout_ms
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `[webhook]` table: the broker's events, POSTed in batches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// Where batches go.
+    pub url: String,
+    /// Which events (default: all but `message_delivered` and `message_acknowledged`).
+    pub events: Option<Vec<String>>,
+    /// Events per POST at most (default 100).
+    pub batch_max: Option<usize>,
+    /// Events waiting at most; more are dropped and counted (default 10,000).
+    pub queue: Option<usize>,
+    /// Tries after the first for one batch (default 5).
+    pub max_retries: Option<u32>,
+    /// Milliseconds one POST may take (default 5000).
+    pub timeout_ms: Option<u64>,
+    /// Headers sent with every POST, e.g. `Authorization`.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+impl WebhookSettings {
+    /// As the library takes them.
+    pub fn config(&self) -> broker_http_hooks::WebhookConfig {
+        let mut c = broker_http_hooks::WebhookConfig::new(self.url.clone());
+        if let Some(e) = &self.events {
+            c.events = e.clone();
+        }
+        c.batch_max = self.batch_max.unwrap_or(c.batch_max);
+        c.queue = self.queue.unwrap_or(c.queue);
+        c.max_retries = self.max_retries.unwrap_or(c.max_retries);
+        c.timeout = self
+            .timeout_ms
+            .map_or(c.timeout, std::time::Duration::from_millis);
+        c.headers = self.headers.clone().into_iter().collect();
+        c
     }
 }
 
@@ -110,6 +209,8 @@ pub struct FileConfig {
     pub listener: Vec<ListenerConfig>,
     /// Authentication and authorization (`[auth]` table).
     pub auth: AuthSettings,
+    /// Events posted to a URL (`[webhook]` table).
+    pub webhook: Option<WebhookSettings>,
 }
 
 impl FileConfig {
@@ -132,8 +233,10 @@ pub struct Settings {
     pub broker: BrokerConfig,
     /// `$SYS` topics.
     pub sys: SysConfig,
-    /// Authentication and authorization files.
+    /// Authentication and authorization.
     pub auth: AuthSettings,
+    /// The webhook, if any.
+    pub webhook: Option<WebhookSettings>,
 }
 
 impl Settings {
@@ -178,6 +281,7 @@ impl Settings {
         if let Err(e) = broker.validate() {
             bail!("{e}");
         }
+        file.auth.validate(&broker)?;
         let listen = if !cli.listen.is_empty() {
             cli.listen
         } else {
@@ -212,6 +316,7 @@ impl Settings {
             broker,
             sys: file.sys,
             auth: file.auth,
+            webhook: file.webhook,
         })
     }
 }
@@ -230,7 +335,7 @@ fn allow_anonymous(l: &ListenerConfig, auth: &AuthSettings) -> anyhow::Result<bo
         None if loopback => Ok(true),
         None => bail!(
             "listener {} ({}) is not on a loopback address and no authentication is configured: \
-             set `password_file` in [auth] (see `broker passwd`), or client certificates \
+             set `password_file` (see `broker passwd`) or `http_authenticate` in [auth], or client certificates \
              (`require_certificate` and `use_identity_as_username`), or `allow_anonymous = true` \
              in its [[listener]] table to let anyone in",
             l.bind,
@@ -352,5 +457,42 @@ mod tests {
             loopback_with_passwords.listeners[0].allow_anonymous,
             Some(false)
         );
+    }
+
+    #[test]
+    fn http_hooks_and_webhook_tables() {
+        let text = "[[listener]]\nbind = \"0.0.0.0:1883\"\n\
+                    [auth]\nhttp_authenticate = \"http://127.0.0.1:3000/auth\"\n\
+                    http_timeout_ms = 800\nhttp_cache_ttl_secs = 0\n\
+                    http_headers = { Authorization = \"Bearer t\" }\n\
+                    [webhook]\nurl = \"http://127.0.0.1:3000/events\"\nevents = [\"client_connected\"]\nqueue = 5\n";
+        let s = resolve(text, &[]).unwrap();
+        assert_eq!(
+            s.listeners[0].allow_anonymous,
+            Some(false),
+            "HTTP authenticates"
+        );
+        let http = s.auth.http().expect("HTTP hooks");
+        assert_eq!(http.timeout, std::time::Duration::from_millis(800));
+        assert_eq!(http.cache_ttl, std::time::Duration::ZERO);
+        assert_eq!(
+            http.headers,
+            [("Authorization".to_string(), "Bearer t".to_string())]
+        );
+        let w = s.webhook.expect("webhook").config();
+        assert_eq!((w.events.len(), w.queue, w.batch_max), (1, 5, 100));
+        assert!(resolve("", &[]).unwrap().auth.http().is_none());
+
+        let both = "[auth]\npassword_file = \"p\"\nhttp_authenticate = \"http://127.0.0.1:1/a\"\n";
+        let err = resolve(both, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("password_file") && err.contains("http_authenticate"),
+            "{err}"
+        );
+        let slow = "[auth]\nhttp_authenticate = \"http://127.0.0.1:1/a\"\nhttp_timeout_ms = 5000\n";
+        let err = resolve(slow, &[]).unwrap_err().to_string();
+        assert!(err.contains("hook_timeout_ms"), "{err}");
+        assert!(resolve("[webhook]\nurl = \"http://x/\"\nbatch = 3\n", &[]).is_err());
+        assert!(resolve("[auth]\nhttp_authentcate = \"http://x/\"\n", &[]).is_err());
     }
 }
