@@ -35,3 +35,4 @@ mod ws;
 pub use config::{is_loopback, ListenerConfig, Protocol};
 pub use listener::{bind, ListenError, Listener};
 pub use tls::{TlsError, TlsReload};
+pub use ws::{connect as ws_connect, WsStream};

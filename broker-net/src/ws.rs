@@ -71,6 +71,31 @@ where
     })
 }
 
+/// The client's side, for bridges and load tools: upgrade `stream` (a TCP
+/// or TLS connection to a broker) to a WebSocket at `url` (`ws://HOST/PATH`
+/// or `wss://...`), offering the `mqtt` subprotocol. The result reads and
+/// writes MQTT bytes as [`accept`]'s does.
+pub async fn connect<S>(stream: S, url: &str) -> io::Result<WsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
+    let (inner, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .map_err(to_io)?;
+    Ok(WsStream {
+        inner,
+        pending: Bytes::new(),
+        sending: None,
+    })
+}
+
 #[allow(clippy::result_large_err)]
 fn refusal(status: StatusCode, why: &str) -> ErrorResponse {
     let mut r = ErrorResponse::new(Some(why.to_string()));
@@ -83,7 +108,7 @@ fn refusal(status: StatusCode, why: &str) -> ErrorResponse {
 /// once flushed to the socket (the connection code does not flush after
 /// every write, as a socket does not need it), so a write that must wait
 /// is reported, on the caller's retry with the same bytes, as done.
-pub(crate) struct WsStream<S> {
+pub struct WsStream<S> {
     inner: WebSocketStream<S>,
     /// What is left of the last frame read.
     pending: Bytes,

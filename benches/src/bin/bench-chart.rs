@@ -104,8 +104,12 @@ fn scenario_name(r: &RunResult) -> String {
     } else {
         String::new()
     };
+    let over = match r.transport.as_str() {
+        "" | "tcp" => String::new(),
+        t => format!(" over {t}"),
+    };
     format!(
-        "{} QoS {} ({} → {}, {} B){rate}",
+        "{} QoS {} ({} → {}, {} B){rate}{over}",
         r.scenario, r.qos, r.publishers, r.subscribers, r.payload
     )
 }
@@ -249,27 +253,42 @@ fn tables(runs: &[RunResult], labels: &[String], baseline: &str) -> String {
         let _ = writeln!(out, "\n### Idle connections\n");
         let _ = writeln!(
             out,
-            "| target | connections | held | connects/s | vs {baseline} | broker memory per connection |"
+            "| target | transport | connections | held | connects/s | vs {baseline} | broker memory per connection |"
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
-        let base = conns.iter().rev().find(|r| r.label == baseline);
-        for label in labels {
-            if let Some(r) = conns.iter().rev().find(|r| &r.label == label) {
-                let per_conn = r
-                    .bytes_per_connection
-                    .map(|b| format!("{:.1} KB", b / 1024.0))
-                    .unwrap_or_else(|| "-".to_owned());
-                let _ = writeln!(
-                    out,
-                    "| {label} | {} | {} | {:.0} | {} | {per_conn} |",
-                    r.connections.unwrap_or(0),
-                    r.held.unwrap_or(0),
-                    r.connects_per_s.unwrap_or(0.0),
-                    ratio(
+        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|");
+        let transport = |r: &RunResult| match r.transport.as_str() {
+            "" => "tcp".to_owned(),
+            t => t.to_owned(),
+        };
+        let mut transports: Vec<String> = conns.iter().map(|r| transport(r)).collect();
+        transports.sort();
+        transports.dedup();
+        for t in &transports {
+            let of = |label: &str| {
+                conns
+                    .iter()
+                    .rev()
+                    .find(|r| r.label == label && &transport(r) == t)
+            };
+            let base = of(baseline);
+            for label in labels {
+                if let Some(r) = of(label) {
+                    let per_conn = r
+                        .bytes_per_connection
+                        .map(|b| format!("{:.1} KB", b / 1024.0))
+                        .unwrap_or_else(|| "-".to_owned());
+                    let _ = writeln!(
+                        out,
+                        "| {label} | {t} | {} | {} | {:.0} | {} | {per_conn} |",
+                        r.connections.unwrap_or(0),
+                        r.held.unwrap_or(0),
                         r.connects_per_s.unwrap_or(0.0),
-                        base.and_then(|b| b.connects_per_s)
-                    ),
-                );
+                        ratio(
+                            r.connects_per_s.unwrap_or(0.0),
+                            base.and_then(|b| b.connects_per_s)
+                        ),
+                    );
+                }
             }
         }
     }

@@ -59,6 +59,54 @@ struct Global {
     /// No progress lines on stderr.
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// How to reach the broker: tcp, tls, ws or wss.
+    #[arg(long, global = true, value_enum, default_value_t = TransportArg::Tcp)]
+    transport: TransportArg,
+    /// PEM CA certificate to trust for tls and wss (the server certificate must name the host's IP).
+    #[arg(long, global = true, value_name = "FILE")]
+    cafile: Option<PathBuf>,
+    /// WebSocket path for ws and wss.
+    #[arg(long, global = true, default_value = "/mqtt")]
+    ws_path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TransportArg {
+    Tcp,
+    Tls,
+    Ws,
+    Wss,
+}
+
+/// The transport of the flags; TLS trusts `--cafile` only.
+fn transport(g: &Global) -> Result<load::client::Transport> {
+    use load::client::Transport;
+    let tls = || -> Result<std::sync::Arc<rustls::ClientConfig>> {
+        let path = g
+            .cafile
+            .as_ref()
+            .context("--cafile is needed for tls and wss")?;
+        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            roots
+                .add(cert.with_context(|| format!("a certificate in {}", path.display()))?)
+                .context("adding the CA")?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS versions")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(std::sync::Arc::new(config))
+    };
+    Ok(match g.transport {
+        TransportArg::Tcp => Transport::Tcp,
+        TransportArg::Tls => Transport::Tls(tls()?),
+        TransportArg::Ws => Transport::Ws(g.ws_path.clone()),
+        TransportArg::Wss => Transport::Wss(tls()?, g.ws_path.clone()),
+    })
 }
 
 #[derive(Debug, Subcommand)]
@@ -289,7 +337,10 @@ fn run(cli: Cli) -> Result<bool> {
             .next()
             .with_context(|| format!("{} has no address", g.host))?;
         let target = Target {
-            addr,
+            endpoint: load::client::Endpoint {
+                addr,
+                transport: transport(&g)?,
+            },
             label: g.label.clone(),
             pid: g.pid,
             threads,

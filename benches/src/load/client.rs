@@ -25,7 +25,7 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -33,11 +33,101 @@ use bytes::BytesMut;
 use bytestring::ByteString;
 use futures::{FutureExt, StreamExt};
 use rmqtt_codec::v3;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::codec::{Encoder, FramedRead};
+
+/// How bytes reach the broker.
+#[derive(Debug, Clone, Default)]
+pub enum Transport {
+    /// MQTT over TCP.
+    #[default]
+    Tcp,
+    /// MQTT over TLS; the server certificate must name the address's IP.
+    Tls(Arc<rustls::ClientConfig>),
+    /// MQTT over WebSocket at this path.
+    Ws(String),
+    /// MQTT over WebSocket over TLS at this path.
+    Wss(Arc<rustls::ClientConfig>, String),
+}
+
+impl Transport {
+    /// `tcp`, `tls`, `ws` or `wss`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls(_) => "tls",
+            Transport::Ws(_) => "ws",
+            Transport::Wss(..) => "wss",
+        }
+    }
+}
+
+/// Where the broker is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// The transport.
+    pub transport: Transport,
+}
+
+impl Endpoint {
+    /// Plain TCP to `addr`.
+    pub fn tcp(addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            addr,
+            transport: Transport::Tcp,
+        }
+    }
+}
+
+type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+fn split<S: AsyncRead + AsyncWrite + Send + 'static>(s: S) -> (ReadHalf, WriteHalf) {
+    let (r, w) = tokio::io::split(s);
+    (Box::new(r), Box::new(w))
+}
+
+async fn tls(
+    config: &Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    tcp: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await
+        .context("TLS handshake")
+}
+
+/// Open the transport's byte stream to `e`.
+async fn open(e: &Endpoint) -> Result<(ReadHalf, WriteHalf)> {
+    let tcp = TcpStream::connect(e.addr)
+        .await
+        .with_context(|| format!("connecting to {}", e.addr))?;
+    tcp.set_nodelay(true).context("setting TCP_NODELAY")?;
+    let addr = e.addr;
+    Ok(match &e.transport {
+        Transport::Tcp => {
+            let (r, w) = tcp.into_split();
+            (Box::new(r), Box::new(w))
+        }
+        Transport::Tls(c) => split(tls(c, addr, tcp).await?),
+        Transport::Ws(path) => split(
+            broker_net::ws_connect(tcp, &format!("ws://{addr}{path}"))
+                .await
+                .context("WebSocket upgrade")?,
+        ),
+        Transport::Wss(c, path) => split(
+            broker_net::ws_connect(tls(c, addr, tcp).await?, &format!("wss://{addr}{path}"))
+                .await
+                .context("WebSocket upgrade")?,
+        ),
+    })
+}
 
 /// How a connection introduces itself.
 #[derive(Debug, Clone)]
@@ -66,7 +156,7 @@ impl ConnectOptions {
 
 /// The reading half of a connection.
 pub struct Reader {
-    inner: FramedRead<OwnedReadHalf, v3::Codec>,
+    inner: FramedRead<ReadHalf, v3::Codec>,
 }
 
 impl Reader {
@@ -93,7 +183,7 @@ impl Reader {
 
 /// The writing half of a connection, with its write buffer.
 pub struct Writer {
-    half: OwnedWriteHalf,
+    half: WriteHalf,
     buf: BytesMut,
     codec: v3::Codec,
 }
@@ -146,20 +236,16 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// TCP connect, CONNECT, and wait for an accepting CONNACK. Returns the
+    /// Connect (TCP, and TLS or WebSocket handshakes), CONNECT, and wait for an accepting CONNACK. Returns the
     /// connection and CONNACK's session-present flag.
-    pub async fn connect(addr: SocketAddr, opts: &ConnectOptions) -> Result<(Connection, bool)> {
-        tokio::time::timeout(opts.timeout, Self::connect_inner(addr, opts))
+    pub async fn connect(to: &Endpoint, opts: &ConnectOptions) -> Result<(Connection, bool)> {
+        tokio::time::timeout(opts.timeout, Self::connect_inner(to, opts))
             .await
             .map_err(|_| anyhow!("no CONNACK within {:?}", opts.timeout))?
     }
 
-    async fn connect_inner(addr: SocketAddr, opts: &ConnectOptions) -> Result<(Connection, bool)> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connecting to {addr}"))?;
-        stream.set_nodelay(true).context("setting TCP_NODELAY")?;
-        let (r, w) = stream.into_split();
+    async fn connect_inner(to: &Endpoint, opts: &ConnectOptions) -> Result<(Connection, bool)> {
+        let (r, w) = open(to).await?;
         let mut c = Connection {
             reader: Reader {
                 inner: FramedRead::with_capacity(r, v3::Codec::new(0), opts.read_buffer),

@@ -61,6 +61,9 @@ pub struct RunResult {
     pub scenario: String,
     /// Broker address.
     pub target: String,
+    /// `tcp`, `tls`, `ws` or `wss`.
+    #[serde(default = "tcp")]
+    pub transport: String,
     /// QoS of publishes and subscriptions.
     pub qos: u8,
     /// Payload bytes.
@@ -263,6 +266,11 @@ impl RunResult {
             .map(|(k, v)| format!("{k:<w$}  {v}\n"))
             .collect()
     }
+}
+
+/// Results written before transports were recorded were over TCP.
+fn tcp() -> String {
+    "tcp".into()
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@
 //! client ids `lt<tag>-...`, so runs never see each other's messages or
 //! sessions, and payloads carry the tag so a stray message is recognised.
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +17,7 @@ use hdrhistogram::Histogram;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{ConnectOptions, Connection};
+use super::client::{ConnectOptions, Connection, Endpoint};
 use super::progress;
 use super::report::{Latency, RunResult};
 use super::roles::{
@@ -30,8 +29,8 @@ use super::system;
 /// Where and how to run, common to every scenario.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// Broker address.
-    pub addr: SocketAddr,
+    /// Broker address and transport.
+    pub endpoint: Endpoint,
     /// `--label`.
     pub label: String,
     /// The broker's pid, for its memory.
@@ -154,13 +153,10 @@ fn run_tag() -> u32 {
 }
 
 /// Open one connection per options entry, `SETUP_CONCURRENCY` at a time, in order.
-async fn connect_all(
-    addr: SocketAddr,
-    opts: Vec<ConnectOptions>,
-) -> Result<Vec<(Connection, bool)>> {
+async fn connect_all(to: &Endpoint, opts: Vec<ConnectOptions>) -> Result<Vec<(Connection, bool)>> {
     stream::iter(opts)
         .map(|o| async move {
-            Connection::connect(addr, &o)
+            Connection::connect(to, &o)
                 .await
                 .with_context(|| format!("client {}", o.client_id))
         })
@@ -415,7 +411,7 @@ async fn flow_inner(
     let sub_opts = (0..nsub)
         .map(|i| ConnectOptions::new(format!("lt{run:08x}-s{i}"), true))
         .collect();
-    let mut subs = connect_all(t.addr, sub_opts)
+    let mut subs = connect_all(&t.endpoint, sub_opts)
         .await
         .context("connecting subscribers")?;
     let subscribed = stream::iter(subs.iter_mut().zip(&filters))
@@ -429,7 +425,7 @@ async fn flow_inner(
     let pub_opts = (0..npub)
         .map(|i| ConnectOptions::new(format!("lt{run:08x}-p{i}"), true))
         .collect();
-    let pubs = connect_all(t.addr, pub_opts)
+    let pubs = connect_all(&t.endpoint, pub_opts)
         .await
         .context("connecting publishers")?;
 
@@ -502,7 +498,8 @@ async fn flow_inner(
     let mut r = RunResult {
         label: t.label.clone(),
         scenario: o.shape.name().into(),
-        target: t.addr.to_string(),
+        target: t.endpoint.addr.to_string(),
+        transport: t.endpoint.transport.name().into(),
         qos: o.qos,
         payload: o.payload,
         publishers: npub,
@@ -581,7 +578,7 @@ pub async fn persistent(t: &Target, o: &PersistentOptions, intr: &Interrupt) -> 
         .collect::<Vec<_>>();
     let cleaned = stream::iter(cleanup)
         .map(|opts| async move {
-            let (c, _) = Connection::connect(t.addr, &opts).await?;
+            let (c, _) = Connection::connect(&t.endpoint, &opts).await?;
             c.close().await
         })
         .buffer_unordered(SETUP_CONCURRENCY)
@@ -657,7 +654,7 @@ async fn persistent_inner(
     let sub_opts: Vec<ConnectOptions> = (0..nsub)
         .map(|i| ConnectOptions::new(format!("lt{run:08x}-ps{i}"), false))
         .collect();
-    let subs = connect_all(t.addr, sub_opts.clone())
+    let subs = connect_all(&t.endpoint, sub_opts.clone())
         .await
         .context("connecting subscribers")?;
     let setup = stream::iter(subs.into_iter().enumerate())
@@ -681,7 +678,7 @@ async fn persistent_inner(
     let pub_opts = (0..npub)
         .map(|i| ConnectOptions::new(format!("lt{run:08x}-pp{i}"), true))
         .collect();
-    let pubs = connect_all(t.addr, pub_opts)
+    let pubs = connect_all(&t.endpoint, pub_opts)
         .await
         .context("connecting publishers")?;
     let pub_start = Instant::now();
@@ -743,7 +740,7 @@ async fn persistent_inner(
         drain_start,
         drain_start + Duration::from_secs(86_400),
     ));
-    let back = connect_all(t.addr, sub_opts)
+    let back = connect_all(&t.endpoint, sub_opts)
         .await
         .context("reconnecting subscribers")?;
     let mut session_errors = Vec::new();
@@ -801,7 +798,8 @@ async fn persistent_inner(
     let mut r = RunResult {
         label: t.label.clone(),
         scenario: "persistent".into(),
-        target: t.addr.to_string(),
+        target: t.endpoint.addr.to_string(),
+        transport: t.endpoint.transport.name().into(),
         qos: o.qos,
         payload: o.payload,
         publishers: npub,
@@ -853,7 +851,7 @@ pub async fn conn(t: &Target, o: &ConnOptions, intr: &Interrupt) -> Result<Outco
             .map(|i| {
                 let mut opts = ConnectOptions::new(format!("lt{run:08x}-c{i}"), true);
                 opts.read_buffer = 256;
-                async move { Connection::connect(t.addr, &opts).await }
+                async move { Connection::connect(&t.endpoint, &opts).await }
             })
             .buffer_unordered(o.concurrency.max(1));
         loop {
@@ -927,7 +925,8 @@ pub async fn conn(t: &Target, o: &ConnOptions, intr: &Interrupt) -> Result<Outco
     let r = RunResult {
         label: t.label.clone(),
         scenario: "conn".into(),
-        target: t.addr.to_string(),
+        target: t.endpoint.addr.to_string(),
+        transport: t.endpoint.transport.name().into(),
         threads: t.threads,
         duration_s: secs(o.hold),
         errors: error_count + (connected - held),
