@@ -349,10 +349,19 @@ impl PasswordFile {
 
     /// Check `user`'s password. The comparison is constant-time; the
     /// hashing costs what the entry says (about 0.1 s for a default `$7$`
-    /// entry), so call it off the async workers.
+    /// entry), so call it off the async workers. An unknown user costs as
+    /// much as a wrong password.
     pub fn verify(&self, user: &str, password: &[u8]) -> Verdict {
         match self.users.get(user) {
-            None => Verdict::UnknownUser,
+            None => {
+                // As long as a wrong password: the answer's timing must not
+                // tell which user names exist. Any entry's cost will do
+                // (files are written with one scheme and cost).
+                if let Some(h) = self.users.values().next() {
+                    std::hint::black_box(h.verify(&password[..password.len().min(MAX_PASSWORD)]));
+                }
+                Verdict::UnknownUser
+            }
             Some(_) if password.len() > MAX_PASSWORD => Verdict::Wrong,
             Some(h) if h.verify(password) => Verdict::Ok,
             Some(_) => Verdict::Wrong,

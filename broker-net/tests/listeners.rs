@@ -350,3 +350,90 @@ async fn listener_max_connections() {
     assert!(ok, "the freed place is reused");
     broker.shutdown().await;
 }
+
+/// Read one MQTT packet: its first byte and its body.
+async fn read_packet<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<(u8, Vec<u8>)> {
+    let first = s.read_u8().await?;
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let b = s.read_u8().await?;
+        len |= usize::from(b & 0x7f) << shift;
+        shift += 7;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await?;
+    Ok((first, body))
+}
+
+/// A burst larger than the socket buffers, to a TLS subscriber that reads
+/// only once it is all sent: what TLS buffered when the socket was full
+/// must still go out when no more traffic follows (the connection writer
+/// flushes before it waits).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_to_a_slow_tls_reader_arrives_whole() {
+    // 40 MB: more than loopback's socket buffers hold.
+    const MESSAGES: usize = 20_000;
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = ca("test CA");
+    let (cert, key) = leaf(&ca, "server", false);
+    let mut config = ListenerConfig::new("127.0.0.1:0", Protocol::Mqtts);
+    config.cert = Some(write(dir.path(), "cert.pem", &cert));
+    config.key = Some(write(dir.path(), "key.pem", &key));
+    let storage = Storage::from_backend(Arc::new(storage_memory::MemoryStore::new()));
+    let broker = Broker::builder()
+        .storage(storage)
+        .config(broker_core::config::BrokerConfig {
+            // Every message in flight at once: nothing waits for acknowledgements.
+            max_inflight: usize::from(u16::MAX),
+            max_queued_bytes: 256 << 20,
+            ..broker_core::config::BrokerConfig::default()
+        })
+        .start()
+        .await
+        .expect("broker starts");
+    let (addr, listener) = listen(&broker, config).await;
+    tokio::spawn(listener.run());
+
+    let mut s = tls_connect(addr, client_config(&ca, None))
+        .await
+        .expect("TLS");
+    assert_eq!(mqtt_hello(&mut s).await.expect("CONNACK"), [0x20, 2, 0, 0]);
+    // SUBSCRIBE packet id 1, "t" at QoS 1.
+    s.write_all(&[0x82, 6, 0, 1, 0, 1, b't', 1])
+        .await
+        .expect("SUBSCRIBE");
+    s.flush().await.expect("flush");
+    let (kind, _) = tokio::time::timeout(WITHIN, read_packet(&mut s))
+        .await
+        .expect("SUBACK in time")
+        .expect("SUBACK");
+    assert_eq!(kind, 0x90);
+
+    let body = vec![b'x'; 2048];
+    for _ in 0..MESSAGES {
+        broker
+            .publish(broker_core::message::Message::new(
+                "t",
+                body.clone(),
+                broker_core::message::QoS::AtLeastOnce,
+                false,
+            ))
+            .await
+            .expect("publish");
+    }
+    // Let the broker's writes fill the socket and the TLS buffer behind it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut got = 0;
+    while got < MESSAGES {
+        match tokio::time::timeout(Duration::from_secs(10), read_packet(&mut s)).await {
+            Ok(Ok((kind, _))) if kind & 0xF0 == 0x30 => got += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("connection failed after {got} messages: {e}"),
+            Err(_) => panic!("{got} of {MESSAGES} messages arrived; the rest stayed in the broker"),
+        }
+    }
+    broker.shutdown().await;
+}

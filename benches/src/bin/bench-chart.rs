@@ -182,28 +182,30 @@ fn tables(runs: &[RunResult], labels: &[String], baseline: &str) -> String {
         }
     }
 
-    let _ = writeln!(out, "\n### Latency at a fixed rate\n");
-    let _ = writeln!(
-        out,
-        "| scenario | target | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | p99 vs {baseline} | losses |"
-    );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
-    for (name, row) in by_scenario(runs.iter().filter(|r| r.rate > 0)) {
-        let base = row.get(baseline).map(|r| r.latency_ms.p99);
-        for label in labels {
-            if let Some(r) = row.get(label) {
-                let l = &r.latency_ms;
-                let _ = writeln!(
-                    out,
-                    "| {name} | {label} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} |",
-                    l.p50,
-                    l.p90,
-                    l.p99,
-                    l.p999,
-                    l.max,
-                    ratio(l.p99, base),
-                    r.losses
-                );
+    if runs.iter().any(|r| r.rate > 0) {
+        let _ = writeln!(out, "\n### Latency at a fixed rate\n");
+        let _ = writeln!(
+            out,
+            "| scenario | target | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | p99 vs {baseline} | losses |"
+        );
+        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+        for (name, row) in by_scenario(runs.iter().filter(|r| r.rate > 0)) {
+            let base = row.get(baseline).map(|r| r.latency_ms.p99);
+            for label in labels {
+                if let Some(r) = row.get(label) {
+                    let l = &r.latency_ms;
+                    let _ = writeln!(
+                        out,
+                        "| {name} | {label} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} |",
+                        l.p50,
+                        l.p90,
+                        l.p99,
+                        l.p999,
+                        l.max,
+                        ratio(l.p99, base),
+                        r.losses
+                    );
+                }
             }
         }
     }

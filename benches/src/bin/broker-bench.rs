@@ -94,11 +94,14 @@ fn transport(g: &Global) -> Result<load::client::Transport> {
                 .context("adding the CA")?;
         }
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .context("TLS versions")?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // Every connection a full handshake: what a fleet of devices
+        // coming back after an outage costs.
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(std::sync::Arc::new(config))
     };
     Ok(match g.transport {

@@ -208,6 +208,9 @@ impl Writer {
                 .write_all(&self.buf)
                 .await
                 .context("writing to the broker")?;
+            // TLS keeps what the socket (or the task's I/O budget) did not
+            // take until a flush.
+            self.half.flush().await.context("writing to the broker")?;
             self.buf.clear();
         }
         Ok(())

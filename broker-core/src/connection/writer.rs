@@ -100,6 +100,19 @@ pub(super) async fn run<S>(
             // The budget stopped the drain: write more before waiting.
             continue;
         }
+        // Before waiting, push out what the stream still holds: a TLS
+        // stream accepts a write into its own buffer when the socket is
+        // full (or the task's I/O budget is spent) and sends it only on a
+        // later write or a flush. A no-op on plain TCP.
+        tokio::select! {
+            r = write.flush() => {
+                if r.is_err() {
+                    stop.cancel();
+                    return;
+                }
+            }
+            _ = stop.cancelled() => return,
+        }
         tokio::select! {
             biased;
             _ = stop.cancelled() => {
