@@ -99,6 +99,25 @@ impl WebhookConfig {
     }
 }
 
+impl WebhookConfig {
+    /// Whether [`Webhook::start`] would accept these settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.checked().map(|_| ())
+    }
+
+    fn checked(&self) -> Result<(reqwest::Url, Selection, Poster), ConfigError> {
+        let url = check_url("url", &self.url)?;
+        let selection = Selection::parse(&self.events)?;
+        for (value, key) in [(self.batch_max, "batch_max"), (self.queue, "queue")] {
+            if value == 0 {
+                return Err(ConfigError::Zero(key));
+            }
+        }
+        let poster = Poster::new(self.timeout, 1, &self.headers)?;
+        Ok((url, selection, poster))
+    }
+}
+
 /// Counters of a [`Webhook`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WebhookStats {
@@ -159,14 +178,7 @@ impl Webhook {
         broker: &broker_core::Broker,
         config: &WebhookConfig,
     ) -> Result<Webhook, ConfigError> {
-        let url = check_url("url", &config.url)?;
-        let selection = Selection::parse(&config.events)?;
-        for (value, key) in [(config.batch_max, "batch_max"), (config.queue, "queue")] {
-            if value == 0 {
-                return Err(ConfigError::Zero(key));
-            }
-        }
-        let poster = Poster::new(config.timeout, 1, &config.headers)?;
+        let (url, selection, poster) = config.checked()?;
         let counters = Arc::new(Counters::default());
         let stream = broker.events(config.queue);
         let task = tokio::spawn(run(

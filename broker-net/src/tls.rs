@@ -67,8 +67,10 @@ impl std::fmt::Debug for TlsReload {
 }
 
 impl TlsReload {
-    /// Read the listener's files (it must be `mqtts` or `wss` with `cert` and `key`).
-    pub(crate) fn load(config: &ListenerConfig) -> Result<TlsReload, TlsError> {
+    /// Read the listener's files (it must be `mqtts` or `wss` with `cert`
+    /// and `key`): what binding does, and what `broker check` uses to say
+    /// whether they would load.
+    pub fn load(config: &ListenerConfig) -> Result<TlsReload, TlsError> {
         let missing = |what: &str| TlsError::Content {
             path: PathBuf::new(),
             what: format!("no `{what}` configured"),

@@ -1,6 +1,7 @@
 //! The binary's settings and storage URLs as a library: `main.rs` runs them,
 //! and the fuzz targets (`fuzz/`) parse with exactly the same code.
 
+pub mod check;
 pub mod hooks;
 pub mod passwd;
 pub mod settings;

@@ -94,6 +94,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         };
         return broker::passwd::run(file, user, *delete, *password_stdin, scheme);
     }
+    if let Some(Command::Check) = &cli.command {
+        return broker::check::run(cli, &mut std::io::stdout()).await;
+    }
     // Handlers first: a signal that comes once "listening on" is printed
     // must stop the broker gracefully, not kill it.
     let stop = wait_for_signal()?;

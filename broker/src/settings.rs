@@ -17,15 +17,23 @@ pub const DEFAULT_STORAGE: &str = "sqlite://data/broker.db";
 #[cfg(not(feature = "sqlite"))]
 pub const DEFAULT_STORAGE: &str = "memory://";
 
+/// `broker --version`: the crate's version and the git revision built.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("BROKER_GIT_REVISION"),
+    ")"
+);
+
 /// An MQTT broker with pluggable storage.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = VERSION, about)]
 pub struct Cli {
     /// Something else than serving.
     #[command(subcommand)]
     pub command: Option<Command>,
     /// TOML configuration file (same settings as the flags; flags win).
-    #[arg(long, short = 'c')]
+    #[arg(long, short = 'c', global = true)]
     pub config: Option<PathBuf>,
     /// Address to listen on for MQTT over TCP; repeat for several.
     #[arg(long)]
@@ -59,6 +67,9 @@ pub struct Cli {
 /// The subcommands; without one the broker serves.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Check the configuration (`--config F` and the flags), the files it
+    /// names and that the storage opens; say what the broker would listen on.
+    Check,
     /// Create, update or delete a user of a password file (Mosquitto's format).
     Passwd {
         /// The password file (created if missing).

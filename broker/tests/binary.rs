@@ -1,5 +1,7 @@
 //! The compiled `broker` binary: startup, a real client round trip, graceful
-//! shutdown on SIGTERM, and clear errors for bad settings.
+//! shutdown on SIGTERM, clear errors for bad settings, and `broker check`.
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -8,7 +10,7 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 
-const BIN: &str = env!("CARGO_BIN_EXE_broker");
+use common::BIN;
 
 /// Start the binary and wait for its `listening on ADDR` line. The caller waits for the child.
 /// It runs in a temporary directory, where the default storage would go.
@@ -144,4 +146,103 @@ fn storage_url_errors_name_the_feature() {
     }
     let err = run_failing(&["--listen", "127.0.0.1:0", "--storage", "ftp://x"]);
     assert!(err.contains("unknown storage URL scheme"), "{err}");
+}
+
+/// `broker check` in `dir`: its exit status, stdout and stderr.
+fn check(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .arg("check")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("broker check runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_says_what_it_would_listen_on_and_that_the_storage_opens() {
+    let dir = tempfile::tempdir().expect("dir");
+    let acl = dir.path().join("acl");
+    std::fs::write(&acl, "topic read public/#\n").expect("acl");
+    let conf = dir.path().join("broker.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = [\"127.0.0.1:1883\"]\nstorage = \"sqlite://data/b.db\"\n\
+             [[listener]]\nbind = \"127.0.0.1:8080\"\nprotocol = \"ws\"\n\
+             [auth]\nacl_file = \"{}\"\n",
+            acl.display()
+        ),
+    )
+    .expect("config");
+    let (ok, out, err) = check(dir.path(), &["--config", conf.to_str().expect("path")]);
+    assert!(ok, "{out}{err}");
+    for line in [
+        "would listen on 127.0.0.1:1883 (mqtt): anonymous clients allowed",
+        "would listen on 127.0.0.1:8080 (ws): path /mqtt, anonymous clients allowed",
+        "ACL file:",
+        "storage sqlite://data/b.db: opens",
+        "check passed",
+    ] {
+        assert!(out.contains(line), "{line:?} not in:\n{out}");
+    }
+    // Nothing was bound: a broker on the same ports starts, and check on
+    // its storage meanwhile says it is in use, without failing.
+    let broker = common::BrokerProcess::start(dir.path(), &["--storage", "sqlite://data/b.db"]);
+    let (ok, out, err) = check(dir.path(), &["--config", conf.to_str().expect("path")]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("in use by a running broker"), "{out}");
+    drop(broker);
+}
+
+#[test]
+fn check_refuses_bad_configs_saying_why() {
+    let dir = tempfile::tempdir().expect("dir");
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("config");
+        p.to_str().expect("path").to_owned()
+    };
+    for (text, says) in [
+        ("[broker]\nmax_inflihgt = 3\n", "max_inflihgt"),
+        (
+            "[[listener]]\nbind = \"127.0.0.1:8883\"\nprotocol = \"mqtts\"\ncert = \"missing.pem\"\nkey = \"missing.key\"\n",
+            "missing.pem",
+        ),
+        ("[[listener]]\nbind = \"0.0.0.0:1883\"\n", "allow_anonymous = true"),
+        ("[auth]\npassword_file = \"nope\"\n", "password file"),
+        ("[webhook]\nurl = \"ftp://x\"\n", "[webhook]"),
+        ("storage = \"ftp://x\"\n", "unknown storage URL scheme"),
+    ] {
+        let path = write("bad.toml", text);
+        let (ok, out, err) = check(dir.path(), &["--config", &path]);
+        assert!(!ok, "{text:?} passed: {out}");
+        assert!(err.contains(says), "{text:?}: {says:?} not in: {err}");
+    }
+}
+
+#[test]
+fn version_names_the_git_revision() {
+    let out = Command::new(BIN)
+        .arg("--version")
+        .output()
+        .expect("broker --version runs");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let revision = text
+        .trim()
+        .strip_prefix(concat!("broker ", env!("CARGO_PKG_VERSION"), " ("))
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("unexpected --version: {text:?}"));
+    let checkout = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.git");
+    if checkout.exists() {
+        assert!(
+            revision.len() >= 7 && revision != "unknown",
+            "a git checkout, yet the revision is {revision:?}"
+        );
+    }
 }
