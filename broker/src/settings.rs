@@ -506,4 +506,39 @@ mod tests {
         assert!(resolve("[webhook]\nurl = \"http://x/\"\nbatch = 3\n", &[]).is_err());
         assert!(resolve("[auth]\nhttp_authentcate = \"http://x/\"\n", &[]).is_err());
     }
+
+    #[test]
+    fn the_example_config_documents_the_true_defaults() {
+        let text = include_str!("../../packaging/broker.toml");
+        let f = FileConfig::parse(text).expect("packaging/broker.toml parses");
+        assert_eq!(
+            f.broker,
+            BrokerConfig::default(),
+            "[broker] in packaging/broker.toml"
+        );
+        assert_eq!(
+            f.sys,
+            SysConfig::default(),
+            "[sys] in packaging/broker.toml"
+        );
+        assert_eq!(f.listen, Some(vec![DEFAULT_LISTEN.to_string()]));
+        assert_eq!(f.storage.as_deref(), Some("sqlite://data/broker.db"));
+        assert!(f.listener.is_empty() && f.webhook.is_none() && f.auth.http().is_none());
+        assert!(f.auth.password_file.is_none() && f.auth.acl_file.is_none());
+        // The commented-out webhook events are the default ones.
+        let events: String = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# events = "))
+            .take_while(|l| !l.contains("also:"))
+            .chain(text.lines().filter(|l| l.contains("also:")))
+            .collect();
+        for e in broker_http_hooks::DEFAULT_EVENTS {
+            assert!(events.contains(&format!("\"{e}\"")), "{e} not listed");
+        }
+        // The container's configuration starts (a public listener, said open).
+        let docker =
+            resolve(include_str!("../../packaging/docker.toml"), &[]).expect("docker.toml");
+        assert_eq!(docker.listeners.len(), 1);
+        assert_eq!(docker.listeners[0].allow_anonymous, Some(true));
+    }
 }
