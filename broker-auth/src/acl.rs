@@ -381,20 +381,7 @@ fn level_eq(rule: &str, level: &str, c: Client<'_>, subst: bool) -> bool {
 /// MQTT matching of a rule's filter against a topic name, level by level
 /// ([`topic::matches`] with substitution).
 fn matches_topic(filter: &str, name: &str, c: Client<'_>, subst: bool) -> bool {
-    if name.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut n = name.split('/');
-    loop {
-        match (f.next(), n.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(fl), Some(nl)) if level_eq(fl, nl, c, subst) => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
+    topic::matches_by(filter, name, |fl, nl| level_eq(fl, nl, c, subst))
 }
 
 /// Whether every topic the subscription filter `sub` can match is matched

@@ -164,6 +164,19 @@ pub fn validate_filter(filter: &str) -> Result<(), TopicError> {
 /// assert!(!matches("a/+", "a/b/c"));
 /// ```
 pub fn matches(filter: &str, name: &str) -> bool {
+    matches_by(filter, name, |f, n| f == n)
+}
+
+/// [`matches`], with the comparison of a literal filter level and a name
+/// level given: what an ACL rule needs to substitute `%c` and `%u`.
+///
+/// ```
+/// use broker_core::topic::matches_by;
+/// let dev = |f: &str, n: &str| f == n || (f == "%c" && n == "dev-1");
+/// assert!(matches_by("devices/%c/#", "devices/dev-1/temp", dev));
+/// assert!(!matches_by("devices/%c/#", "devices/dev-2/temp", dev));
+/// ```
+pub fn matches_by(filter: &str, name: &str, level_eq: impl Fn(&str, &str) -> bool) -> bool {
     if name.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
         return false;
     }
@@ -173,7 +186,7 @@ pub fn matches(filter: &str, name: &str) -> bool {
         match (f.next(), n.next()) {
             (Some("#"), _) => return true,
             (Some("+"), Some(_)) => {}
-            (Some(fl), Some(nl)) if fl == nl => {}
+            (Some(fl), Some(nl)) if level_eq(fl, nl) => {}
             (None, None) => return true,
             _ => return false,
         }
