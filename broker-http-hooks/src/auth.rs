@@ -268,22 +268,6 @@ fn protocol(p: ProtocolVersion) -> &'static str {
     }
 }
 
-fn qos_number(q: QoS) -> u8 {
-    match q {
-        QoS::AtMostOnce => 0,
-        QoS::AtLeastOnce => 1,
-        QoS::ExactlyOnce => 2,
-    }
-}
-
-fn qos_of(n: u8) -> QoS {
-    match n {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
-}
-
 #[derive(Serialize)]
 struct AuthenticateRequest<'a> {
     client_id: &'a str,
@@ -413,7 +397,7 @@ impl Authorize for HttpAuth {
         if client.is_internal() {
             return Ok(Decision::Allow);
         }
-        let qos = qos_number(message.qos);
+        let qos = message.qos as u8;
         let k = key(&[
             &client.client_id,
             client.identity.as_deref().unwrap_or("\u{0}none"),
@@ -453,7 +437,7 @@ impl Authorize for HttpAuth {
         if client.is_internal() {
             return Ok(SubscribeDecision::Allow(qos));
         }
-        let asked = qos_number(qos);
+        let asked = qos as u8;
         let k = key(&[
             &client.client_id,
             client.identity.as_deref().unwrap_or("\u{0}none"),
@@ -471,7 +455,9 @@ impl Authorize for HttpAuth {
         };
         let answer = self.ask("authorize subscribe", url, &request).await?;
         let d = if answer.allow {
-            SubscribeDecision::Allow(qos_of(answer.qos.map_or(asked, |q| q.min(asked))))
+            // `decide` refused a qos above 2, so from_u8 always answers.
+            let granted = answer.qos.map_or(asked, |q| q.min(asked));
+            SubscribeDecision::Allow(QoS::from_u8(granted).unwrap_or(qos))
         } else {
             SubscribeDecision::Deny
         };
