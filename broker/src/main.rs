@@ -21,18 +21,12 @@ use broker_core::Broker;
 use clap::Parser;
 use tracing::{error, info, warn};
 
-use broker::settings::{Cli, Command, Settings};
+use broker::settings::{Cli, Command, FileConfig, LogFormat, LogSettings, Settings};
 use broker::storage_url;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logs(&log_settings(&cli));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_park(return_memory_when_idle)
@@ -51,6 +45,38 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The `[log]` table of the config file, read before anything else so that
+/// every line is in the chosen format. A file that cannot be read or parsed
+/// gives the defaults here; `Settings::load` reports why afterwards.
+fn log_settings(cli: &Cli) -> LogSettings {
+    cli.config
+        .as_ref()
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|text| FileConfig::parse(&text).ok())
+        .map(|file| file.log)
+        .unwrap_or_default()
+}
+
+/// Logs to stderr, levels from `RUST_LOG` (default `info`). Without
+/// `[log] connections`, the connection module's INFO lines are filtered
+/// out at their call sites, which then cost nothing.
+fn init_logs(log: &LogSettings) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if !log.connections {
+        if let Ok(directive) = "broker_core::connection=warn".parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
     }
 }
 

@@ -222,6 +222,39 @@ pub struct FileConfig {
     pub auth: AuthSettings,
     /// Events posted to a URL (`[webhook]` table).
     pub webhook: Option<WebhookSettings>,
+    /// Log format and the per-connection lines (`[log]` table).
+    pub log: LogSettings,
+}
+
+/// The `[log]` table. `RUST_LOG` still chooses the levels.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` (one human-readable line per event) or `json` (one JSON object per line).
+    pub format: LogFormat,
+    /// The INFO lines of every connection ("client connected", "connection
+    /// closed", "connection refused"). `false` leaves them out (warnings
+    /// stay): they cost in connection storms.
+    pub connections: bool,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Text,
+            connections: true,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 impl FileConfig {
@@ -248,6 +281,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// The webhook, if any.
     pub webhook: Option<WebhookSettings>,
+    /// Logging.
+    pub log: LogSettings,
 }
 
 impl Settings {
@@ -328,6 +363,7 @@ impl Settings {
             sys: file.sys,
             auth: file.auth,
             webhook: file.webhook,
+            log: file.log,
         })
     }
 }
@@ -492,6 +528,12 @@ mod tests {
         );
         let w = s.webhook.expect("webhook").config();
         assert_eq!((w.events.len(), w.queue, w.batch_max), (1, 5, 100));
+        let log = resolve("[log]\nformat = \"json\"\nconnections = false\n", &[]).unwrap();
+        assert_eq!(
+            (log.log.format, log.log.connections),
+            (LogFormat::Json, false)
+        );
+        assert!(resolve("[log]\nformat = \"xml\"\n", &[]).is_err());
         assert!(resolve("", &[]).unwrap().auth.http().is_none());
 
         let both = "[auth]\npassword_file = \"p\"\nhttp_authenticate = \"http://127.0.0.1:1/a\"\n";
@@ -520,6 +562,11 @@ mod tests {
             f.sys,
             SysConfig::default(),
             "[sys] in packaging/broker.toml"
+        );
+        assert_eq!(
+            f.log,
+            LogSettings::default(),
+            "[log] in packaging/broker.toml"
         );
         assert_eq!(f.listen, Some(vec![DEFAULT_LISTEN.to_string()]));
         assert_eq!(f.storage.as_deref(), Some("sqlite://data/broker.db"));
