@@ -11,9 +11,11 @@ use crate::broker::{Core, Origin};
 use crate::client::{Client, ClientOptions};
 use crate::config::{BrokerConfig, ConfigError, SysConfig};
 use crate::events::{Event, EventStream};
-use crate::hooks::{Authenticate, Authorize, EnhancedAuth, Hooks};
+use crate::hooks::{Authenticate, Authorize, ClientInfo, EnhancedAuth, Hooks, ProtocolVersion};
 use crate::link::AttachError;
-use crate::message::Message;
+use crate::message::{Message, QoS};
+use crate::metrics::{self, HistogramSnapshot};
+use crate::session::Session;
 use crate::server::Server;
 use crate::storage::{Storage, StorageError};
 use crate::topic::{self, TopicError};
@@ -234,6 +236,110 @@ pub struct SessionInfo {
     pub in_flight: usize,
     /// Its subscriptions' filters, sorted.
     pub subscriptions: Vec<String>,
+    /// Its subscriptions with the QoS granted, sorted by filter.
+    pub subscription_qos: Vec<(String, QoS)>,
+    /// Who is connected, while online.
+    pub client: Option<Arc<ClientInfo>>,
+    /// When the connection attached (ms since the Unix epoch), while online.
+    pub connected_at_ms: Option<u64>,
+    /// When the last connection ended (ms since the Unix epoch), while offline.
+    pub disconnected_at_ms: Option<u64>,
+}
+
+/// Everything [`Broker::metrics`] reports: the counters of [`StatsSnapshot`],
+/// counters by label, gauges read from the sessions, and histograms.
+/// Labels are stable names (`snake_case`) for an exporter to use as is.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Metrics {
+    /// The plain counters.
+    pub stats: StatsSnapshot,
+    /// Messages published by clients, by QoS (index 0, 1, 2).
+    pub messages_in: [u64; 3],
+    /// PUBLISH packets sent to clients, by QoS.
+    pub messages_out: [u64; 3],
+    /// Network CONNECTs by outcome: `accepted`, `protocol_error`,
+    /// `bad_credentials`, `not_authorized`, `throttled`, `server_unavailable`.
+    pub connects: Vec<(&'static str, u64)>,
+    /// Ended network connections by reason: `normal`, `with_will`,
+    /// `connection_lost`, `keep_alive_timeout`, `taken_over`, `kicked`,
+    /// `shutdown`, `write_failed`, `protocol_error`, `storage_error`.
+    pub disconnects: Vec<(&'static str, u64)>,
+    /// Messages not delivered to a subscriber, by reason: `queue_full`,
+    /// `queue_bytes`, `packet_too_large`.
+    pub drops: Vec<(&'static str, u64)>,
+    /// Clients connected now, by listener and protocol (`3`, `5`, `internal`).
+    pub connections: Vec<(String, &'static str, u64)>,
+    /// Sessions with a connection attached.
+    pub sessions_online: u64,
+    /// Sessions held without one.
+    pub sessions_offline: u64,
+    /// Messages queued in every session (in flight included).
+    pub queued_messages: u64,
+    /// Bytes charged for them.
+    pub queued_bytes: u64,
+    /// Deliveries sent and not yet acknowledged.
+    pub in_flight: u64,
+    /// Operations per packet-store batch.
+    pub commit_batch_ops: HistogramSnapshot,
+    /// Seconds per packet-store batch write.
+    pub commit_seconds: HistogramSnapshot,
+    /// Seconds per hook call, by hook (`authenticate`, `authorize_publish`,
+    /// `authorize_subscribe`, `authorize_delivery`, `other`).
+    pub hook_seconds: Vec<(&'static str, HistogramSnapshot)>,
+}
+
+/// A protocol's label in [`Metrics::connections`].
+fn protocol_label(p: ProtocolVersion) -> &'static str {
+    match p {
+        ProtocolVersion::V3 => "3",
+        ProtocolVersion::V5 => "5",
+        ProtocolVersion::Internal => "internal",
+    }
+}
+
+/// Why an operator's request ([`Broker::retained`], [`Broker::delete_retained`]) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// The topic filter is not valid: the caller's mistake.
+    #[error(transparent)]
+    Filter(#[from] TopicError),
+    /// The store failed: try again later.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+fn by_qos(counts: Vec<(&'static str, u64)>) -> [u64; 3] {
+    let mut out = [0; 3];
+    for (slot, (_, n)) in out.iter_mut().zip(counts) {
+        *slot = n;
+    }
+    out
+}
+
+fn session_info(s: &Session) -> SessionInfo {
+    let st = s.lock();
+    let mut subscription_qos: Vec<(String, QoS)> = st
+        .subscriptions()
+        .iter()
+        .map(|(f, o)| (f.clone(), o.qos))
+        .collect();
+    subscription_qos.sort();
+    SessionInfo {
+        client_id: s.client_id.to_string(),
+        online: st.is_online(),
+        persistent: st.persistent(),
+        expiry_secs: st.expiry_secs(),
+        queued: st.queue_len(),
+        queued_bytes: st.queued_bytes(),
+        in_flight: st.in_flight(),
+        subscriptions: subscription_qos.iter().map(|(f, _)| f.clone()).collect(),
+        subscription_qos,
+        client: st.connection().map(|c| c.client.clone()),
+        connected_at_ms: st.connection().map(|c| c.connected_at_ms),
+        disconnected_at_ms: st.disconnected_at_ms(),
+    }
 }
 
 /// A running broker: cheap to clone, every clone the same broker.
@@ -342,22 +448,117 @@ impl Broker {
         }
     }
 
+    /// Counters by label, gauges and histograms, for an exporter
+    /// (the `broker` binary renders them for Prometheus). The gauges walk
+    /// every session, one lock at a time: call it per scrape, not per message.
+    pub fn metrics(&self) -> Metrics {
+        let s = self.core.stats();
+        let mut m = Metrics {
+            stats: self.stats(),
+            messages_in: by_qos(s.messages_in.read(&["0", "1", "2"])),
+            messages_out: by_qos(s.messages_out.read(&["0", "1", "2"])),
+            connects: s.connects.read(&metrics::CONNECT_LABELS),
+            disconnects: s.disconnects.read(&metrics::DISCONNECT_LABELS),
+            drops: s.drops.read(&metrics::DROP_LABELS),
+            connections: Vec::new(),
+            sessions_online: 0,
+            sessions_offline: 0,
+            queued_messages: 0,
+            queued_bytes: 0,
+            in_flight: 0,
+            commit_batch_ops: s.histograms.commit_ops.snapshot(1.0),
+            commit_seconds: s.histograms.commit_us.snapshot(1e6),
+            hook_seconds: metrics::HOOK_LABELS
+                .iter()
+                .zip(&s.histograms.hook_us)
+                .map(|(name, h)| (*name, h.snapshot(1e6)))
+                .collect(),
+        };
+        let mut connections: std::collections::BTreeMap<(Arc<str>, &'static str), u64> =
+            Default::default();
+        for session in self.core.all_sessions() {
+            let st = session.lock();
+            match st.connection() {
+                Some(c) => {
+                    m.sessions_online += 1;
+                    let key = (c.client.listener.clone(), protocol_label(c.client.protocol));
+                    *connections.entry(key).or_default() += 1;
+                }
+                None => m.sessions_offline += 1,
+            }
+            m.queued_messages += st.queue_len() as u64;
+            m.queued_bytes += st.queued_bytes() as u64;
+            m.in_flight += st.in_flight() as u64;
+        }
+        m.connections = connections
+            .into_iter()
+            .map(|((listener, protocol), n)| (listener.to_string(), protocol, n))
+            .collect();
+        m
+    }
+
     /// What the broker knows of `client_id`'s session, if it has one.
     pub fn session(&self, client_id: &str) -> Option<SessionInfo> {
         let s = self.core.session(client_id)?;
-        let st = s.lock();
-        let mut subscriptions: Vec<String> = st.subscriptions().keys().cloned().collect();
-        subscriptions.sort();
-        Some(SessionInfo {
-            client_id: client_id.to_string(),
-            online: st.is_online(),
-            persistent: st.persistent(),
-            expiry_secs: st.expiry_secs(),
-            queued: st.queue_len(),
-            queued_bytes: st.queued_bytes(),
-            in_flight: st.in_flight(),
-            subscriptions,
-        })
+        Some(session_info(&s))
+    }
+
+    /// Every session held, online and offline, sorted by client id.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let mut all: Vec<SessionInfo> = self
+            .core
+            .all_sessions()
+            .iter()
+            .map(|s| session_info(s))
+            .collect();
+        all.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        all
+    }
+
+    /// Close `client_id`'s network connection as an operator would: an
+    /// MQTT 5 client gets DISCONNECT 0x98 (administrative action), its will
+    /// is published, a persistent session stays. False when it is not
+    /// connected. In-process clients are not kicked.
+    pub fn kick(&self, client_id: &str) -> bool {
+        self.core
+            .session(client_id)
+            .is_some_and(|s| s.lock().kick())
+    }
+
+    /// Delete `client_id`'s session: kick its connection if any (as
+    /// [`Broker::kick`]), then remove its subscriptions and queue, in memory
+    /// and in the store. False when there was no session.
+    pub async fn delete_session(&self, client_id: &str) -> Result<bool, StorageError> {
+        self.core.delete_session(client_id).await
+    }
+
+    /// Retained messages whose topic matches `filter`, sorted by topic.
+    /// `#` does not match `$` topics (MQTT's rule): ask `$SYS/#` for those.
+    pub async fn retained(&self, filter: &str) -> Result<Vec<Arc<Message>>, AdminError> {
+        topic::validate_filter(filter)?;
+        let mut found = self.core.storage().retained.lookup_retained(filter).await?;
+        found.sort_by(|a, b| a.topic.cmp(&b.topic));
+        Ok(found)
+    }
+
+    /// Delete the retained messages whose topic matches `filter`; returns
+    /// how many there were.
+    pub async fn delete_retained(&self, filter: &str) -> Result<usize, AdminError> {
+        let found = self.retained(filter).await?;
+        for m in &found {
+            self.core.storage().retained.delete_retained(&m.topic).await?;
+        }
+        Ok(found.len())
+    }
+
+    /// Whether the storage answers now (a cheap read), for readiness probes.
+    pub async fn check_storage(&self) -> Result<(), StorageError> {
+        self.core
+            .storage()
+            .retained
+            .lookup_retained("$broker/readiness-probe")
+            .await
+            .map(drop)
     }
 
     /// Sessions held, online and offline.

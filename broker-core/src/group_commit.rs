@@ -19,6 +19,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
+use crate::metrics::Histograms;
 use crate::storage::{PacketOp, PacketStore, StorageError, StorageResult};
 
 struct Request {
@@ -35,9 +36,20 @@ pub struct GroupCommit {
 impl GroupCommit {
     /// Start the writer task on the current runtime. `max_batch` bounds the
     /// requests merged into one store write (1 disables group commit).
+    #[cfg_attr(not(feature = "testkit"), allow(dead_code))] // the core starts it measured
     pub fn start(packets: Arc<dyn PacketStore>, max_batch: usize) -> Self {
+        Self::start_measured(packets, max_batch, Arc::default())
+    }
+
+    /// [`GroupCommit::start`], recording each batch's size and write time
+    /// in `histograms` (two relaxed atomic additions per batch).
+    pub(crate) fn start_measured(
+        packets: Arc<dyn PacketStore>,
+        max_batch: usize,
+        histograms: Arc<Histograms>,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(packets, rx, max_batch.max(1)));
+        tokio::spawn(run(packets, rx, max_batch.max(1), histograms));
         GroupCommit { tx }
     }
 
@@ -64,6 +76,7 @@ async fn run(
     packets: Arc<dyn PacketStore>,
     mut rx: mpsc::UnboundedReceiver<Request>,
     max_batch: usize,
+    histograms: Arc<Histograms>,
 ) {
     let mut batch = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -84,10 +97,15 @@ async fn run(
         } else {
             packets.write(ops).await
         };
+        let elapsed_us = started.elapsed().as_micros() as u64;
+        if count > 0 {
+            histograms.commit_ops.observe(count as u64);
+            histograms.commit_us.observe(elapsed_us);
+        }
         debug!(
             requests = batch.len(),
             ops = count,
-            elapsed_us = started.elapsed().as_micros() as u64,
+            elapsed_us,
             "group commit"
         );
         if let Err(e) = &result {

@@ -52,6 +52,7 @@ mod connection;
 mod embed;
 mod group_commit;
 mod link;
+mod metrics;
 mod session;
 mod sys;
 mod trie;
@@ -69,7 +70,10 @@ pub mod testkit;
 pub mod topic;
 
 pub use broker::{SessionExpiry, SubscribeRefusal};
-pub use embed::{Broker, BrokerBuilder, PublishError, SessionInfo, StartError, StatsSnapshot};
+pub use embed::{
+    AdminError, Broker, BrokerBuilder, Metrics, PublishError, SessionInfo, StartError, StatsSnapshot,
+};
+pub use metrics::HistogramSnapshot;
 pub use link::AttachError;
 
 /// Pieces the test suites, fuzzers and benchmarks reach into. Not part of

@@ -35,6 +35,7 @@ use crate::hooks::{
     ClientInfo, ConnectInfo, Decision, HookError, Login, ProtocolVersion, SubscribeDecision,
 };
 use crate::message::{now_ms, Message, QoS};
+use crate::metrics;
 use crate::session::{Attachment, Outgoing, Session};
 use crate::storage::{ClientId, PacketOp, StorageError, StorageResult};
 use crate::subscription::SubscriptionOptions;
@@ -139,11 +140,14 @@ async fn call_hook<T>(
     client: &str,
     call: impl std::future::Future<Output = Result<T, HookError>>,
 ) -> Option<T> {
+    let started = Instant::now();
     let outcome = tokio::time::timeout(
         core.config().hook_timeout(),
         AssertUnwindSafe(call).catch_unwind(),
     )
     .await;
+    core.stats().histograms.hook_us[metrics::hook_label(hook)]
+        .observe(started.elapsed().as_micros() as u64);
     let why = match outcome {
         Ok(Ok(Ok(v))) => return Some(v),
         Ok(Ok(Err(e))) => format!("failed: {e}"),
@@ -245,6 +249,8 @@ impl Core {
             connection_id: self.next_connection_id(),
             kick: CancellationToken::new(),
             detached: CancellationToken::new(),
+            client: client.clone(),
+            connected_at_ms: now_ms(),
         };
         let connected = self
             .connect(
@@ -318,9 +324,16 @@ impl Link {
         &self.session.client_id
     }
 
-    /// Cancelled when the broker wants this client gone (takeover).
+    /// Cancelled when the broker wants this client gone (takeover, an operator's kick).
     pub(crate) fn kicked(&self) -> &CancellationToken {
         &self.attachment.kick
+    }
+
+    /// Whether an operator kicked this connection (else a takeover did).
+    pub(crate) fn kicked_by_operator(&self) -> bool {
+        self.session
+            .lock()
+            .was_kicked(self.attachment.connection_id)
     }
 
     /// Whether an incoming QoS 2 message with `packet_id` was accepted and
@@ -679,6 +692,7 @@ impl Outbox {
         }
         let events = self.core.events();
         let mut sent = 0u64;
+        let mut by_qos = [0u64; 3];
         for o in out.iter() {
             if let Outgoing::Publish {
                 message,
@@ -688,6 +702,7 @@ impl Outbox {
             } = o
             {
                 sent += 1;
+                by_qos[*qos as usize] += 1;
                 events.emit_message(|| Event::Delivered {
                     client_id: self.session.client_id.clone(),
                     message: message.clone(),
@@ -698,6 +713,9 @@ impl Outbox {
         }
         if sent > 0 {
             self.core.stats().sent.fetch_add(sent, Ordering::Relaxed);
+            for (qos, n) in by_qos.into_iter().enumerate().filter(|(_, n)| *n > 0) {
+                self.core.stats().messages_out.add(qos, n);
+            }
         }
         self.flush_ops();
         more
@@ -706,6 +724,10 @@ impl Outbox {
     /// A delivery that cannot be sent (larger than the client accepts): it
     /// ends as if delivered, and its store entry goes with it.
     pub(crate) fn abandon(&mut self, packet_id: u16) {
+        self.core
+            .stats()
+            .drops
+            .bump(metrics::DropLabel::PacketTooLarge as usize);
         self.ops.extend(self.session.lock().abandon(packet_id));
         self.flush_ops();
     }

@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BrokerConfig, OverflowPolicy};
+use crate::hooks::ClientInfo;
 use crate::message::{now_ms, Message, QoS, Seq};
 use crate::storage::{ClientId, Delivery, PacketOp, PacketState, QueuedPacket};
 use crate::subscription::SubscriptionOptions;
@@ -114,6 +115,10 @@ pub struct Attachment {
     pub kick: CancellationToken,
     /// Cancelled by that connection once it has fully detached.
     pub detached: CancellationToken,
+    /// Who is connected (listener, protocol, peer), for the admin API and metrics.
+    pub client: Arc<ClientInfo>,
+    /// When it connected (ms since the Unix epoch).
+    pub connected_at_ms: u64,
 }
 
 /// A message offered to a session.
@@ -179,6 +184,9 @@ pub(crate) struct SessionState {
     connection: Option<Attachment>,
     /// A will waiting for its delay (MQTT 5); cancelled if the client comes back first.
     pending_will: Option<CancellationToken>,
+    /// The connection an operator kicked (so it closes with "administrative
+    /// action", not "taken over"), until it detaches.
+    kicked: Option<u64>,
     /// Messages refused or evicted by the queue limit since the session began.
     dropped: u64,
     /// The limit behind the latest of those.
@@ -217,6 +225,7 @@ impl Session {
                 incoming_qos2: HashSet::new(),
                 connection: None,
                 pending_will: None,
+                kicked: None,
                 dropped: 0,
                 last_drop: None,
                 next_seq: 1,
@@ -277,6 +286,27 @@ impl SessionState {
         self.disconnected_at_ms = Some(at_ms);
     }
 
+    /// When the last connection ended (ms since the Unix epoch), `None` while connected.
+    pub fn disconnected_at_ms(&self) -> Option<u64> {
+        self.disconnected_at_ms
+    }
+
+    /// Close the attached connection on an operator's request; false when
+    /// none is attached.
+    pub fn kick(&mut self) -> bool {
+        let Some(c) = &self.connection else {
+            return false;
+        };
+        self.kicked = Some(c.connection_id);
+        c.kick.cancel();
+        true
+    }
+
+    /// Whether connection `connection_id` was closed by [`SessionState::kick`].
+    pub fn was_kicked(&self, connection_id: u64) -> bool {
+        self.kicked == Some(connection_id)
+    }
+
     /// The attached connection, if any.
     pub fn connection(&self) -> Option<&Attachment> {
         self.connection.as_ref()
@@ -301,6 +331,7 @@ impl SessionState {
             return false;
         }
         self.connection = None;
+        self.kicked = None;
         self.reset_in_flight();
         self.disconnected_at_ms = Some(now_ms);
         true
@@ -310,6 +341,7 @@ impl SessionState {
     /// did not close in time after a takeover).
     pub fn force_detach(&mut self) {
         self.connection = None;
+        self.kicked = None;
         self.reset_in_flight();
     }
 
@@ -848,6 +880,15 @@ mod tests {
             connection_id: 1,
             kick: CancellationToken::new(),
             detached: CancellationToken::new(),
+            client: Arc::new(ClientInfo {
+                client_id: "c".into(),
+                username: None,
+                identity: None,
+                peer: None,
+                listener: "test".into(),
+                protocol: crate::hooks::ProtocolVersion::V5,
+            }),
+            connected_at_ms: 0,
         });
     }
 

@@ -43,6 +43,7 @@ use crate::auth_throttle::AuthThrottle;
 use crate::config::{BrokerConfig, SysConfig};
 use crate::events::{Event, EventBus};
 use crate::group_commit::GroupCommit;
+use crate::metrics::{self, Histograms, LabeledCounter};
 use crate::hooks::Hooks;
 use crate::session::Session;
 use crate::storage::{ClientId, PacketOp, Storage, StorageError, StorageResult};
@@ -133,6 +134,18 @@ pub(crate) struct Stats {
     pub(crate) authorization_denials: AtomicU64,
     /// Hook calls that timed out, failed or panicked (and so refused).
     pub(crate) hook_failures: AtomicU64,
+    /// Messages published by clients, by QoS (0, 1, 2).
+    pub(crate) messages_in: LabeledCounter<3>,
+    /// PUBLISH packets handed to clients, by QoS.
+    pub(crate) messages_out: LabeledCounter<3>,
+    /// CONNECTs by outcome (`metrics::CONNECT_LABELS`).
+    pub(crate) connects: LabeledCounter<{ metrics::CONNECT_LABELS.len() }>,
+    /// Ended connections by reason (`metrics::DISCONNECT_LABELS`).
+    pub(crate) disconnects: LabeledCounter<{ metrics::DISCONNECT_LABELS.len() }>,
+    /// Messages not delivered to a subscriber, by reason (`metrics::DROP_LABELS`).
+    pub(crate) drops: LabeledCounter<{ metrics::DROP_LABELS.len() }>,
+    /// Store batch sizes and write times, hook latencies.
+    pub(crate) histograms: Arc<Histograms>,
 }
 
 impl Stats {
@@ -197,7 +210,11 @@ impl Core {
         );
         let config_throttle = (config.auth_failure_limit, config.auth_failure_window_secs);
         let core = Arc::new(Core {
-            writer: GroupCommit::start(storage.packets.clone(), config.max_commit_batch),
+            writer: GroupCommit::start_measured(
+                storage.packets.clone(),
+                config.max_commit_batch,
+                stats.histograms.clone(),
+            ),
             config,
             sys,
             storage,

@@ -179,6 +179,46 @@ impl Core {
         }
     }
 
+    /// An operator deletes `client_id`'s session: its connection is kicked
+    /// (and waited for, as in a takeover), then the session is discarded.
+    /// False when there was none.
+    pub(crate) async fn delete_session(&self, client_id: &str) -> StorageResult<bool> {
+        let lock = self.lifecycle_lock(client_id);
+        let mut guard = lock.lock().await;
+        loop {
+            let Some(session) = self.session(client_id) else {
+                return Ok(false);
+            };
+            let attached = {
+                let mut st = session.lock();
+                let c = st.connection().cloned();
+                st.kick();
+                c
+            };
+            let Some(old) = attached else {
+                self.discard(&session).await?;
+                drop(guard);
+                info!(client = %client_id, "session deleted by an operator");
+                return Ok(true);
+            };
+            drop(guard);
+            if tokio::time::timeout(TAKEOVER_WAIT, old.detached.cancelled())
+                .await
+                .is_err()
+            {
+                warn!(client = %client_id, "kicked connection did not close in time");
+            }
+            guard = lock.lock().await;
+            let mut st = session.lock();
+            if st
+                .connection()
+                .is_some_and(|c| c.connection_id == old.connection_id)
+            {
+                st.force_detach();
+            }
+        }
+    }
+
     /// Remove a session: its subscriptions from the trie, its queue and record
     /// from the store. What shared subscriptions queued for it goes to other members.
     pub(super) async fn discard(&self, session: &Arc<Session>) -> StorageResult<()> {

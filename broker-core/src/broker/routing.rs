@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use super::{Core, Stats};
 use crate::events::{DropCause, Event};
 use crate::hooks::ClientInfo;
+use crate::metrics::DropLabel;
 use crate::message::{Message, QoS, Seq};
 use crate::session::{DropReason, Enqueued, Entry, NewEntry, Session, SessionState};
 use crate::storage::{ClientId, Delivery, PacketOp, QueueTarget, StorageResult};
@@ -290,6 +291,10 @@ impl Core {
     fn note_drop(&self, client: &ClientId, st: &SessionState, topic: &str) {
         self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         let reason = st.last_drop();
+        self.stats.drops.bump(match reason {
+            Some(DropReason::Bytes) => DropLabel::QueueBytes,
+            _ => DropLabel::QueueFull,
+        } as usize);
         self.events.emit_message(|| Event::MessageDropped {
             client_id: client.clone(),
             topic: topic.to_string(),
@@ -338,6 +343,7 @@ impl Core {
         let publisher = match origin {
             Origin::Client(c) => {
                 Stats::bump(&self.stats.received);
+                self.stats.messages_in.bump(message.qos as usize);
                 Some(c)
             }
             Origin::Will(c) => Some(c),

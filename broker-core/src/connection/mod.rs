@@ -35,6 +35,7 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::metrics::{ConnectLabel, DisconnectLabel};
 use crate::broker::{Core, SessionExpiry, Will};
 use crate::codec::{from_wire_qos, reason, v5, Encoder, MqttCodec, Protocol, VersionCodec};
 use crate::config::BrokerConfig;
@@ -84,6 +85,8 @@ enum Close {
     KeepAliveTimeout,
     /// Another connection took over the session.
     TakenOver,
+    /// An operator closed it (admin API).
+    Kicked,
     /// The broker is shutting down.
     Shutdown,
     /// Writing to the socket failed.
@@ -107,6 +110,7 @@ impl fmt::Display for Close {
             Close::Eof => write!(f, "connection closed by peer without DISCONNECT"),
             Close::KeepAliveTimeout => write!(f, "keep alive timeout"),
             Close::TakenOver => write!(f, "session taken over by a new connection"),
+            Close::Kicked => write!(f, "closed by an operator"),
             Close::Shutdown => write!(f, "broker shutting down"),
             Close::WriteFailed => write!(f, "write to socket failed"),
             Close::Violation(code, r) => write!(f, "protocol violation ({code:?}): {r}"),
@@ -116,6 +120,22 @@ impl fmt::Display for Close {
 }
 
 impl Close {
+    /// Its label in the disconnect metrics.
+    fn label(&self) -> DisconnectLabel {
+        match self {
+            Close::Graceful { will: false } => DisconnectLabel::Normal,
+            Close::Graceful { will: true } => DisconnectLabel::WithWill,
+            Close::Eof => DisconnectLabel::ConnectionLost,
+            Close::KeepAliveTimeout => DisconnectLabel::KeepAliveTimeout,
+            Close::TakenOver => DisconnectLabel::TakenOver,
+            Close::Kicked => DisconnectLabel::Kicked,
+            Close::Shutdown => DisconnectLabel::Shutdown,
+            Close::WriteFailed => DisconnectLabel::WriteFailed,
+            Close::Violation(..) => DisconnectLabel::ProtocolError,
+            Close::Storage(_) => DisconnectLabel::StorageError,
+        }
+    }
+
     /// A protocol error (DISCONNECT 0x82).
     fn protocol(why: impl Into<String>) -> Close {
         Close::Violation(v5::DisconnectReasonCode::ProtocolError, why.into())
@@ -144,6 +164,7 @@ impl Close {
             Close::Graceful { .. } | Close::Eof | Close::WriteFailed => return None,
             Close::KeepAliveTimeout => D::KeepAliveTimeout,
             Close::TakenOver => D::SessionTakenOver,
+            Close::Kicked => D::AdministrativeAction,
             Close::Shutdown => D::ServerShuttingDown,
             Close::Violation(code, _) => *code,
             Close::Storage(_) => D::ImplementationSpecificError,
@@ -153,6 +174,18 @@ impl Close {
             reason_string: reason(self.to_string()),
             ..v5::Disconnect::default()
         }))
+    }
+}
+
+/// The connect-metrics label of a refusing CONNACK's code.
+fn connect_label(code: v5::ConnectAckReason) -> ConnectLabel {
+    use v5::ConnectAckReason as R;
+    match code {
+        R::BadUserNameOrPassword => ConnectLabel::BadCredentials,
+        R::NotAuthorized | R::Banned => ConnectLabel::NotAuthorized,
+        R::ConnectionRateExceeded => ConnectLabel::Throttled,
+        R::ServerUnavailable | R::ServerBusy | R::QuotaExceeded => ConnectLabel::ServerUnavailable,
+        _ => ConnectLabel::Protocol,
     }
 }
 
@@ -170,7 +203,8 @@ where
         FramedRead::with_capacity(read, MqttCodec::Version(VersionCodec), READ_BUFFER_START);
     let deadline = Instant::now() + core.config().connect_timeout();
     let config = core.config().clone();
-    let refused = |client_id: Option<&str>, reason: String| {
+    let refused = |client_id: Option<&str>, label: ConnectLabel, reason: String| {
+        core.stats().connects.bump(label as usize);
         info!(%peer, client = client_id.unwrap_or(""), %reason, "connection refused");
         core.events().emit(|| Event::ConnectionError {
             client_id: client_id.map(str::to_owned),
@@ -185,7 +219,7 @@ where
     } = match read_connect(&core, &mut framed, &mut write, deadline).await {
         Ok(h) => h,
         Err(reason) => {
-            refused(None, reason);
+            refused(None, ConnectLabel::Protocol, reason);
             linger(&core, &mut framed, Some(&mut write)).await;
             return;
         }
@@ -200,7 +234,7 @@ where
         Ok(w) => w,
         Err((code, why)) => {
             let reason = refuse(&mut write, protocol, code, &why).await;
-            refused(Some(&named), reason);
+            refused(Some(&named), connect_label(code), reason);
             linger(&core, &mut framed, Some(&mut write)).await;
             return;
         }
@@ -217,7 +251,8 @@ where
     {
         Ok(a) => a,
         Err(reason) => {
-            refused(Some(&named), reason);
+            // Enhanced authentication's refusals, whatever their code.
+            refused(Some(&named), ConnectLabel::NotAuthorized, reason);
             linger(&core, &mut framed, Some(&mut write)).await;
             return;
         }
@@ -266,7 +301,7 @@ where
                 warn!(%peer, client = %named, error = %e.report(), "cannot open session: storage failed");
             }
             let reason = refuse(&mut write, protocol, code, &e.to_string()).await;
-            refused(Some(&named), reason);
+            refused(Some(&named), connect_label(code), reason);
             linger(&core, &mut framed, Some(&mut write)).await;
             return;
         }
@@ -316,6 +351,7 @@ where
         link.detach(false, "write of CONNACK failed").await;
         return;
     }
+    core.stats().connects.bump(ConnectLabel::Accepted as usize);
     info!(
         %peer,
         client = %client_id,
@@ -374,6 +410,7 @@ where
     }
     link.detach(close.publishes_will(), &close.to_string())
         .await;
+    core.stats().disconnects.bump(close.label() as usize);
     match &close {
         Close::Violation(..) | Close::Storage(_) => {
             warn!(%peer, client = %client_id, reason = %close, "connection closed")

@@ -95,7 +95,9 @@ impl Reader {
         loop {
             tokio::select! {
                 biased;
-                _ = kick.cancelled() => return Close::TakenOver,
+                _ = kick.cancelled() => {
+                    return if self.link.kicked_by_operator() { Close::Kicked } else { Close::TakenOver };
+                }
                 _ = shutdown.cancelled() => return Close::Shutdown,
                 _ = writer_stopped.cancelled() => return Close::WriteFailed,
                 Some(ack) = self.pending.next(), if !self.pending.is_empty() => {
