@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod hooks;
+pub mod http;
 pub mod passwd;
 pub mod settings;
 pub mod storage_url;

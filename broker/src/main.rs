@@ -128,6 +128,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let stop = wait_for_signal()?;
     let settings = Settings::load(cli)?;
     let hooks = broker::hooks::Configured::from_settings(&settings.auth)?;
+    // Before the storage: /health answers while a large store is restored.
+    let http = broker::http::Http::start(&settings.http).await?;
     let storage = storage_url::open(&settings.storage)
         .await
         .with_context(|| format!("cannot open storage `{}`", settings.storage))?;
@@ -172,8 +174,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tokio::spawn(listener.run());
     }
     reload_on_hangup(hooks.files, reloads)?;
+    if let Some(http) = &http {
+        http.started(&broker);
+    }
 
     stop.await?;
+    if let Some(http) = &http {
+        http.stopping();
+    }
     info!("shutting down: closing connections and flushing storage");
     broker.shutdown().await;
     if let Some(webhook) = webhook {

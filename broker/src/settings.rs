@@ -62,6 +62,10 @@ pub struct Cli {
     /// Seconds a new connection has to send CONNECT.
     #[arg(long)]
     pub connect_timeout_secs: Option<u64>,
+    /// Address of the HTTP listener for /metrics, /health, /ready and the
+    /// admin API (`[http] bind`); none by default.
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<String>,
 }
 
 /// The subcommands; without one the broker serves.
@@ -224,6 +228,51 @@ pub struct FileConfig {
     pub webhook: Option<WebhookSettings>,
     /// Log format and the per-connection lines (`[log]` table).
     pub log: LogSettings,
+    /// Metrics, probes and the admin API (`[http]` table).
+    pub http: HttpSettings,
+}
+
+/// The `[http]` table: one HTTP listener for `/metrics`, `/health`,
+/// `/ready` and the admin API under `/api/v1/`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address to listen on, e.g. `127.0.0.1:8080`; no listener when unset.
+    pub bind: Option<String>,
+    /// Bearer token every request but `/health` and `/ready` must carry
+    /// (`Authorization: Bearer ...`); required when `bind` is not loopback.
+    pub token: Option<String>,
+    /// Requests served at once; more get 503 (default 64).
+    pub max_requests: Option<usize>,
+}
+
+/// Requests the HTTP listener serves at once unless `[http] max_requests` says.
+pub const DEFAULT_HTTP_MAX_REQUESTS: usize = 64;
+
+impl HttpSettings {
+    fn validate(&self) -> anyhow::Result<()> {
+        let Some(bind) = &self.bind else {
+            return Ok(());
+        };
+        if bind.parse::<std::net::SocketAddr>().is_err() {
+            bail!("[http] bind `{bind}` is not an address with a port (e.g. `127.0.0.1:8080`)");
+        }
+        match &self.token {
+            Some(t) if t.len() < 16 => {
+                bail!("[http] token is too short: use at least 16 characters (e.g. `openssl rand -hex 32`)")
+            }
+            Some(_) => {}
+            None if is_loopback(bind) => {}
+            None => bail!(
+                "[http] bind `{bind}` is not a loopback address: set `token` in [http] so that \
+                 only those who know it reach the admin API and /metrics"
+            ),
+        }
+        if self.max_requests == Some(0) {
+            bail!("[http] max_requests must be at least 1");
+        }
+        Ok(())
+    }
 }
 
 /// The `[log]` table. `RUST_LOG` still chooses the levels.
@@ -283,6 +332,8 @@ pub struct Settings {
     pub webhook: Option<WebhookSettings>,
     /// Logging.
     pub log: LogSettings,
+    /// The HTTP listener (`bind` is `None` when there is none).
+    pub http: HttpSettings,
 }
 
 impl Settings {
@@ -328,6 +379,11 @@ impl Settings {
             bail!("{e}");
         }
         file.auth.validate(&broker)?;
+        let mut http = file.http;
+        if let Some(bind) = cli.http_listen {
+            http.bind = Some(bind);
+        }
+        http.validate()?;
         let listen = if !cli.listen.is_empty() {
             cli.listen
         } else {
@@ -364,6 +420,7 @@ impl Settings {
             auth: file.auth,
             webhook: file.webhook,
             log: file.log,
+            http,
         })
     }
 }
@@ -550,6 +607,30 @@ mod tests {
     }
 
     #[test]
+    fn http_table_and_its_token_rule() {
+        assert_eq!(resolve("", &[]).unwrap().http.bind, None);
+        let local = resolve("[http]\nbind = \"127.0.0.1:8080\"\n", &[]).unwrap();
+        assert_eq!(local.http.bind.as_deref(), Some("127.0.0.1:8080"));
+        let flag = resolve("", &["--http-listen", "[::1]:9090"]).unwrap();
+        assert_eq!(flag.http.bind.as_deref(), Some("[::1]:9090"));
+        let err = resolve("[http]\nbind = \"0.0.0.0:8080\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("token"), "{err}");
+        let err = resolve("", &["--http-listen", "0.0.0.0:8080"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("token"), "a flag is held to the same rule: {err}");
+        let remote = "[http]\nbind = \"0.0.0.0:8080\"\ntoken = \"0123456789abcdef\"\n";
+        assert!(resolve(remote, &[]).is_ok());
+        let short = "[http]\nbind = \"0.0.0.0:8080\"\ntoken = \"abc\"\n";
+        assert!(resolve(short, &[]).unwrap_err().to_string().contains("short"));
+        assert!(resolve("[http]\nbind = \"localhost\"\n", &[]).is_err());
+        assert!(resolve("[http]\nbind = \"127.0.0.1:1\"\nmax_requests = 0\n", &[]).is_err());
+        assert!(resolve("[http]\nport = 1\n", &[]).is_err());
+    }
+
+    #[test]
     fn the_example_config_documents_the_true_defaults() {
         let text = include_str!("../../packaging/broker.toml");
         let f = FileConfig::parse(text).expect("packaging/broker.toml parses");
@@ -567,6 +648,11 @@ mod tests {
             f.log,
             LogSettings::default(),
             "[log] in packaging/broker.toml"
+        );
+        assert_eq!(
+            f.http,
+            HttpSettings::default(),
+            "[http] in packaging/broker.toml"
         );
         assert_eq!(f.listen, Some(vec![DEFAULT_LISTEN.to_string()]));
         assert_eq!(f.storage.as_deref(), Some("sqlite://data/broker.db"));
