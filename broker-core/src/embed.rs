@@ -15,8 +15,8 @@ use crate::hooks::{Authenticate, Authorize, ClientInfo, EnhancedAuth, Hooks, Pro
 use crate::link::AttachError;
 use crate::message::{Message, QoS};
 use crate::metrics::{self, HistogramSnapshot};
-use crate::session::Session;
 use crate::server::Server;
+use crate::session::Session;
 use crate::storage::{Storage, StorageError};
 use crate::topic::{self, TopicError};
 
@@ -546,7 +546,11 @@ impl Broker {
     pub async fn delete_retained(&self, filter: &str) -> Result<usize, AdminError> {
         let found = self.retained(filter).await?;
         for m in &found {
-            self.core.storage().retained.delete_retained(&m.topic).await?;
+            self.core
+                .storage()
+                .retained
+                .delete_retained(&m.topic)
+                .await?;
         }
         Ok(found.len())
     }

@@ -71,10 +71,11 @@ pub mod topic;
 
 pub use broker::{SessionExpiry, SubscribeRefusal};
 pub use embed::{
-    AdminError, Broker, BrokerBuilder, Metrics, PublishError, SessionInfo, StartError, StatsSnapshot,
+    AdminError, Broker, BrokerBuilder, Metrics, PublishError, SessionInfo, StartError,
+    StatsSnapshot,
 };
-pub use metrics::HistogramSnapshot;
 pub use link::AttachError;
+pub use metrics::HistogramSnapshot;
 
 /// Pieces the test suites, fuzzers and benchmarks reach into. Not part of
 /// the API: only with the `testkit` feature, and free to change.

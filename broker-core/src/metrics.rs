@@ -241,7 +241,11 @@ mod tests {
         c.bump(99); // out of range: ignored, never a panic
         assert_eq!(
             c.read(&DROP_LABELS),
-            vec![("queue_full", 0), ("queue_bytes", 1), ("packet_too_large", 4)]
+            vec![
+                ("queue_full", 0),
+                ("queue_bytes", 1),
+                ("packet_too_large", 4)
+            ]
         );
         assert_eq!(hook_label("authorize_publish"), 1);
         assert_eq!(hook_label("enhanced_auth"), HOOK_LABELS.len() - 1);

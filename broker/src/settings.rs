@@ -620,11 +620,17 @@ mod tests {
         let err = resolve("", &["--http-listen", "0.0.0.0:8080"])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("token"), "a flag is held to the same rule: {err}");
+        assert!(
+            err.contains("token"),
+            "a flag is held to the same rule: {err}"
+        );
         let remote = "[http]\nbind = \"0.0.0.0:8080\"\ntoken = \"0123456789abcdef\"\n";
         assert!(resolve(remote, &[]).is_ok());
         let short = "[http]\nbind = \"0.0.0.0:8080\"\ntoken = \"abc\"\n";
-        assert!(resolve(short, &[]).unwrap_err().to_string().contains("short"));
+        assert!(resolve(short, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("short"));
         assert!(resolve("[http]\nbind = \"localhost\"\n", &[]).is_err());
         assert!(resolve("[http]\nbind = \"127.0.0.1:1\"\nmax_requests = 0\n", &[]).is_err());
         assert!(resolve("[http]\nport = 1\n", &[]).is_err());

@@ -35,7 +35,6 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::metrics::{ConnectLabel, DisconnectLabel};
 use crate::broker::{Core, SessionExpiry, Will};
 use crate::codec::{from_wire_qos, reason, v5, Encoder, MqttCodec, Protocol, VersionCodec};
 use crate::config::BrokerConfig;
@@ -43,6 +42,7 @@ use crate::events::Event;
 use crate::hooks::ProtocolVersion;
 use crate::link::{AttachError, AttachRequest};
 use crate::message::{now_ms, Message, MessageProperties};
+use crate::metrics::{ConnectLabel, DisconnectLabel};
 use crate::server::Peer;
 use crate::storage::StorageError;
 use crate::topic;

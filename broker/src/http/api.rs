@@ -138,7 +138,10 @@ async fn kick(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Resp
     if broker.kick(&id) {
         Json(json!({ "kicked": id })).into_response()
     } else {
-        error(StatusCode::NOT_FOUND, "no client connected with this client id")
+        error(
+            StatusCode::NOT_FOUND,
+            "no client connected with this client id",
+        )
     }
 }
 

@@ -70,7 +70,10 @@ pub(super) async fn scrape(State(shared): State<Arc<Shared>>) -> Response {
             body,
         )
             .into_response(),
-        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode the metrics"),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot encode the metrics",
+        ),
     }
 }
 
@@ -155,7 +158,13 @@ impl Collector for Snapshot {
                 family.encode_family(&[("listener", listener.as_str()), ("protocol", protocol)])?,
             )?;
         }
-        counters(out, "broker_connects", "CONNECTs by outcome", "outcome", &m.connects)?;
+        counters(
+            out,
+            "broker_connects",
+            "CONNECTs by outcome",
+            "outcome",
+            &m.connects,
+        )?;
         counters(
             out,
             "broker_disconnects",
@@ -194,8 +203,18 @@ impl Collector for Snapshot {
             "Messages routed: from clients, wills, the application and $SYS",
             s.published,
         )?;
-        counter(out, "broker_bytes_received", "Bytes read from clients", s.bytes_received)?;
-        counter(out, "broker_bytes_sent", "Bytes written to clients", s.bytes_sent)?;
+        counter(
+            out,
+            "broker_bytes_received",
+            "Bytes read from clients",
+            s.bytes_received,
+        )?;
+        counter(
+            out,
+            "broker_bytes_sent",
+            "Bytes written to clients",
+            s.bytes_sent,
+        )?;
         counters(
             out,
             "broker_messages_dropped",
@@ -217,7 +236,10 @@ impl Collector for Snapshot {
             None,
             MetricType::Gauge,
         )?;
-        for (state, n) in [("online", m.sessions_online), ("offline", m.sessions_offline)] {
+        for (state, n) in [
+            ("online", m.sessions_online),
+            ("offline", m.sessions_offline),
+        ] {
             ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
                 .encode(family.encode_family(&[("state", state)])?)?;
         }

@@ -74,7 +74,8 @@ impl Http {
                 warn!("HTTP listener stopped: {e}");
             }
         });
-        info!("HTTP listening on {addr} (/metrics, /health, /ready, /api/v1/)");
+        // Not "listening on": scripts read that line for the MQTT port.
+        info!("HTTP API on {addr} (/metrics, /health, /ready, /api/v1/)");
         Ok(Some(Http { shared, addr }))
     }
 
@@ -108,10 +109,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .merge(guarded)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such path") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::from_fn_with_state(
-            shared.clone(),
-            limit,
-        ))
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), limit))
         .with_state(shared)
 }
 
@@ -140,8 +138,10 @@ async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Ne
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong token: send `Authorization: Bearer TOKEN` ([http] token)",
             );
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
             return r;
         }
     }
