@@ -61,6 +61,17 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
             notes.join(", ")
         )?;
     }
+    if let Some(bind) = &settings.http.bind {
+        writeln!(
+            out,
+            "would serve HTTP on {bind} (/metrics, /health, /ready, /api/v1/): {}",
+            if settings.http.token.is_some() {
+                "token required"
+            } else {
+                "no token (loopback only)"
+            }
+        )?;
+    }
     let hooks = Configured::from_settings(&settings.auth)?;
     let auth = &settings.auth;
     for (what, set) in [

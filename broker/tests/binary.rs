@@ -174,7 +174,7 @@ fn check_says_what_it_would_listen_on_and_that_the_storage_opens() {
         format!(
             "listen = [\"127.0.0.1:1883\"]\nstorage = \"sqlite://data/b.db\"\n\
              [[listener]]\nbind = \"127.0.0.1:8080\"\nprotocol = \"ws\"\n\
-             [auth]\nacl_file = \"{}\"\n",
+             [auth]\nacl_file = \"{}\"\n[http]\nbind = \"127.0.0.1:9090\"\n",
             acl.display()
         ),
     )
@@ -184,6 +184,7 @@ fn check_says_what_it_would_listen_on_and_that_the_storage_opens() {
     for line in [
         "would listen on 127.0.0.1:1883 (mqtt): anonymous clients allowed",
         "would listen on 127.0.0.1:8080 (ws): path /mqtt, anonymous clients allowed",
+        "would serve HTTP on 127.0.0.1:9090 (/metrics, /health, /ready, /api/v1/): no token (loopback only)",
         "ACL file:",
         "storage sqlite://data/b.db: opens",
         "check passed",
@@ -217,6 +218,8 @@ fn check_refuses_bad_configs_saying_why() {
         ("[auth]\npassword_file = \"nope\"\n", "password file"),
         ("[webhook]\nurl = \"ftp://x\"\n", "[webhook]"),
         ("storage = \"ftp://x\"\n", "unknown storage URL scheme"),
+        ("[http]\nbind = \"0.0.0.0:8080\"\n", "set `token` in [http]"),
+        ("[http]\nbind = \"127.0.0.1\"\n", "[http] bind"),
     ] {
         let path = write("bad.toml", text);
         let (ok, out, err) = check(dir.path(), &["--config", &path]);

@@ -26,7 +26,7 @@ use broker_core::{AdminError, PublishError, SessionInfo};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{error, Shared};
+use super::{error, starting, Shared};
 
 /// Sessions per page of `GET /api/v1/clients` unless `limit` says.
 const PAGE: usize = 1000;
@@ -80,9 +80,8 @@ struct ClientsQuery {
 }
 
 async fn clients(State(shared): State<Arc<Shared>>, Query(q): Query<ClientsQuery>) -> Response {
-    let broker = match shared.broker() {
-        Ok(b) => b,
-        Err(r) => return r,
+    let Some(broker) = shared.broker.get() else {
+        return starting();
     };
     let limit = q.limit.unwrap_or(PAGE).clamp(1, PAGE_MAX);
     let all = broker.sessions();
@@ -105,9 +104,8 @@ async fn clients(State(shared): State<Arc<Shared>>, Query(q): Query<ClientsQuery
 }
 
 async fn session(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
-    let broker = match shared.broker() {
-        Ok(b) => b,
-        Err(r) => return r,
+    let Some(broker) = shared.broker.get() else {
+        return starting();
     };
     match broker.session(&id) {
         Some(s) => Json(session_json(&s)).into_response(),
@@ -116,9 +114,8 @@ async fn session(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> R
 }
 
 async fn delete_session(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
-    let broker = match shared.broker() {
-        Ok(b) => b,
-        Err(r) => return r,
+    let Some(broker) = shared.broker.get() else {
+        return starting();
     };
     match broker.delete_session(&id).await {
         Ok(true) => Json(json!({ "deleted": id })).into_response(),
@@ -131,9 +128,8 @@ async fn delete_session(State(shared): State<Arc<Shared>>, Path(id): Path<String
 }
 
 async fn kick(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
-    let broker = match shared.broker() {
-        Ok(b) => b,
-        Err(r) => return r,
+    let Some(broker) = shared.broker.get() else {
+        return starting();
     };
     if broker.kick(&id) {
         Json(json!({ "kicked": id })).into_response()
@@ -175,9 +171,8 @@ fn message_json(m: &Message) -> Value {
 }
 
 async fn retained(State(shared): State<Arc<Shared>>, Query(q): Query<FilterQuery>) -> Response {
-    let broker = match shared.broker() {
-        Ok(b) => b,
-        Err(r) => return r,
+    let Some(broker) = shared.broker.get() else {
+        return starting();
     };
     let filter = q.filter.as_deref().unwrap_or("#");
     match broker.retained(filter).await {
@@ -193,9 +188,8 @@ async fn delete_retained(
     State(shared): State<Arc<Shared>>,
     Query(q): Query<FilterQuery>,
 ) -> Response {
-    let broker = match shared.broker() {
-        Ok(b) => b,
-        Err(r) => return r,
+    let Some(broker) = shared.broker.get() else {
+        return starting();
     };
     // No default here: deleting everything takes an explicit `filter=%23`.
     let Some(filter) = q.filter.as_deref() else {
@@ -231,9 +225,8 @@ async fn publish(
     State(shared): State<Arc<Shared>>,
     body: Result<Json<PublishRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let broker = match shared.broker() {
-        Ok(b) => b,
-        Err(r) => return r,
+    let Some(broker) = shared.broker.get() else {
+        return starting();
     };
     let Json(req) = match body {
         Ok(b) => b,

@@ -20,7 +20,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use super::{error, Shared};
+use super::{error, starting, Shared};
 
 /// How long a count of the retained messages is reused: counting reads
 /// every retained message from the store.
@@ -50,9 +50,8 @@ impl RetainedCount {
 }
 
 pub(super) async fn scrape(State(shared): State<Arc<Shared>>) -> Response {
-    let broker = match shared.broker() {
-        Ok(b) => b,
-        Err(r) => return r,
+    let Some(broker) = shared.broker.get() else {
+        return starting();
     };
     let snapshot = Snapshot {
         metrics: broker.metrics(),

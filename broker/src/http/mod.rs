@@ -180,13 +180,9 @@ async fn ready(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-impl Shared {
-    /// The broker, or the answer to give while it is starting.
-    fn broker(&self) -> Result<&Broker, Response> {
-        self.broker
-            .get()
-            .ok_or_else(|| error(StatusCode::SERVICE_UNAVAILABLE, "the broker is starting"))
-    }
+/// The answer while the broker is starting (restoring its store).
+pub(crate) fn starting() -> Response {
+    error(StatusCode::SERVICE_UNAVAILABLE, "the broker is starting")
 }
 
 /// A JSON error body: `{"error": "..."}`.
