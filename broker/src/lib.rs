@@ -3,6 +3,8 @@
 
 pub mod check;
 pub mod hooks;
+pub mod inspect;
+pub mod migrate;
 pub mod passwd;
 pub mod settings;
 pub mod storage_url;

@@ -123,6 +123,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::Check) = &cli.command {
         return broker::check::run(cli, &mut std::io::stdout()).await;
     }
+    if let Some(Command::Sessions {
+        storage,
+        client,
+        json,
+    }) = &cli.command
+    {
+        let url = broker::inspect::storage_of(&cli, storage.as_deref())?;
+        let mut out = std::io::stdout().lock();
+        return broker::inspect::sessions(&url, client.as_deref(), *json, &mut out).await;
+    }
+    if let Some(Command::Retained {
+        storage,
+        filter,
+        json,
+    }) = &cli.command
+    {
+        let url = broker::inspect::storage_of(&cli, storage.as_deref())?;
+        let mut out = std::io::stdout().lock();
+        return broker::inspect::retained(&url, filter, *json, &mut out).await;
+    }
+    if let Some(Command::Migrate {
+        from,
+        to,
+        retained_filters,
+    }) = &cli.command
+    {
+        let options = broker::migrate::Options {
+            retained_filters: retained_filters.clone(),
+            ..Default::default()
+        };
+        return broker::migrate::run(from, to, &options).await.map(drop);
+    }
     // Handlers first: a signal that comes once "listening on" is printed
     // must stop the broker gracefully, not kill it.
     let stop = wait_for_signal()?;
