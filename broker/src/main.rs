@@ -26,7 +26,13 @@ use broker::storage_url;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(&log_settings(&cli));
+    // The offline tools print their own report; the storage drivers' INFO
+    // lines would only be in its way.
+    let quiet = matches!(
+        cli.command,
+        Some(Command::Sessions { .. } | Command::Retained { .. } | Command::Migrate { .. })
+    );
+    init_logs(&log_settings(&cli), if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_park(return_memory_when_idle)
@@ -60,12 +66,12 @@ fn log_settings(cli: &Cli) -> LogSettings {
         .unwrap_or_default()
 }
 
-/// Logs to stderr, levels from `RUST_LOG` (default `info`). Without
-/// `[log] connections`, the connection module's INFO lines are filtered
-/// out at their call sites, which then cost nothing.
-fn init_logs(log: &LogSettings) {
+/// Logs to stderr, levels from `RUST_LOG` (default `default_level`).
+/// Without `[log] connections`, the connection module's INFO lines are
+/// filtered out at their call sites, which then cost nothing.
+fn init_logs(log: &LogSettings, default_level: &str) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     if !log.connections {
         if let Ok(directive) = "broker_core::connection=warn".parse() {
             filter = filter.add_directive(directive);

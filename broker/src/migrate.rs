@@ -34,6 +34,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -115,8 +116,60 @@ pub struct Summary {
 const HIGH_WATER_CLIENT: &str = "$broker/migrate/high-water-mark";
 const HIGH_WATER_SEQ: Seq = (1 << 53) - 1;
 
+/// Without bars, a line at each tenth of a phase, but not more often than
+/// this: a short phase prints its summary alone.
+const PLAIN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Differences listed in an error before the rest are only counted.
 const MAX_LISTED: usize = 10;
+
+/// A request to stop (SIGINT, SIGTERM): the run stops between two batches,
+/// so that the destination holds whole batches and the stores are closed
+/// (leases released): the next run resumes at once.
+#[derive(Debug, Default, Clone)]
+pub struct Stop(Arc<AtomicBool>);
+
+impl Stop {
+    /// Never requested unless [`Stop::request`] is called.
+    pub fn new() -> Stop {
+        Stop::default()
+    }
+
+    /// Requested by the first SIGINT or SIGTERM.
+    pub fn on_signals() -> anyhow::Result<Stop> {
+        let stop = Stop::new();
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+            let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+            let flag = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                flag.request();
+            });
+        }
+        Ok(stop)
+    }
+
+    /// Stop at the next check.
+    pub fn request(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.0.load(Ordering::SeqCst) {
+            bail!(
+                "interrupted: the destination holds part of the migration; run the same \
+                 command again to resume"
+            );
+        }
+        Ok(())
+    }
+}
 
 /// `broker migrate`: open both storages (refusing one a broker runs on),
 /// copy, verify, and close them so that their leases are released.
@@ -137,7 +190,10 @@ pub async fn run(from: &str, to: &str, options: &Options) -> anyhow::Result<Summ
         }
     };
     let progress = Progress::stderr();
-    let result = migrate(&source.storage, &dest.storage, options, &progress).await;
+    let result = match Stop::on_signals() {
+        Ok(stop) => migrate(&source.storage, &dest.storage, options, &progress, &stop).await,
+        Err(e) => Err(e),
+    };
     source.close().await;
     dest.close().await;
     let summary = result?;
@@ -156,6 +212,7 @@ pub async fn migrate(
     to: &Storage,
     options: &Options,
     progress: &Progress,
+    stop: &Stop,
 ) -> anyhow::Result<Summary> {
     let limits = &options.limits;
     anyhow::ensure!(
@@ -193,6 +250,7 @@ pub async fn migrate(
     // Sessions and subscriptions: upserts.
     let mut phase = progress.phase("sessions", sessions.len() as u64, "sessions");
     for s in &sessions {
+        stop.check()?;
         let id = &s.record.client_id;
         to.subscriptions
             .save_session(&s.record)
@@ -206,7 +264,7 @@ pub async fn migrate(
                     format!("cannot write the subscriptions of `{id}` to the destination")
                 })?;
         }
-        phase.advance(1, || String::new());
+        phase.advance(1, String::new);
     }
     phase.finish(&format!(
         "{} sessions, {} subscriptions",
@@ -218,7 +276,7 @@ pub async fn migrate(
     let mut phase = progress.phase("queued messages", sessions.len() as u64, "sessions");
     let mut copied = Copied::default();
     for group in sessions.chunks(limits.sessions_per_group) {
-        copy_group(from, to, group, &resume, limits, &mut copied).await?;
+        copy_group(from, to, group, &resume, limits, &mut copied, stop).await?;
         phase.advance(group.len() as u64, || {
             format!(
                 "{} entries, {}",
@@ -244,6 +302,7 @@ pub async fn migrate(
     // Retained messages: upserts by topic.
     let mut phase = progress.phase("retained", retained.len() as u64, "messages");
     for m in &retained {
+        stop.check()?;
         to.retained.set_retained(m.clone()).await.with_context(|| {
             format!(
                 "cannot write the retained message of `{}` to the destination",
@@ -264,7 +323,7 @@ pub async fn migrate(
     raise_message_ids(to, high).await?;
 
     let phase = progress.phase("verify", sessions.len() as u64, "sessions");
-    verify(from, to, &sessions, options, phase).await?;
+    verify(from, to, &sessions, options, phase, stop).await?;
     Ok(summary)
 }
 
@@ -423,9 +482,11 @@ async fn queue_prefix(
                         difference(s, d)
                     )))
                 }
-                None => return Ok(Err(format!(
+                None => {
+                    return Ok(Err(format!(
                     "queue of `{client}` holds more entries at the destination than at the source"
-                ))),
+                )))
+                }
             }
         }
         count += there.len() as u64;
@@ -454,6 +515,7 @@ async fn copy_group(
     resume: &Resume,
     limits: &Limits,
     copied: &mut Copied,
+    stop: &Stop,
 ) -> anyhow::Result<()> {
     struct Cursor {
         client: ClientId,
@@ -496,9 +558,11 @@ async fn copy_group(
                 batch.incoming_qos2(&c.client, ids);
             }
             if batch.bytes >= limits.batch_bytes {
+                stop.check()?;
                 batch.write(to, copied).await?;
             }
         }
+        stop.check()?;
         batch.write(to, copied).await?;
     }
     Ok(())
@@ -631,6 +695,7 @@ async fn verify(
     sessions: &[StoredSession],
     options: &Options,
     mut phase: Phase<'_>,
+    stop: &Stop,
 ) -> anyhow::Result<()> {
     let mut diffs = Differences::default();
     let dest_sessions = to
@@ -663,6 +728,7 @@ async fn verify(
     }
     let (mut subscriptions, mut entries) = (0u64, 0u64);
     for s in sessions {
+        stop.check()?;
         let id = &s.record.client_id;
         subscriptions += s.subscriptions.len() as u64;
         match dest_by_id.get(id.as_str()) {
@@ -913,8 +979,8 @@ pub struct Progress {
 
 impl Progress {
     /// To stderr: bars drawn when it is a terminal, hidden otherwise; the
-    /// summary line of each phase always, and a plain line at every tenth
-    /// of a phase when there are no bars.
+    /// summary line of each phase always, and without bars a plain line at
+    /// every tenth of a phase (at most one a second) for logs.
     pub fn stderr() -> Progress {
         Progress {
             bars: std::io::stderr().is_terminal(),
@@ -956,6 +1022,7 @@ impl Progress {
             unit,
             bar,
             started: Instant::now(),
+            last_line: Instant::now(),
             len,
             tenths: 0,
         }
@@ -969,6 +1036,8 @@ struct Phase<'p> {
     unit: &'static str,
     bar: ProgressBar,
     started: Instant,
+    /// When the last plain line was printed (or the phase started).
+    last_line: Instant,
     len: u64,
     tenths: u64,
 }
@@ -985,8 +1054,9 @@ impl Phase<'_> {
         }
         let pos = self.bar.position();
         let tenths = pos * 10 / self.len;
-        if tenths > self.tenths && pos < self.len {
+        if tenths > self.tenths && pos < self.len && self.last_line.elapsed() >= PLAIN_EVERY {
             self.tenths = tenths;
+            self.last_line = Instant::now();
             let sep = if detail.is_empty() { "" } else { ", " };
             eprintln!(
                 "{}: {pos}/{} {}{sep}{detail}",
@@ -1119,7 +1189,7 @@ mod tests {
         let (src_store, from) = source().await;
         let dest_store = Arc::new(MemoryStore::new());
         let to = dest_store.storage();
-        let s = migrate(&from, &to, &small(), &Progress::quiet())
+        let s = migrate(&from, &to, &small(), &Progress::quiet(), &Stop::new())
             .await
             .expect("migrate");
         assert_eq!((s.sessions, s.subscriptions, s.retained), (3, 3, 2));
@@ -1156,10 +1226,10 @@ mod tests {
 
         // Run again over the finished copy: resumed, nothing to write.
         let fresh = Arc::new(MemoryStore::new()).storage();
-        migrate(&from, &fresh, &small(), &Progress::quiet())
+        migrate(&from, &fresh, &small(), &Progress::quiet(), &Stop::new())
             .await
             .expect("first");
-        let again = migrate(&from, &fresh, &small(), &Progress::quiet())
+        let again = migrate(&from, &fresh, &small(), &Progress::quiet(), &Stop::new())
             .await
             .expect("second");
         assert!(again.resumed);
@@ -1188,12 +1258,28 @@ mod tests {
             .write(&to, &mut Copied::default())
             .await
             .expect("write");
-        let s = migrate(&from, &to, &small(), &Progress::quiet())
+        let s = migrate(&from, &to, &small(), &Progress::quiet(), &Stop::new())
             .await
             .expect("resume");
         assert!(s.resumed);
         assert_eq!((s.entries_present, s.entries_copied), (10, 55));
         assert_eq!(dest_store.stored_bodies(), src_store.stored_bodies());
+
+        // A stop requested: nothing more is written, and the next run completes.
+        let to = Arc::new(MemoryStore::new()).storage();
+        let stop = Stop::new();
+        stop.request();
+        let e = migrate(&from, &to, &small(), &Progress::quiet(), &stop)
+            .await
+            .expect_err("stopped");
+        assert!(
+            format!("{e:#}").contains("run the same command again"),
+            "{e:#}"
+        );
+        let s = migrate(&from, &to, &small(), &Progress::quiet(), &Stop::new())
+            .await
+            .expect("after the stop");
+        assert_eq!(s.entries_copied, 65);
 
         // A destination with a session of its own is refused, unchanged.
         let other = Arc::new(MemoryStore::new());
@@ -1206,7 +1292,7 @@ mod tests {
             })
             .await
             .expect("session");
-        let e = migrate(&from, &to, &small(), &Progress::quiet())
+        let e = migrate(&from, &to, &small(), &Progress::quiet(), &Stop::new())
             .await
             .expect_err("refused");
         let e = format!("{e:#}");
