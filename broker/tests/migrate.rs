@@ -386,6 +386,159 @@ mod chain {
             .unwrap_or_else(|| panic!("the run did not resume: {err}"))
     }
 
+    /// In-process, with batches of a few entries: a source holding what
+    /// MQTT traffic rarely leaves offline (an entry released by PUBREC,
+    /// incoming QoS 2 ids, a body shared at different places of three
+    /// queues, MQTT 5 properties) goes memory -> SQLite -> Redis -> MongoDB
+    /// -> memory, each hop verified by the migration itself, and the last
+    /// store holds each body once.
+    #[test]
+    fn states_and_shared_bodies_through_every_backend() {
+        use std::sync::Arc;
+
+        use broker::migrate::{migrate, Limits, Options, Progress, Stop};
+        use broker_core::message::{Message, MessageProperties, QoS as Q};
+        use broker_core::storage::{
+            Delivery, PacketOp, PacketState, QueueTarget, SessionRecord, SubscriptionRecord,
+        };
+        use broker_core::subscription::SubscriptionOptions;
+        use storage_memory::MemoryStore;
+
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let prefix = unique("migrate-states");
+        let db = unique("migrate_states").replace('-', "_");
+        let urls = [
+            format!("sqlite://{}/states.db", dir.path().display()),
+            redis_url(&prefix),
+            mongodb_url(&db),
+        ];
+        let options = Options {
+            limits: Limits {
+                page: 3,
+                sessions_per_group: 2,
+                batch_bytes: 100,
+            },
+            ..Options::default()
+        };
+        runtime.block_on(async {
+            let source = Arc::new(MemoryStore::new());
+            let s = source.storage();
+            let body = |id: u64, topic: &str| {
+                let mut m = Message::new(topic, format!("body {id}"), Q::ExactlyOnce, false);
+                m.id = id;
+                m.properties = MessageProperties {
+                    content_type: Some("text/plain".into()),
+                    user_properties: vec![("k".into(), format!("v{id}"))],
+                    ..MessageProperties::default()
+                };
+                Arc::new(m)
+            };
+            let at = |client: &str, seq: u64| QueueTarget {
+                client: client.into(),
+                seq,
+                delivery: Delivery {
+                    subscription_ids: vec![seq as u32],
+                    ..Delivery::new(Q::ExactlyOnce)
+                },
+            };
+            let mut ops = Vec::new();
+            for (n, client) in ["a", "b", "c"].into_iter().enumerate() {
+                s.subscriptions
+                    .save_session(&SessionRecord {
+                        client_id: client.into(),
+                        expiry_secs: Some(60 * (n as u32 + 1)),
+                        disconnected_at_ms: Some(1_700_000_000_000 + n as u64),
+                    })
+                    .await
+                    .expect("session");
+                s.subscriptions
+                    .add_subscriptions(
+                        client,
+                        &[SubscriptionRecord {
+                            filter: format!("t/{client}/#"),
+                            options: SubscriptionOptions::new(Q::ExactlyOnce),
+                        }],
+                    )
+                    .await
+                    .expect("subscription");
+                for seq in 1..=7u64 {
+                    let id = 10 * (n as u64 + 1) + seq;
+                    ops.push(PacketOp::Enqueue {
+                        message: body(id, &format!("t/{client}/{seq}")),
+                        targets: vec![at(client, seq)],
+                    });
+                }
+            }
+            ops.push(PacketOp::Enqueue {
+                message: body(99, "t/shared"),
+                targets: vec![at("a", 8), at("b", 12), at("c", 20)],
+            });
+            for (client, seq, packet_id) in [("a", 1, 5), ("c", 7, 6)] {
+                ops.push(PacketOp::SetState {
+                    client: client.into(),
+                    seq,
+                    state: PacketState::Released { packet_id },
+                });
+            }
+            ops.push(PacketOp::IncomingQos2Received {
+                client: "b".into(),
+                packet_id: 300,
+            });
+            s.packets.write(ops).await.expect("source queues");
+
+            let mut from = s.clone();
+            let mut opened = Vec::new();
+            for url in &urls {
+                let to = broker::storage_url::open_closable(url)
+                    .await
+                    .unwrap_or_else(|e| panic!("open {url}: {e:#}"));
+                migrate(
+                    &from,
+                    &to.storage,
+                    &options,
+                    &Progress::quiet(),
+                    &Stop::new(),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("migrate to {url}: {e:#}"));
+                from = to.storage.clone();
+                opened.push(to);
+            }
+            let last = Arc::new(MemoryStore::new());
+            migrate(
+                &from,
+                &last.storage(),
+                &options,
+                &Progress::quiet(),
+                &Stop::new(),
+            )
+            .await
+            .expect("migrate to memory");
+            assert_eq!(last.stored_bodies(), source.stored_bodies());
+            assert_eq!(last.queued_packets(), 24);
+            let a = last
+                .storage()
+                .packets
+                .read_queue("a", None, 1)
+                .await
+                .expect("a");
+            assert_eq!(a[0].state, PacketState::Released { packet_id: 5 });
+            assert_eq!(
+                last.storage().packets.incoming_qos2("b").await.expect("b"),
+                [300]
+            );
+            drop(from);
+            for o in opened {
+                o.close().await;
+            }
+            let _ = storage_redis::RedisStore::destroy(&urls[1], Default::default()).await;
+            if let Ok(client) = mongodb::Client::with_uri_str(mongodb_url(&db)).await {
+                let _ = client.database(&db).drop().await;
+            }
+        });
+    }
+
     #[test]
     fn backlog_goes_sqlite_redis_mongo_sqlite() {
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
