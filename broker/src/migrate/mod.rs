@@ -32,8 +32,7 @@
 //! after its last one there. A destination holding anything the source
 //! does not is refused before anything is written.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::IsTerminal;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -43,10 +42,16 @@ use broker_core::message::{Message, MessageId, QoS, Seq};
 use broker_core::storage::{
     ClientId, Delivery, PacketOp, PacketState, QueueTarget, QueuedPacket, Storage, StoredSession,
 };
-use indicatif::{HumanBytes, HumanCount, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{HumanBytes, HumanCount};
 
 use crate::inspect::{lookup_all, open_offline};
 use crate::storage_url;
+
+mod progress;
+mod verify;
+
+pub use progress::Progress;
+use verify::{difference, verify, Differences};
 
 /// How much is read and written at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,13 +121,6 @@ pub struct Summary {
 const HIGH_WATER_CLIENT: &str = "$broker/migrate/high-water-mark";
 const HIGH_WATER_SEQ: Seq = (1 << 53) - 1;
 
-/// Without bars, a line at each tenth of a phase, but not more often than
-/// this: a short phase prints its summary alone.
-const PLAIN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Differences listed in an error before the rest are only counted.
-const MAX_LISTED: usize = 10;
-
 /// A request to stop (SIGINT, SIGTERM): the run stops between two batches,
 /// so that the destination holds whole batches and the stores are closed
 /// (leases released): the next run resumes at once.
@@ -160,7 +158,7 @@ impl Stop {
         self.0.store(true, Ordering::SeqCst);
     }
 
-    fn check(&self) -> anyhow::Result<()> {
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
         if self.0.load(Ordering::SeqCst) {
             bail!(
                 "interrupted: the destination holds part of the migration; run the same \
@@ -685,394 +683,6 @@ async fn raise_message_ids(to: &Storage, high: MessageId) -> anyhow::Result<()> 
         bail!("the destination's last message id stays at {now}, below the source's {high}");
     }
     Ok(())
-}
-
-/// Read both stores back and compare them: any difference is an error
-/// naming it (the first ones, and how many).
-async fn verify(
-    from: &Storage,
-    to: &Storage,
-    sessions: &[StoredSession],
-    options: &Options,
-    mut phase: Phase<'_>,
-    stop: &Stop,
-) -> anyhow::Result<()> {
-    let mut diffs = Differences::default();
-    let dest_sessions = to
-        .subscriptions
-        .load_sessions()
-        .await
-        .context("cannot load the sessions of the destination")?;
-    if dest_sessions.len() != sessions.len() {
-        diffs.push(format!(
-            "{} sessions at the source, {} at the destination",
-            sessions.len(),
-            dest_sessions.len()
-        ));
-    }
-    let dest_by_id: HashMap<&str, &StoredSession> = dest_sessions
-        .iter()
-        .map(|s| (s.record.client_id.as_str(), s))
-        .collect();
-    let source_ids: HashSet<&str> = sessions
-        .iter()
-        .map(|s| s.record.client_id.as_str())
-        .collect();
-    for d in &dest_sessions {
-        if !source_ids.contains(d.record.client_id.as_str()) {
-            diffs.push(format!(
-                "session `{}` is at the destination only",
-                d.record.client_id
-            ));
-        }
-    }
-    let (mut subscriptions, mut entries) = (0u64, 0u64);
-    for s in sessions {
-        stop.check()?;
-        let id = &s.record.client_id;
-        subscriptions += s.subscriptions.len() as u64;
-        match dest_by_id.get(id.as_str()) {
-            None => diffs.push(format!("session `{id}` is missing at the destination")),
-            Some(d) => {
-                if d.record != s.record {
-                    diffs.push(format!(
-                        "session `{id}`: {:?} at the source, {:?} at the destination",
-                        s.record, d.record
-                    ));
-                }
-                let sorted = |subs: &[broker_core::storage::SubscriptionRecord]| {
-                    let mut v: Vec<_> = subs
-                        .iter()
-                        .map(|x| (x.filter.clone(), x.options.clone()))
-                        .collect();
-                    v.sort_by(|a, b| a.0.cmp(&b.0));
-                    v
-                };
-                let (a, b) = (sorted(&s.subscriptions), sorted(&d.subscriptions));
-                if a != b {
-                    diffs.push(format!(
-                        "session `{id}`: {} subscriptions at the source, {} at the destination{}",
-                        a.len(),
-                        b.len(),
-                        if a.len() == b.len() {
-                            " (with other filters or options)"
-                        } else {
-                            ""
-                        }
-                    ));
-                }
-            }
-        }
-        let q = compare_queues(from, to, id, options.limits.page).await?;
-        entries += q.source;
-        if q.source != q.dest {
-            diffs.push(format!(
-                "queue of `{id}`: {} entries at the source, {} at the destination",
-                q.source, q.dest
-            ));
-        } else if let Some(first) = q.first_difference {
-            diffs.push(format!("queue of `{id}`: {first}"));
-        }
-        let mut a = from
-            .packets
-            .incoming_qos2(id)
-            .await
-            .with_context(|| format!("cannot read the incoming QoS 2 ids of `{id}`"))?;
-        let mut b = to.packets.incoming_qos2(id).await.with_context(|| {
-            format!("cannot read the incoming QoS 2 ids of `{id}` at the destination")
-        })?;
-        a.sort_unstable();
-        b.sort_unstable();
-        if a != b {
-            diffs.push(format!(
-                "incoming QoS 2 ids of `{id}`: {a:?} at the source, {b:?} at the destination"
-            ));
-        }
-        phase.advance(1, || format!("{} entries", HumanCount(entries)));
-    }
-    let a = lookup_all(from, &options.retained_filters)
-        .await
-        .context("at the source")?;
-    let b = lookup_all(to, &options.retained_filters)
-        .await
-        .context("at the destination")?;
-    if a.len() != b.len() {
-        diffs.push(format!(
-            "{} retained messages at the source, {} at the destination",
-            a.len(),
-            b.len()
-        ));
-    } else if let Some((x, _)) = a.iter().zip(&b).find(|(x, y)| x != y) {
-        diffs.push(format!(
-            "the retained message of `{}` differs at the destination",
-            x.topic
-        ));
-    }
-    let (src_last, dest_last) = (
-        from.packets
-            .last_message_id()
-            .await
-            .context("cannot read the last message id of the source")?,
-        to.packets
-            .last_message_id()
-            .await
-            .context("cannot read the last message id of the destination")?,
-    );
-    if dest_last < src_last {
-        diffs.push(format!(
-            "last message id {dest_last} at the destination, below the source's {src_last}"
-        ));
-    }
-    if !diffs.is_empty() {
-        phase.bar.abandon();
-        bail!(
-            "verification failed: the destination differs from the source:{}",
-            diffs.list()
-        );
-    }
-    phase.finish(&format!(
-        "{} sessions, {} subscriptions, {} queued messages, {} retained messages, last \
-         message id {dest_last}: the destination matches the source",
-        HumanCount(sessions.len() as u64),
-        HumanCount(subscriptions),
-        HumanCount(entries),
-        HumanCount(a.len() as u64)
-    ));
-    Ok(())
-}
-
-/// Both sides of one queue, compared entry by entry.
-struct QueueComparison {
-    source: u64,
-    dest: u64,
-    first_difference: Option<String>,
-}
-
-async fn compare_queues(
-    from: &Storage,
-    to: &Storage,
-    client: &str,
-    page: usize,
-) -> anyhow::Result<QueueComparison> {
-    /// One side, read a page at a time.
-    struct Side<'a> {
-        storage: &'a Storage,
-        name: &'static str,
-        after: Option<Seq>,
-        buffer: VecDeque<QueuedPacket>,
-        done: bool,
-    }
-    impl Side<'_> {
-        async fn next(
-            &mut self,
-            client: &str,
-            page: usize,
-        ) -> anyhow::Result<Option<QueuedPacket>> {
-            if self.buffer.is_empty() && !self.done {
-                let got = self
-                    .storage
-                    .packets
-                    .read_queue(client, self.after, page)
-                    .await
-                    .with_context(|| {
-                        format!("cannot read the queue of `{client}` at the {}", self.name)
-                    })?;
-                self.done = got.len() < page;
-                self.after = got.last().map(|p| p.seq).or(self.after);
-                self.buffer.extend(got);
-            }
-            Ok(self.buffer.pop_front())
-        }
-    }
-    let side = |storage, name| Side {
-        storage,
-        name,
-        after: None,
-        buffer: VecDeque::new(),
-        done: false,
-    };
-    let (mut a, mut b) = (side(from, "source"), side(to, "destination"));
-    let mut out = QueueComparison {
-        source: 0,
-        dest: 0,
-        first_difference: None,
-    };
-    loop {
-        match (a.next(client, page).await?, b.next(client, page).await?) {
-            (None, None) => return Ok(out),
-            (Some(x), Some(y)) => {
-                out.source += 1;
-                out.dest += 1;
-                if out.first_difference.is_none() && x != y {
-                    out.first_difference = Some(format!(
-                        "entry {} at the source: {}",
-                        x.seq,
-                        difference(&x, &y)
-                    ));
-                }
-            }
-            (Some(_), None) => out.source += 1,
-            (None, Some(_)) => out.dest += 1,
-        }
-    }
-}
-
-/// What differs between two queue entries, in words.
-fn difference(a: &QueuedPacket, b: &QueuedPacket) -> String {
-    let mut what = Vec::new();
-    if a.seq != b.seq {
-        what.push(format!("sequence number {} against {}", a.seq, b.seq));
-    }
-    if a.message.id != b.message.id {
-        what.push(format!(
-            "message id {} against {}",
-            a.message.id, b.message.id
-        ));
-    } else if a.message != b.message {
-        what.push(format!("the body of message {} differs", a.message.id));
-    }
-    if a.delivery != b.delivery {
-        what.push("the delivery (QoS, retain flag, subscription ids, share) differs".to_owned());
-    }
-    if a.state != b.state {
-        what.push(format!("state {:?} against {:?}", a.state, b.state));
-    }
-    what.join(", ")
-}
-
-/// Differences found, the first [`MAX_LISTED`] in words.
-#[derive(Default)]
-struct Differences {
-    listed: Vec<String>,
-    more: usize,
-}
-
-impl Differences {
-    fn push(&mut self, what: String) {
-        if self.listed.len() < MAX_LISTED {
-            self.listed.push(what);
-        } else {
-            self.more += 1;
-        }
-    }
-    fn is_empty(&self) -> bool {
-        self.listed.is_empty()
-    }
-    fn full(&self) -> bool {
-        self.listed.len() >= MAX_LISTED
-    }
-    fn list(&self) -> String {
-        let mut s: String = self.listed.iter().map(|d| format!("\n  - {d}")).collect();
-        if self.more > 0 {
-            s.push_str(&format!("\n  - and {} more", self.more));
-        }
-        s
-    }
-}
-
-/// Where progress goes: bars on a terminal, plain lines otherwise (a log,
-/// a pipe), and nothing at all for [`Progress::quiet`].
-pub struct Progress {
-    bars: bool,
-    lines: bool,
-}
-
-impl Progress {
-    /// To stderr: bars drawn when it is a terminal, hidden otherwise; the
-    /// summary line of each phase always, and without bars a plain line at
-    /// every tenth of a phase (at most one a second) for logs.
-    pub fn stderr() -> Progress {
-        Progress {
-            bars: std::io::stderr().is_terminal(),
-            lines: true,
-        }
-    }
-
-    /// Nothing printed (tests, embedding).
-    pub fn quiet() -> Progress {
-        Progress {
-            bars: false,
-            lines: false,
-        }
-    }
-
-    fn line(&self, text: &str) {
-        if self.lines {
-            eprintln!("{text}");
-        }
-    }
-
-    fn phase(&self, name: &'static str, len: u64, unit: &'static str) -> Phase<'_> {
-        let target = if self.bars {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        };
-        let bar = ProgressBar::with_draw_target(Some(len), target);
-        let template = format!(
-            "{{prefix:>15}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{msg}} ({{elapsed}}, ETA {{eta}})"
-        );
-        if let Ok(style) = ProgressStyle::with_template(&template) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        bar.set_prefix(name);
-        Phase {
-            progress: self,
-            name,
-            unit,
-            bar,
-            started: Instant::now(),
-            last_line: Instant::now(),
-            len,
-            tenths: 0,
-        }
-    }
-}
-
-/// One phase's bar (or lines).
-struct Phase<'p> {
-    progress: &'p Progress,
-    name: &'static str,
-    unit: &'static str,
-    bar: ProgressBar,
-    started: Instant,
-    /// When the last plain line was printed (or the phase started).
-    last_line: Instant,
-    len: u64,
-    tenths: u64,
-}
-
-impl Phase<'_> {
-    fn advance(&mut self, by: u64, detail: impl FnOnce() -> String) {
-        self.bar.inc(by);
-        let detail = detail();
-        if !detail.is_empty() {
-            self.bar.set_message(detail.clone());
-        }
-        if self.progress.bars || !self.progress.lines || self.len == 0 {
-            return;
-        }
-        let pos = self.bar.position();
-        let tenths = pos * 10 / self.len;
-        if tenths > self.tenths && pos < self.len && self.last_line.elapsed() >= PLAIN_EVERY {
-            self.tenths = tenths;
-            self.last_line = Instant::now();
-            let sep = if detail.is_empty() { "" } else { ", " };
-            eprintln!(
-                "{}: {pos}/{} {}{sep}{detail}",
-                self.name, self.len, self.unit
-            );
-        }
-    }
-
-    fn finish(self, summary: &str) {
-        self.bar.finish_and_clear();
-        self.progress.line(&format!(
-            "{}: {summary} in {:.1} s",
-            self.name,
-            self.started.elapsed().as_secs_f64()
-        ));
-    }
 }
 
 #[cfg(test)]
