@@ -111,7 +111,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
             drop(storage);
             writeln!(out, "storage {url}: opens")?;
         }
-        Ok(Err(e)) if held_by_another(&e) => {
+        Ok(Err(e)) if storage_url::held_by_another(&e) => {
             writeln!(out, "storage {url}: in use by a running broker ({e:#})")?;
         }
         Ok(Err(e)) => return Err(e.context(format!("storage {url} does not open"))),
@@ -122,33 +122,4 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
     }
     writeln!(out, "check passed")?;
     Ok(())
-}
-
-/// Whether `e` says another broker holds the storage.
-fn held_by_another(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        #[cfg(feature = "sqlite")]
-        if matches!(
-            cause.downcast_ref::<storage_sqlite::OpenError>(),
-            Some(storage_sqlite::OpenError::Locked { .. })
-        ) {
-            return true;
-        }
-        #[cfg(feature = "redis")]
-        if matches!(
-            cause.downcast_ref::<storage_redis::OpenError>(),
-            Some(storage_redis::OpenError::Locked { .. })
-        ) {
-            return true;
-        }
-        #[cfg(feature = "mongo")]
-        if matches!(
-            cause.downcast_ref::<storage_mongo::OpenError>(),
-            Some(storage_mongo::OpenError::Locked { .. })
-        ) {
-            return true;
-        }
-        let _ = cause;
-        false
-    })
 }

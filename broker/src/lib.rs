@@ -4,6 +4,8 @@
 pub mod check;
 pub mod hooks;
 pub mod http;
+pub mod inspect;
+pub mod migrate;
 pub mod passwd;
 pub mod settings;
 pub mod storage_url;

@@ -26,7 +26,13 @@ use broker::storage_url;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(&log_settings(&cli));
+    // The offline tools print their own report; the storage drivers' INFO
+    // lines would only be in its way.
+    let quiet = matches!(
+        cli.command,
+        Some(Command::Sessions { .. } | Command::Retained { .. } | Command::Migrate { .. })
+    );
+    init_logs(&log_settings(&cli), if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_park(return_memory_when_idle)
@@ -60,12 +66,12 @@ fn log_settings(cli: &Cli) -> LogSettings {
         .unwrap_or_default()
 }
 
-/// Logs to stderr, levels from `RUST_LOG` (default `info`). Without
-/// `[log] connections`, the connection module's INFO lines are filtered
-/// out at their call sites, which then cost nothing.
-fn init_logs(log: &LogSettings) {
+/// Logs to stderr, levels from `RUST_LOG` (default `default_level`).
+/// Without `[log] connections`, the connection module's INFO lines are
+/// filtered out at their call sites, which then cost nothing.
+fn init_logs(log: &LogSettings, default_level: &str) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     if !log.connections {
         if let Ok(directive) = "broker_core::connection=warn".parse() {
             filter = filter.add_directive(directive);
@@ -122,6 +128,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if let Some(Command::Check) = &cli.command {
         return broker::check::run(cli, &mut std::io::stdout()).await;
+    }
+    if let Some(Command::Sessions {
+        storage,
+        client,
+        json,
+    }) = &cli.command
+    {
+        let url = broker::inspect::storage_of(&cli, storage.as_deref())?;
+        let mut out = std::io::stdout().lock();
+        return broker::inspect::sessions(&url, client.as_deref(), *json, &mut out).await;
+    }
+    if let Some(Command::Retained {
+        storage,
+        filter,
+        json,
+    }) = &cli.command
+    {
+        let url = broker::inspect::storage_of(&cli, storage.as_deref())?;
+        let mut out = std::io::stdout().lock();
+        return broker::inspect::retained(&url, filter, *json, &mut out).await;
+    }
+    if let Some(Command::Migrate {
+        from,
+        to,
+        retained_filters,
+    }) = &cli.command
+    {
+        let options = broker::migrate::Options {
+            retained_filters: retained_filters.clone(),
+            ..Default::default()
+        };
+        return broker::migrate::run(from, to, &options).await.map(drop);
     }
     // Handlers first: a signal that comes once "listening on" is printed
     // must stop the broker gracefully, not kill it.

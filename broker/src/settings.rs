@@ -90,6 +90,60 @@ pub enum Command {
         #[arg(long)]
         argon2: bool,
     },
+    /// List the persistent sessions of a storage, one line each: expiry,
+    /// time of disconnect, subscriptions, queued messages, incoming QoS 2
+    /// ids. Offline: a storage a running broker holds is refused.
+    Sessions {
+        /// The storage URL (default: the top-level `--storage`, the config
+        /// file's `storage`, or the built-in default).
+        #[arg(long)]
+        storage: Option<String>,
+        /// Only the session of this client id.
+        #[arg(long)]
+        client: Option<String>,
+        /// Print a JSON array instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the retained messages of a storage: topic, QoS, payload size and
+    /// a short preview. Offline, like `sessions`.
+    Retained {
+        /// The storage URL (default as for `sessions`).
+        #[arg(long)]
+        storage: Option<String>,
+        /// Topic filter; repeat for several. `#` does not match topics that
+        /// start with `$`, hence the second default.
+        #[arg(long, default_values_t = default_retained_filters())]
+        filter: Vec<String>,
+        /// Print a JSON array instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy sessions, subscriptions, queued messages and retained messages
+    /// from one storage to another (any two backends), then verify the
+    /// copy. Both must be offline. An interrupted run is resumed by running
+    /// the same command again.
+    Migrate {
+        /// The storage to copy from (left unchanged but for its lease).
+        #[arg(long)]
+        from: String,
+        /// The storage to copy to: empty, or holding what an interrupted
+        /// run of the same migration wrote.
+        #[arg(long)]
+        to: String,
+        /// Filter of the retained messages to copy; repeat for several.
+        /// Clients' retained messages on `$` topics other than `$SYS` need
+        /// their own (e.g. `--retained-filter '#' --retained-filter '$app/#'`).
+        #[arg(long = "retained-filter", default_values_t = default_retained_filters())]
+        retained_filters: Vec<String>,
+    },
+}
+
+/// Every retained message a filter can reach: `#` matches no topic that
+/// starts with `$` (MQTT's rule, kept by every store's lookup), and the
+/// broker's own such topics are under `$SYS`.
+pub fn default_retained_filters() -> Vec<String> {
+    vec!["#".to_owned(), "$SYS/#".to_owned()]
 }
 
 /// The `[auth]` table.

@@ -61,23 +61,155 @@ pub fn parse(url: &str) -> anyhow::Result<Target<'_>> {
     }
 }
 
+/// The file of a `sqlite://` URL, `None` for the other backends.
+pub fn sqlite_path(url: &str) -> anyhow::Result<Option<&str>> {
+    match parse(url)? {
+        #[cfg(feature = "sqlite")]
+        Target::Sqlite(path, _) => Ok(Some(path)),
+        _ => Ok(None),
+    }
+}
+
+/// Whether `a` and `b` name the same storage: the same URL, or the same
+/// SQLite file however spelled.
+pub fn same_storage(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    match (sqlite_path(a), sqlite_path(b)) {
+        (Ok(Some(pa)), Ok(Some(pb))) => {
+            let canonical = |p: &str| {
+                let path = std::path::Path::new(p);
+                // A file not created yet: its directory, canonical, and its name.
+                match (path.parent(), path.file_name()) {
+                    (Some(dir), Some(name)) => {
+                        let dir = if dir.as_os_str().is_empty() {
+                            std::path::Path::new(".")
+                        } else {
+                            dir
+                        };
+                        std::fs::canonicalize(dir)
+                            .map(|d| d.join(name))
+                            .unwrap_or_else(|_| path.to_path_buf())
+                    }
+                    _ => path.to_path_buf(),
+                }
+            };
+            canonical(pa) == canonical(pb)
+        }
+        _ => false,
+    }
+}
+
+/// `url` with the password of its user info, if any, hidden: for messages.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{hosts}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
 /// Open the storage named by `url`.
 pub async fn open(url: &str) -> anyhow::Result<Storage> {
-    match parse(url)? {
-        Target::Memory => Ok(Storage::from_backend(Arc::new(MemoryStore::new()))),
+    Ok(open_closable(url).await?.storage)
+}
+
+/// A storage opened by [`open_closable`], with what releases it.
+pub struct Opened {
+    /// The three stores.
+    pub storage: Storage,
+    backend: Backend,
+}
+
+/// The concrete store behind an [`Opened`], for what the traits do not
+/// offer: releasing a lease at once.
+enum Backend {
+    /// Memory and SQLite: released when the last reference goes (SQLite's
+    /// exclusive lock with its worker thread).
+    Dropped,
+    #[cfg(feature = "redis")]
+    Redis(Arc<storage_redis::RedisStore>),
+    #[cfg(feature = "mongo")]
+    Mongo(Arc<storage_mongo::MongoStore>),
+}
+
+impl Opened {
+    /// Release the store: the lease of a server backend is given back at
+    /// once (the next broker need not wait), a SQLite file is unlocked.
+    /// Dropping does the same, but on a blocking connection of its own.
+    pub async fn close(self) {
+        let Opened { storage, backend } = self;
+        drop(storage);
+        match backend {
+            Backend::Dropped => {}
+            #[cfg(feature = "redis")]
+            Backend::Redis(store) => store.close().await,
+            #[cfg(feature = "mongo")]
+            Backend::Mongo(store) => store.close().await,
+        }
+    }
+}
+
+/// Open the storage named by `url`, keeping what closes it.
+pub async fn open_closable(url: &str) -> anyhow::Result<Opened> {
+    let (storage, backend) = match parse(url)? {
+        Target::Memory => (
+            Storage::from_backend(Arc::new(MemoryStore::new())),
+            Backend::Dropped,
+        ),
         #[cfg(feature = "sqlite")]
-        Target::Sqlite(path, options) => sqlite::open(path, options).await,
+        Target::Sqlite(path, options) => (sqlite::open(path, options).await?, Backend::Dropped),
         #[cfg(feature = "redis")]
         Target::Redis => {
-            let store = storage_redis::RedisStore::open(url, Default::default()).await?;
-            Ok(Arc::new(store).storage())
+            let store = Arc::new(storage_redis::RedisStore::open(url, Default::default()).await?);
+            (store.storage(), Backend::Redis(store))
         }
         #[cfg(feature = "mongo")]
         Target::Mongo => {
-            let store = storage_mongo::MongoStore::open(url, Default::default()).await?;
-            Ok(Arc::new(store).storage())
+            let store = Arc::new(storage_mongo::MongoStore::open(url, Default::default()).await?);
+            (store.storage(), Backend::Mongo(store))
         }
-    }
+    };
+    Ok(Opened { storage, backend })
+}
+
+/// Whether `e` (an error of [`open`]) says that another process, most
+/// likely a running broker, holds the storage: SQLite's exclusive lock, or
+/// the lease of a Redis prefix or MongoDB database.
+pub fn held_by_another(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        #[cfg(feature = "sqlite")]
+        if matches!(
+            cause.downcast_ref::<storage_sqlite::OpenError>(),
+            Some(storage_sqlite::OpenError::Locked { .. })
+        ) {
+            return true;
+        }
+        #[cfg(feature = "redis")]
+        if matches!(
+            cause.downcast_ref::<storage_redis::OpenError>(),
+            Some(storage_redis::OpenError::Locked { .. })
+        ) {
+            return true;
+        }
+        #[cfg(feature = "mongo")]
+        if matches!(
+            cause.downcast_ref::<storage_mongo::OpenError>(),
+            Some(storage_mongo::OpenError::Locked { .. })
+        ) {
+            return true;
+        }
+        let _ = cause;
+        false
+    })
 }
 
 /// Why a scheme cannot be opened by this build: the Cargo feature it
@@ -158,6 +290,34 @@ mod sqlite {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redacts_passwords_and_knows_the_same_file() {
+        assert_eq!(
+            redact("redis://u:secret@h:6379/0?prefix=a"),
+            "redis://u:***@h:6379/0?prefix=a"
+        );
+        assert_eq!(redact("mongodb://h/db"), "mongodb://h/db");
+        assert_eq!(redact("mongodb://user@h/db"), "mongodb://user@h/db");
+        assert!(same_storage("memory://", "memory://"));
+        assert!(!same_storage(
+            "redis://h/0?prefix=a",
+            "redis://h/0?prefix=b"
+        ));
+        #[cfg(feature = "sqlite")]
+        {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let d = dir.path().display();
+            assert!(same_storage(
+                &format!("sqlite://{d}/x.db"),
+                &format!("sqlite://{d}/./x.db?synchronous=full")
+            ));
+            assert!(!same_storage(
+                &format!("sqlite://{d}/x.db"),
+                &format!("sqlite://{d}/y.db")
+            ));
+        }
+    }
 
     #[tokio::test]
     async fn errors_name_the_feature_or_the_known_schemes() {
