@@ -48,9 +48,7 @@ async fn broker_with(sessions: usize) -> Broker {
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .sample_size(20)
-        .configure_from_args();
+    let mut c = Criterion::default().sample_size(20).configure_from_args();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let mut group = c.benchmark_group("metrics/snapshot");
     for n in [10_000, 100_000] {
