@@ -121,7 +121,7 @@ async function main() {
   step = 'bob opens the page again';
   bob = await openChat('bob', httpPort);
   await bob
-    .waitForFunction((count) => document.querySelectorAll('#messages li.received').length >= count, { timeout: 15000 }, COUNT)
+    .waitForFunction((count) => document.querySelectorAll('#messages li.received').length >= count, { timeout: 15000, polling: 100 }, COUNT)
     .catch(async () => fail(`bob lists ${(await receivedOn(bob)).length} of ${COUNT}: ${JSON.stringify(await receivedOn(bob))}`));
   await new Promise((r) => setTimeout(r, QUIET_MS));
 
@@ -141,8 +141,10 @@ async function main() {
   await bob.type('#to', 'alice');
   await bob.type('#text', `got all ${COUNT}, thanks!`);
   await bob.click('#submit');
+  // Alice's page is in the background now: poll on a timer, since
+  // requestAnimationFrame (the default) does not run in a background page.
   await alice
-    .waitForFunction(() => document.querySelectorAll('#messages li.received').length === 1, { timeout: 10000 })
+    .waitForFunction(() => document.querySelectorAll('#messages li.received').length === 1, { timeout: 10000, polling: 100 })
     .catch(() => fail('alice did not receive the answer'));
   const [answer] = await receivedOn(alice);
   if (answer.from !== 'bob' || answer.text !== `got all ${COUNT}, thanks!`) {
