@@ -61,4 +61,6 @@ mod webhook;
 
 pub use auth::{HttpAuth, HttpAuthConfig, HttpAuthStats};
 pub use client::{CallError, ConfigError};
-pub use webhook::{Webhook, WebhookConfig, WebhookStats, DEFAULT_EVENTS, EVENT_NAMES};
+pub use webhook::{
+    Webhook, WebhookConfig, WebhookStats, WebhookWatch, DEFAULT_EVENTS, EVENT_NAMES,
+};

@@ -140,6 +140,35 @@ struct Counters {
     queue_dropped: AtomicU64,
 }
 
+impl Counters {
+    fn read(&self) -> WebhookStats {
+        WebhookStats {
+            sent: self.sent.load(Ordering::Relaxed),
+            batches: self.batches.load(Ordering::Relaxed),
+            failed_posts: self.failed_posts.load(Ordering::Relaxed),
+            dropped: self.given_up.load(Ordering::Relaxed)
+                + self.queue_dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Reads a [`Webhook`]'s counters ([`Webhook::watch`]); cheap to clone.
+#[derive(Clone)]
+pub struct WebhookWatch(Arc<Counters>);
+
+impl WebhookWatch {
+    /// The counters now.
+    pub fn stats(&self) -> WebhookStats {
+        self.0.read()
+    }
+}
+
+impl std::fmt::Debug for WebhookWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("WebhookWatch").field(&self.stats()).finish()
+    }
+}
+
 /// Which events to post, as a bit per [`EVENT_NAMES`] entry.
 #[derive(Clone, Copy)]
 struct Selection(u32);
@@ -199,13 +228,13 @@ impl Webhook {
 
     /// The counters so far.
     pub fn stats(&self) -> WebhookStats {
-        let c = &self.counters;
-        WebhookStats {
-            sent: c.sent.load(Ordering::Relaxed),
-            batches: c.batches.load(Ordering::Relaxed),
-            failed_posts: c.failed_posts.load(Ordering::Relaxed),
-            dropped: c.given_up.load(Ordering::Relaxed) + c.queue_dropped.load(Ordering::Relaxed),
-        }
+        self.counters.read()
+    }
+
+    /// A handle that reads the counters while the webhook runs and after
+    /// it finished (for a metrics exporter).
+    pub fn watch(&self) -> WebhookWatch {
+        WebhookWatch(self.counters.clone())
     }
 
     /// After the broker has shut down: post what is left, for at most

@@ -26,6 +26,8 @@ pub struct Configured {
     pub authorize: Option<Arc<dyn Authorize>>,
     /// The files, to reload on SIGHUP.
     pub files: Option<Arc<FileAuth>>,
+    /// The HTTP hooks, for their statistics.
+    pub http: Option<Arc<HttpAuth>>,
 }
 
 impl Configured {
@@ -51,6 +53,7 @@ impl Configured {
         };
         let by_file = files.as_ref().map(|f| f.clone() as Arc<dyn Authorize>);
         let by_http = http
+            .clone()
             .filter(|h| h.authorizes())
             .map(|h| h as Arc<dyn Authorize>);
         let authorize = match (by_file, by_http) {
@@ -61,6 +64,7 @@ impl Configured {
             authenticate,
             authorize,
             files,
+            http,
         })
     }
 }

@@ -213,7 +213,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     reload_on_hangup(hooks.files, reloads)?;
     if let Some(http) = &http {
-        http.started(&broker);
+        http.started(
+            &broker,
+            broker::http::Extras {
+                webhook: webhook.as_ref().map(|w| w.watch()),
+                http_auth: hooks.http.clone(),
+            },
+        );
     }
 
     stop.await?;

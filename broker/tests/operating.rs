@@ -570,3 +570,43 @@ async fn json_logs_without_the_per_connection_lines() {
     }
     assert!(lines.iter().any(|l| l.contains("\"stopped\"")), "{lines:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_webhook_events() {
+    // A webhook receiver that acknowledges every POST.
+    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/events", receiver.local_addr().expect("addr"));
+    let app = axum::Router::new().route("/events", axum::routing::post(|| async { "ok" }));
+    tokio::spawn(async move { axum::serve(receiver, app).await });
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("broker.toml"),
+        format!("[webhook]\nurl = \"{url}\"\nevents = [\"client_connected\"]\n"),
+    )
+    .expect("config");
+    let (broker, base) = start(
+        dir.path(),
+        &["--config", "broker.toml", "--storage", "memory://"],
+    );
+    let http = reqwest::Client::new();
+    for i in 0..3 {
+        let (c, _) = Mqtt::connect(broker.port, &format!("hooked-{i}"), true).await;
+        c.disconnect().await;
+    }
+    let key = "broker_webhook_events_total{outcome=\"sent\"}";
+    let mut sent = 0.0;
+    for _ in 0..200 {
+        sent = scrape(&http, &base).await.get(key).copied().unwrap_or(0.0);
+        if sent >= 3.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(sent, 3.0, "three client_connected events acknowledged");
+    let m = scrape(&http, &base).await;
+    assert_eq!(m["broker_webhook_events_total{outcome=\"dropped\"}"], 0.0);
+    assert_eq!(m["broker_webhook_failed_posts_total"], 0.0);
+    drop(broker);
+}

@@ -13,6 +13,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use broker_core::{Broker, HistogramSnapshot, Metrics};
+use broker_http_hooks::{HttpAuthStats, WebhookStats};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -53,9 +54,12 @@ pub(super) async fn scrape(State(shared): State<Arc<Shared>>) -> Response {
     let Some(broker) = shared.broker.get() else {
         return starting();
     };
+    let extras = shared.extras.get();
     let snapshot = Snapshot {
         metrics: broker.metrics(),
         retained: shared.retained.get(broker).await,
+        webhook: extras.and_then(|e| e.webhook.as_ref()).map(|w| w.stats()),
+        http_auth: extras.and_then(|e| e.http_auth.as_ref()).map(|h| h.stats()),
     };
     let mut registry = Registry::default();
     registry.register_collector(Box::new(snapshot));
@@ -81,6 +85,8 @@ pub(super) async fn scrape(State(shared): State<Arc<Shared>>) -> Response {
 struct Snapshot {
     metrics: Metrics,
     retained: Option<u64>,
+    webhook: Option<WebhookStats>,
+    http_auth: Option<HttpAuthStats>,
 }
 
 type Out<'a> = DescriptorEncoder<'a>;
@@ -332,6 +338,46 @@ impl Collector for Snapshot {
             "The most clients connected at once",
             s.clients_maximum,
         )?;
+        if let Some(w) = &self.webhook {
+            counters(
+                out,
+                "broker_webhook_events",
+                "Events of the [webhook]: acknowledged by the service, or dropped",
+                "outcome",
+                &[("sent", w.sent), ("dropped", w.dropped)],
+            )?;
+            counter(
+                out,
+                "broker_webhook_failed_posts",
+                "POSTs of the [webhook] that failed (each retry counts)",
+                w.failed_posts,
+            )?;
+        }
+        if let Some(h) = &self.http_auth {
+            counter(
+                out,
+                "broker_http_auth_requests",
+                "Calls made to the [auth] HTTP service",
+                h.requests,
+            )?;
+            counter(
+                out,
+                "broker_http_auth_failures",
+                "Calls to the [auth] HTTP service that gave no decision (refused)",
+                h.failures,
+            )?;
+            counters(
+                out,
+                "broker_http_auth_cache",
+                "Decisions of the [auth] HTTP caches",
+                "result",
+                &[
+                    ("hit", h.cache_hits),
+                    ("miss", h.cache_misses),
+                    ("eviction", h.cache_evictions),
+                ],
+            )?;
+        }
         let info = out.encode_descriptor(
             "broker_build",
             "The broker's version",

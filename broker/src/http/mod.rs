@@ -36,9 +36,19 @@ use crate::settings::{HttpSettings, DEFAULT_HTTP_MAX_REQUESTS};
 /// The largest request body accepted (a publish's payload and its JSON).
 pub const MAX_BODY: usize = 1024 * 1024;
 
+/// Statistics of the binary's own parts beside the broker's, for `/metrics`.
+#[derive(Default)]
+pub struct Extras {
+    /// The `[webhook]`, if configured.
+    pub webhook: Option<broker_http_hooks::WebhookWatch>,
+    /// The HTTP authentication and authorization hooks, if configured.
+    pub http_auth: Option<Arc<broker_http_hooks::HttpAuth>>,
+}
+
 /// What the handlers share.
 pub(crate) struct Shared {
     broker: OnceLock<Broker>,
+    extras: OnceLock<Extras>,
     stopping: AtomicBool,
     token: Option<String>,
     requests: Semaphore,
@@ -63,6 +73,7 @@ impl Http {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             broker: OnceLock::new(),
+            extras: OnceLock::new(),
             stopping: AtomicBool::new(false),
             token: settings.token.clone(),
             requests: Semaphore::new(settings.max_requests.unwrap_or(DEFAULT_HTTP_MAX_REQUESTS)),
@@ -84,8 +95,10 @@ impl Http {
         self.addr
     }
 
-    /// The broker is serving: `/ready` may say so, the API answers.
-    pub fn started(&self, broker: &Broker) {
+    /// The broker is serving: `/ready` may say so, the API answers;
+    /// `/metrics` adds the statistics of `extras`.
+    pub fn started(&self, broker: &Broker, extras: Extras) {
+        let _ = self.shared.extras.set(extras);
         let _ = self.shared.broker.set(broker.clone());
     }
 
