@@ -518,7 +518,8 @@ impl Broker {
     /// Close `client_id`'s network connection as an operator would: an
     /// MQTT 5 client gets DISCONNECT 0x98 (administrative action), its will
     /// is published, a persistent session stays. False when it is not
-    /// connected. In-process clients are not kicked.
+    /// connected. An in-process client's `recv` returns `None` and it
+    /// detaches when the application drops it.
     pub fn kick(&self, client_id: &str) -> bool {
         self.core
             .session(client_id)
