@@ -38,6 +38,21 @@ pub enum OpenError {
         /// The time waited.
         timeout: Duration,
     },
+    /// Redis may evict keys when it is full (`maxmemory` set with a policy
+    /// other than `noeviction`): queued messages would vanish silently.
+    #[error(
+        "Redis at {url} evicts keys when full (maxmemory {maxmemory}, maxmemory-policy \
+         {policy}): queued messages would be lost; set maxmemory-policy noeviction \
+         (writes then fail with an error the broker reports) or maxmemory 0"
+    )]
+    Evicting {
+        /// The URL, password hidden.
+        url: String,
+        /// The `maxmemory` setting, in bytes.
+        maxmemory: String,
+        /// The `maxmemory-policy` setting.
+        policy: String,
+    },
     /// Connected, but a command the store runs at open failed.
     #[error("Redis at {url} refused a command at open: {source}")]
     Setup {

@@ -116,6 +116,12 @@
 //! Start Redis with e.g. `redis-server --appendonly yes` (or set
 //! `appendonly yes` in `redis.conf`).
 //!
+//! A Redis that may evict keys (`maxmemory` set and a `maxmemory-policy`
+//! other than `noeviction`) is refused at open ([`OpenError::Evicting`]):
+//! eviction would drop queued messages, and the lease, without an error.
+//! With `noeviction` a full Redis refuses writes, which the broker reports
+//! to the publishers (their messages are not acknowledged).
+//!
 //! # When Redis is down
 //! Every operation fails with [`StorageError::Unavailable`] within
 //! [`RedisOptions::response_timeout`] (a reconnection included), never
@@ -776,10 +782,44 @@ async fn setup(
             Durability::Unknown
         }
     };
+    if let Some((maxmemory, policy)) = eviction(conn).await {
+        return Err(OpenError::Evicting {
+            url: url.to_owned(),
+            maxmemory,
+            policy,
+        });
+    }
     for script in scripts.all() {
         script.load_async(conn).await.map_err(failed)?;
     }
     Ok(durability)
+}
+
+/// `(maxmemory, maxmemory-policy)` when Redis may evict keys: a limit is
+/// set and the policy is not `noeviction`. `None` when it never evicts, or
+/// when `CONFIG` is not allowed (then the settings are unknown; the
+/// durability line says so).
+async fn eviction(conn: &mut MultiplexedConnection) -> Option<(String, String)> {
+    let mut setting = HashMap::new();
+    for name in ["maxmemory", "maxmemory-policy"] {
+        let found: HashMap<String, String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(name)
+            .query_async(conn)
+            .await
+            .ok()?;
+        setting.insert(name, found.get(name)?.clone());
+    }
+    let (maxmemory, policy) = (
+        setting.remove("maxmemory")?,
+        setting.remove("maxmemory-policy")?,
+    );
+    evicts(&maxmemory, &policy).then_some((maxmemory, policy))
+}
+
+/// Whether these settings let Redis evict keys.
+fn evicts(maxmemory: &str, policy: &str) -> bool {
+    maxmemory.trim() != "0" && !policy.eq_ignore_ascii_case("noeviction")
 }
 
 /// Escape the glob characters of `SCAN MATCH`.
@@ -1149,6 +1189,15 @@ mod tests {
     fn glob_escaping() {
         assert_eq!(glob_escape("mqtt:"), "mqtt:");
         assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+
+    #[test]
+    fn eviction_settings() {
+        assert!(!evicts("0", "allkeys-lru"), "no limit: nothing evicted");
+        assert!(!evicts("1073741824", "noeviction"));
+        assert!(!evicts("1073741824", "NoEviction"));
+        assert!(evicts("1073741824", "allkeys-lru"));
+        assert!(evicts("100mb", "volatile-ttl"), "the lease key has a TTL");
     }
 
     #[test]

@@ -33,6 +33,11 @@ struct Server {
 
 impl Server {
     fn start(port: u16, dir: &Path) -> Server {
+        Self::start_with(port, dir, &[])
+    }
+
+    /// [`Server::start`] with more `redis-server` arguments.
+    fn start_with(port: u16, dir: &Path, extra: &[&str]) -> Server {
         let bin = std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".to_owned());
         let log = dir.join("redis.log");
         let child = Command::new(&bin)
@@ -40,6 +45,7 @@ impl Server {
             .arg(port.to_string())
             .args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(extra)
             .arg("--dir")
             .arg(dir)
             .arg("--logfile")
@@ -333,4 +339,39 @@ async fn redis_killed_and_restarted() {
         .expect("read_queue");
     assert_eq!(queue.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![3, 4]);
     assert_eq!(logged.count(Level::WARN, "unavailable"), 2);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_redis_that_evicts_keys_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start_with(
+        free_port(),
+        dir.path(),
+        &["--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru"],
+    );
+    let err = RedisStore::open(&server.url(), options("evicting", Duration::from_secs(5)))
+        .await
+        .expect_err("an evicting Redis is refused");
+    let text = err.to_string();
+    assert!(
+        matches!(err, storage_redis::OpenError::Evicting { .. })
+            && text.contains("allkeys-lru")
+            && text.contains("noeviction"),
+        "{text}"
+    );
+    // noeviction with the same limit is fine: a full Redis then refuses
+    // writes with an error, and nothing stored vanishes.
+    let mut c = redis::Client::open(server.url())
+        .and_then(|c| c.get_connection())
+        .expect("connect");
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query::<()>(&mut c)
+        .expect("CONFIG SET");
+    let store = RedisStore::open(&server.url(), options("evicting", Duration::from_secs(5)))
+        .await
+        .expect("noeviction opens");
+    store.close().await;
 }
