@@ -165,14 +165,15 @@ impl BridgeConfig {
             bridge: name.clone(),
             why,
         };
-        if name.is_empty() || name.contains(['/', '+', '#']) || name.chars().any(char::is_control)
-        {
+        if name.is_empty() || name.contains(['/', '+', '#']) || name.chars().any(char::is_control) {
             return Err(bad(
                 "`name` must be non-empty, without `/`, `+`, `#` or control characters".into(),
             ));
         }
         if self.address.is_empty() {
-            return Err(bad("`address` is missing (host:port of the remote broker)".into()));
+            return Err(bad(
+                "`address` is missing (host:port of the remote broker)".into()
+            ));
         }
         split_address(&self.address).map_err(bad)?;
         if self.client_id.is_empty() || self.client_id.len() > 65535 {
@@ -357,8 +358,12 @@ mod tests {
         let err = |b: BridgeConfig| b.validate().unwrap_err().to_string();
         let t = || TopicConfig::new("a/#", Direction::Out, QoS::AtLeastOnce);
         assert!(err(bridge(vec![])).contains("[[bridge.topic]]"));
-        assert!(err(bridge(vec![TopicConfig::new("a/#/b", Direction::In, QoS::AtMostOnce)]))
-            .contains("not a valid"));
+        assert!(err(bridge(vec![TopicConfig::new(
+            "a/#/b",
+            Direction::In,
+            QoS::AtMostOnce
+        )]))
+        .contains("not a valid"));
         let wild = TopicConfig {
             local_prefix: "x/+/".into(),
             ..t()

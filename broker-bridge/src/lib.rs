@@ -106,10 +106,12 @@ impl Bridge {
     pub fn start(broker: &Broker, config: BridgeConfig) -> Result<Bridge, BridgeError> {
         config.validate()?;
         let tls = if config.tls {
-            Some(wire::tls_config(&config).map_err(|source| BridgeError::Tls {
-                bridge: config.name.clone(),
-                source,
-            })?)
+            Some(
+                wire::tls_config(&config).map_err(|source| BridgeError::Tls {
+                    bridge: config.name.clone(),
+                    source,
+                })?,
+            )
         } else {
             None
         };

@@ -37,7 +37,11 @@ struct Backoff {
 
 impl Backoff {
     fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff { min, max, step: min }
+        Backoff {
+            min,
+            max,
+            step: min,
+        }
     }
 
     fn next(&mut self) -> Duration {
@@ -126,7 +130,11 @@ pub(crate) async fn run(
             Ok(c) => c,
             Err(e) => {
                 let d = backoff.next();
-                warn!(bridge = name, "cannot attach the local session: {e}; retry in {} s", secs(d));
+                warn!(
+                    bridge = name,
+                    "cannot attach the local session: {e}; retry in {} s",
+                    secs(d)
+                );
                 if sleep_or_stop(d, &stop).await {
                     return;
                 }
@@ -627,8 +635,7 @@ fn publish_size(topic: &str, m: &Message, qos: QoS, version: MqttVersion) -> u64
             + p.content_type.as_ref().map_or(0, |s| 3 + s.len())
             + p.response_topic.as_ref().map_or(0, |s| 3 + s.len())
             + p.correlation_data.as_ref().map_or(0, |s| 3 + s.len())
-            + p
-                .user_properties
+            + p.user_properties
                 .iter()
                 .map(|(k, v)| 5 + k.len() + v.len())
                 .sum::<usize>();

@@ -344,7 +344,13 @@ impl Link {
 
     /// The incoming QoS 2 packet ids held, sorted.
     pub(crate) fn held_qos2(&self) -> Vec<u16> {
-        let mut ids: Vec<u16> = self.session.lock().incoming_qos2().iter().copied().collect();
+        let mut ids: Vec<u16> = self
+            .session
+            .lock()
+            .incoming_qos2()
+            .iter()
+            .copied()
+            .collect();
         ids.sort_unstable();
         ids
     }
