@@ -75,9 +75,12 @@ impl From<RemoteError> for End {
 /// Where an outgoing QoS 1/2 message is in its exchange with the remote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    AwaitAck,
-    AwaitRec,
-    AwaitComp,
+    /// QoS 1, awaiting PUBACK.
+    Ack,
+    /// QoS 2, awaiting PUBREC.
+    Rec,
+    /// QoS 2, PUBREL sent, awaiting PUBCOMP.
+    Comp,
 }
 
 /// A local delivery sent (or to be sent again) to the remote.
@@ -299,11 +302,11 @@ async fn session(
     // What was in flight goes again first, in its order.
     for p in inflight.entries.iter_mut() {
         let packet = match (p.state, accepted.session_present) {
-            (State::AwaitComp, true) => {
+            (State::Comp, true) => {
                 v5::Packet::PublishRelease(ack2(p.publish.packet_id.unwrap_or(NonZeroU16::MIN)))
             }
-            (State::AwaitComp, false) => {
-                p.state = State::AwaitRec;
+            (State::Comp, false) => {
+                p.state = State::Rec;
                 resend(&p.publish)
             }
             _ => resend(&p.publish),
@@ -335,11 +338,11 @@ async fn session(
                 return End::Stopped;
             }
             p = conn.next() => match p {
-                Ok(p) => relay.from_remote(p, local, &mut conn, inflight, &mut suback, &mut awaiting_pong).await,
+                Ok(p) => relay.remote_packet(p, local, &mut conn, inflight, &mut suback, &mut awaiting_pong).await,
                 Err(e) => Err(e.into()),
             },
             r = local.recv(), if room => match r {
-                Some(r) => relay.to_remote(r, local, &mut conn, inflight),
+                Some(r) => relay.local_delivery(r, local, &mut conn, inflight),
                 None => Err(End::LocalGone),
             },
             _ = ping.tick() => {
@@ -403,7 +406,7 @@ struct Relay<'a> {
 impl Relay<'_> {
     /// A local delivery: mapped and sent, kept in flight until the remote
     /// acknowledges it (QoS 1/2), acknowledged locally at once (QoS 0).
-    fn to_remote(
+    fn local_delivery(
         &self,
         r: Received,
         local: &mut Client,
@@ -460,9 +463,9 @@ impl Relay<'_> {
                 received: r,
                 publish,
                 state: if qos == QoS::AtLeastOnce {
-                    State::AwaitAck
+                    State::Ack
                 } else {
-                    State::AwaitRec
+                    State::Rec
                 },
             }),
         }
@@ -470,7 +473,7 @@ impl Relay<'_> {
     }
 
     /// A packet from the remote.
-    async fn from_remote(
+    async fn remote_packet(
         &self,
         p: v5::Packet,
         local: &mut Client,
@@ -483,7 +486,7 @@ impl Relay<'_> {
         match p {
             v5::Packet::Publish(p) => self.inbound(*p, local, conn).await,
             v5::Packet::PublishAck(a) => {
-                if let Some(i) = inflight.position(a.packet_id, State::AwaitAck) {
+                if let Some(i) = inflight.position(a.packet_id, State::Ack) {
                     if let Some(done) = inflight.entries.remove(i) {
                         refused(name, "PUBACK", a.reason_code as u8, &done);
                         local.ack(&done.received);
@@ -492,7 +495,7 @@ impl Relay<'_> {
                 Ok(())
             }
             v5::Packet::PublishReceived(a) => {
-                if let Some(i) = inflight.position(a.packet_id, State::AwaitRec) {
+                if let Some(i) = inflight.position(a.packet_id, State::Rec) {
                     if (a.reason_code as u8) >= 0x80 {
                         // Refused by the remote: the exchange ends here.
                         if let Some(done) = inflight.entries.remove(i) {
@@ -502,7 +505,7 @@ impl Relay<'_> {
                         return Ok(());
                     }
                     if let Some(e) = inflight.entries.get_mut(i) {
-                        e.state = State::AwaitComp;
+                        e.state = State::Comp;
                     }
                 }
                 // A PUBREC for an id we no longer hold still needs its PUBREL.
@@ -510,7 +513,7 @@ impl Relay<'_> {
                 Ok(())
             }
             v5::Packet::PublishComplete(a) => {
-                if let Some(i) = inflight.position(a.packet_id, State::AwaitComp) {
+                if let Some(i) = inflight.position(a.packet_id, State::Comp) {
                     if let Some(done) = inflight.entries.remove(i) {
                         local.ack(&done.received);
                     }
