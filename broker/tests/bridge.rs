@@ -237,7 +237,7 @@ impl Collector {
             if done(&self.snapshot()) {
                 return true;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         done(&self.snapshot())
     }
@@ -334,6 +334,8 @@ fn tally(payloads: impl Iterator<Item = usize>, expected: usize) -> Tally {
 }
 
 const MESSAGES: usize = 1000;
+/// Published before the remote stops (out) or our broker is killed (in).
+const FIRST: usize = 800;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_survives_a_remote_restart_in_order() {
@@ -357,18 +359,25 @@ async fn out_survives_a_remote_restart_in_order() {
     wait_connected(&mut broker, "cloud");
 
     let publisher = Publisher::start(broker.port, "local-pub");
-    let mut restarted = false;
-    for i in 0..MESSAGES {
+    for i in 0..FIRST {
         publisher.publish("edge/sensors/1/t", i.to_string()).await;
-        if !restarted && remote.len() >= 300 {
-            // Mid-stream: the remote goes away (SIGTERM, it saves its
-            // sessions) while local messages keep coming, and comes back.
-            mosquitto.stop();
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            mosquitto.restart();
-            restarted = true;
-        }
     }
+    // Mid-stream: once 300 are through, the remote goes away (SIGTERM: it
+    // saves its sessions) while local messages keep coming, and comes back.
+    assert!(
+        remote
+            .wait(Duration::from_secs(20), |got| got.len() >= 300)
+            .await
+    );
+    let at_stop = remote.len();
+    mosquitto.stop();
+    for i in FIRST..MESSAGES {
+        publisher.publish("edge/sensors/1/t", i.to_string()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    mosquitto.restart();
+    let restarted = at_stop < FIRST;
+    eprintln!("out: remote stopped with {at_stop} of {FIRST} published received");
     let acked = publisher
         .wait_acked(MESSAGES, Duration::from_secs(30))
         .await;
@@ -437,7 +446,7 @@ async fn in_survives_kill_9_of_the_local_broker() {
     let publisher = Publisher::start(mosquitto.port, "remote-pub");
     let received =
         |got: &[(String, String)]| got.iter().filter(|(t, _)| t == "edge/cmd/run").count();
-    for i in 0..600 {
+    for i in 0..FIRST {
         publisher.publish("site1/cmd/run", i.to_string()).await;
     }
     // Mid-stream: once 300 are through, our broker dies without a chance
@@ -449,7 +458,7 @@ async fn in_survives_kill_9_of_the_local_broker() {
     );
     let at_kill = received(&local.snapshot());
     broker.kill9();
-    for i in 600..MESSAGES {
+    for i in FIRST..MESSAGES {
         publisher.publish("site1/cmd/run", i.to_string()).await;
     }
     broker = BrokerProcess::start(
@@ -462,8 +471,8 @@ async fn in_survives_kill_9_of_the_local_broker() {
         ],
     );
     local_port.store(broker.port, Ordering::SeqCst);
-    let killed = at_kill < 600;
-    eprintln!("in: killed with {at_kill} of 600 published received locally");
+    let killed = at_kill < FIRST;
+    eprintln!("in: killed with {at_kill} of {FIRST} published received locally");
     let acked = publisher
         .wait_acked(MESSAGES, Duration::from_secs(30))
         .await;
@@ -546,7 +555,14 @@ async fn both_ways_without_loops(version: &str) {
             "{side}: delivered more than once: {twice:?}"
         );
     }
-    drop(broker);
+    // A graceful stop stops the bridge too, promptly.
+    let stopping = Instant::now();
+    assert!(broker.terminate().success(), "clean exit");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        stopping.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
