@@ -594,7 +594,15 @@ impl Relay<'_> {
             (QoS::ExactlyOnce, Some(id)) => local
                 .publish_exactly_once(id.get(), message)
                 .await
-                .map(drop),
+                .map(|new| {
+                    if !new {
+                        debug!(
+                            bridge = name,
+                            packet_id = id.get(),
+                            "QoS 2 resend, not published again"
+                        );
+                    }
+                }),
             _ => local.publish(message).await,
         };
         match published {
