@@ -4,7 +4,9 @@
 # scratch directory, and stopped when the calling script exits.
 #
 # Exports REDIS_URL, MONGODB_URI, and the server commands the outage tests
-# start their own private instances with: REDIS_SERVER_BIN, MONGO_SERVER_BIN.
+# start their own private instances with: REDIS_SERVER_BIN, MONGO_SERVER_BIN;
+# and MOSQUITTO_BIN, the remote broker of the bridge tests (each test starts
+# its own on a free port; Debian's package is installed if missing).
 
 SERVICES_DIR="$(mktemp -d "${TMPDIR:-/tmp}/broker-test-services.XXXXXX")"
 STARTED_PIDS=()
@@ -111,5 +113,19 @@ start_mongo() {
     echo "started the MongoDB-compatible server on 127.0.0.1:$port" >&2
 }
 
+find_mosquitto() {
+    if [ -n "${MOSQUITTO_BIN:-}" ] && [ -x "$MOSQUITTO_BIN" ]; then return; fi
+    local bin
+    bin="$(command -v mosquitto || true)"
+    [ -n "$bin" ] || { [ -x /usr/sbin/mosquitto ] && bin=/usr/sbin/mosquitto; }
+    if [ -z "$bin" ]; then
+        apt_install mosquitto
+        bin="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
+    fi
+    [ -x "$bin" ] || { echo "error: mosquitto is missing: apt-get install mosquitto" >&2; exit 1; }
+    export MOSQUITTO_BIN="$bin"
+}
+
 start_redis
 start_mongo
+find_mosquitto

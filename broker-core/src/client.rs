@@ -178,6 +178,13 @@ impl Received {
     pub fn dup(&self) -> bool {
         self.dup
     }
+
+    /// The packet id of a QoS 1/2 delivery in its session. It follows the
+    /// session's sequence numbers, so a delivery sent again after a restart
+    /// has the id it had (a client relaying it elsewhere can reuse it).
+    pub fn packet_id(&self) -> Option<u16> {
+        self.packet_id
+    }
 }
 
 /// An in-process client. Its deliveries come in session order from
@@ -294,6 +301,45 @@ impl Client {
         let published = self.link.publish(message, None).await?;
         published.committed.await?;
         Ok(())
+    }
+
+    /// Publish a QoS 2 message received elsewhere with `packet_id` (a
+    /// client relaying another MQTT connection): the id is held in the
+    /// session, durably with the message, until [`release`](Client::release),
+    /// and a publish with an id still held is not routed again. Returns
+    /// false for such a duplicate, true once a new message is durable.
+    pub async fn publish_exactly_once(
+        &mut self,
+        packet_id: u16,
+        mut message: Message,
+    ) -> Result<bool, ClientError> {
+        topic::validate_name(&message.topic)?;
+        if self.link.holds_qos2(packet_id) {
+            return Ok(false);
+        }
+        message.qos = QoS::ExactlyOnce;
+        let published = self.link.publish(message, Some(packet_id)).await?;
+        published.committed.await?;
+        Ok(true)
+    }
+
+    /// Free a packet id held by [`publish_exactly_once`](Client::publish_exactly_once)
+    /// (the PUBREL of the relayed connection); returns once the store has
+    /// forgotten it too. False if the id was not held.
+    pub async fn release(&mut self, packet_id: u16) -> Result<bool, ClientError> {
+        match self.link.release(packet_id) {
+            Some(done) => {
+                done.await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// The packet ids held by [`publish_exactly_once`](Client::publish_exactly_once)
+    /// and not yet released (restored with a persistent session), sorted.
+    pub fn held_packet_ids(&self) -> Vec<u16> {
+        self.link.held_qos2()
     }
 
     /// The next delivery, in session order; `None` once the client is

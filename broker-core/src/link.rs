@@ -342,6 +342,19 @@ impl Link {
         self.session.lock().incoming_qos2().contains(&packet_id)
     }
 
+    /// The incoming QoS 2 packet ids held, sorted.
+    pub(crate) fn held_qos2(&self) -> Vec<u16> {
+        let mut ids: Vec<u16> = self
+            .session
+            .lock()
+            .incoming_qos2()
+            .iter()
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Accept a message from this client. `qos2_id`: the packet id of a
     /// QoS 2 publish, held until PUBREL and stored with the message.
     pub(crate) async fn publish(

@@ -1,7 +1,7 @@
 //! `broker check [--config F]`: everything the broker would do at start but
 //! serve. Validates the settings, loads the files they name (TLS
 //! certificates, password and ACL files), checks the HTTP hooks' and the
-//! webhook's settings, opens the storage and closes it again, and prints
+//! webhook's settings and the bridges (with their CA files), opens the storage and closes it again, and prints
 //! what it would listen on. Exits non-zero with the reason at the first
 //! problem.
 //!
@@ -98,6 +98,22 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
         }
     }
     drop(hooks);
+    for b in &settings.bridges {
+        broker_bridge::check(b)?;
+        writeln!(
+            out,
+            "would bridge {} to {}: {} topics (MQTT {}{}, remote client id {})",
+            b.name,
+            b.address,
+            b.topics.len(),
+            match b.protocol {
+                broker_bridge::MqttVersion::V311 => "3.1.1",
+                broker_bridge::MqttVersion::V5 => "5",
+            },
+            if b.tls { ", TLS" } else { "" },
+            b.client_id
+        )?;
+    }
     if let Some(w) = &settings.webhook {
         w.config()
             .validate()

@@ -212,6 +212,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tokio::spawn(listener.run());
     }
     reload_on_hangup(hooks.files, reloads)?;
+    let mut bridges = Vec::new();
+    for config in &settings.bridges {
+        match broker_bridge::Bridge::start(&broker, config.clone()) {
+            Ok(b) => {
+                info!(bridge = %config.name, "bridge {} to {}: {} topics", config.name, config.address, config.topics.len());
+                bridges.push(b);
+            }
+            Err(e) => {
+                for b in bridges {
+                    b.stop().await;
+                }
+                broker.shutdown().await;
+                return Err(e.into());
+            }
+        }
+    }
     if let Some(http) = &http {
         http.started(
             &broker,
@@ -227,6 +243,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         http.stopping();
     }
     info!("shutting down: closing connections and flushing storage");
+    // Bridges first: each says DISCONNECT to its remote and detaches its
+    // local session, whose unacknowledged messages stay queued.
+    for b in bridges {
+        b.stop().await;
+    }
     broker.shutdown().await;
     if let Some(webhook) = webhook {
         let s = webhook.finish(std::time::Duration::from_secs(5)).await;

@@ -284,6 +284,167 @@ pub struct FileConfig {
     pub log: LogSettings,
     /// Metrics, probes and the admin API (`[http]` table).
     pub http: HttpSettings,
+    /// Bridges to other brokers (`[[bridge]]` tables).
+    pub bridge: Vec<BridgeSettings>,
+}
+
+/// A `[[bridge]]` table: a connection to another MQTT broker and the topics
+/// relayed (Mosquitto's `connection` block).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeSettings {
+    /// Unique among the bridges.
+    pub name: String,
+    /// `host:port` of the remote broker.
+    #[serde(default)]
+    pub address: String,
+    /// `"3.1.1"` (default) or `"5"`.
+    #[serde(default)]
+    pub protocol_version: Option<String>,
+    /// Client id on the remote (default `<name>-bridge`).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// User name on the remote.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password on the remote.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// TLS to the remote.
+    #[serde(default)]
+    pub tls: bool,
+    /// CA certificates (PEM) for the remote's certificate (default: the system's).
+    #[serde(default)]
+    pub cafile: Option<PathBuf>,
+    /// A new remote session on each connection (default false: persistent).
+    #[serde(default)]
+    pub clean_start: bool,
+    /// Seconds between keep-alive pings (default 60).
+    #[serde(default)]
+    pub keep_alive_secs: Option<u16>,
+    /// Messages sent to the remote and not yet acknowledged, at most (default 32).
+    #[serde(default)]
+    pub max_inflight: Option<u16>,
+    /// Largest packet to or from the remote, bytes (default 1 MiB).
+    #[serde(default)]
+    pub max_packet_size: Option<u32>,
+    /// The topics (`[[bridge.topic]]` tables).
+    #[serde(default)]
+    pub topic: Vec<BridgeTopicSettings>,
+}
+
+/// A `[[bridge.topic]]` table: Mosquitto's `topic pattern direction qos
+/// local_prefix remote_prefix`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeTopicSettings {
+    /// Topic filter, without the prefixes.
+    pub pattern: String,
+    /// `in`, `out` or `both` (default `out`, as Mosquitto).
+    #[serde(default = "default_direction")]
+    pub direction: BridgeDirection,
+    /// 0, 1 or 2 (default 0, as Mosquitto).
+    #[serde(default)]
+    pub qos: u8,
+    /// Prefix of the topic on this broker.
+    #[serde(default)]
+    pub local_prefix: String,
+    /// Prefix of the topic on the remote broker.
+    #[serde(default)]
+    pub remote_prefix: String,
+}
+
+/// Which way a bridge topic goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BridgeDirection {
+    /// Remote to local.
+    In,
+    /// Local to remote.
+    Out,
+    /// Both ways.
+    Both,
+}
+
+fn default_direction() -> BridgeDirection {
+    BridgeDirection::Out
+}
+
+impl BridgeSettings {
+    /// As the bridge crate takes it, checked.
+    pub fn config(&self) -> anyhow::Result<broker_bridge::BridgeConfig> {
+        use broker_bridge::{BridgeConfig, Direction, MqttVersion, TopicConfig};
+        let name = &self.name;
+        let protocol = match self.protocol_version.as_deref() {
+            None | Some("3.1.1") | Some("4") => MqttVersion::V311,
+            Some("5") | Some("5.0") => MqttVersion::V5,
+            Some(other) => bail!(
+                "[[bridge]] `{name}`: protocol_version `{other}` is not supported: use \"3.1.1\" or \"5\""
+            ),
+        };
+        let mut topics = Vec::with_capacity(self.topic.len());
+        for (i, t) in self.topic.iter().enumerate() {
+            let Some(qos) = broker_core::message::QoS::from_u8(t.qos) else {
+                bail!(
+                    "[[bridge]] `{name}`, topic {} (`{}`): qos = {} must be 0, 1 or 2",
+                    i + 1,
+                    t.pattern,
+                    t.qos
+                );
+            };
+            topics.push(TopicConfig {
+                pattern: t.pattern.clone(),
+                direction: match t.direction {
+                    BridgeDirection::In => Direction::In,
+                    BridgeDirection::Out => Direction::Out,
+                    BridgeDirection::Both => Direction::Both,
+                },
+                qos,
+                local_prefix: t.local_prefix.clone(),
+                remote_prefix: t.remote_prefix.clone(),
+            });
+        }
+        let mut c = BridgeConfig::new(name.clone(), self.address.clone());
+        c.protocol = protocol;
+        if let Some(id) = &self.client_id {
+            c.client_id = id.clone();
+        }
+        c.username = self.username.clone();
+        c.password = self.password.clone();
+        c.tls = self.tls;
+        c.cafile = self.cafile.clone();
+        c.clean_start = self.clean_start;
+        if let Some(v) = self.keep_alive_secs {
+            c.keep_alive_secs = v;
+        }
+        if let Some(v) = self.max_inflight {
+            c.max_inflight = v;
+        }
+        if let Some(v) = self.max_packet_size {
+            c.max_packet_size = v;
+        }
+        c.topics = topics;
+        if let Err(e) = c.validate() {
+            bail!("[[bridge]] {e}");
+        }
+        Ok(c)
+    }
+}
+
+/// Every `[[bridge]]` checked, names unique.
+fn bridges(tables: &[BridgeSettings]) -> anyhow::Result<Vec<broker_bridge::BridgeConfig>> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::with_capacity(tables.len());
+    for b in tables {
+        if !seen.insert(b.name.as_str()) {
+            bail!(
+                "[[bridge]] name `{}` is used twice: each bridge needs its own name (it names its session)",
+                b.name
+            );
+        }
+        out.push(b.config()?);
+    }
+    Ok(out)
 }
 
 /// The `[http]` table: one HTTP listener for `/metrics`, `/health`,
@@ -388,6 +549,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// The HTTP listener (`bind` is `None` when there is none).
     pub http: HttpSettings,
+    /// The bridges, checked.
+    pub bridges: Vec<broker_bridge::BridgeConfig>,
 }
 
 impl Settings {
@@ -438,6 +601,7 @@ impl Settings {
             http.bind = Some(bind);
         }
         http.validate()?;
+        let bridges = bridges(&file.bridge)?;
         let listen = if !cli.listen.is_empty() {
             cli.listen
         } else {
@@ -475,6 +639,7 @@ impl Settings {
             webhook: file.webhook,
             log: file.log,
             http,
+            bridges,
         })
     }
 }
@@ -691,6 +856,59 @@ mod tests {
     }
 
     #[test]
+    fn bridge_tables() {
+        let text = "[[bridge]]\nname = \"cloud\"\naddress = \"127.0.0.1:1884\"\nprotocol_version = \"5\"\n\
+                    username = \"u\"\npassword = \"p\"\n\
+                    [[bridge.topic]]\npattern = \"sensors/#\"\ndirection = \"out\"\nqos = 1\n\
+                    local_prefix = \"edge/\"\nremote_prefix = \"site1/\"\n\
+                    [[bridge.topic]]\npattern = \"cmd/#\"\ndirection = \"in\"\nqos = 2\n\
+                    [[bridge]]\nname = \"backup\"\naddress = \"backup.example:8883\"\ntls = true\n\
+                    [[bridge.topic]]\npattern = \"#\"\ndirection = \"both\"\n";
+        let s = resolve(text, &[]).unwrap();
+        assert_eq!(s.bridges.len(), 2);
+        let b = &s.bridges[0];
+        assert_eq!(b.protocol, broker_bridge::MqttVersion::V5);
+        assert_eq!(b.client_id, "cloud-bridge");
+        assert!(!b.clean_start, "a persistent remote session by default");
+        assert_eq!(b.topics.len(), 2);
+        assert_eq!(b.topics[0].local_filter(), "edge/sensors/#");
+        assert_eq!(b.topics[0].remote_filter(), "site1/sensors/#");
+        assert_eq!(
+            b.remote_topic("edge/sensors/1").map(|t| t.0).as_deref(),
+            Some("site1/sensors/1")
+        );
+        assert_eq!(s.bridges[1].protocol, broker_bridge::MqttVersion::V311);
+        assert!(s.bridges[1].tls);
+
+        let err = |text: &str| format!("{:#}", resolve(text, &[]).unwrap_err());
+        let one = |extra: &str, topic: &str| {
+            format!("[[bridge]]\nname = \"a\"\naddress = \"h:1\"\n{extra}[[bridge.topic]]\n{topic}")
+        };
+        let twice = format!(
+            "{}{}",
+            one("", "pattern = \"x\"\n"),
+            one("", "pattern = \"y\"\n")
+        );
+        assert!(err(&twice).contains("used twice"), "{}", err(&twice));
+        let e = err(&one("", "pattern = \"x\"\ndirection = \"sideways\"\n"));
+        assert!(e.contains("sideways") && e.contains("`both`"), "{e}");
+        let e = err(&one("", "pattern = \"x\"\nqos = 3\n"));
+        assert!(e.contains("qos = 3 must be 0, 1 or 2"), "{e}");
+        let e = err("[[bridge]]\nname = \"a\"\n[[bridge.topic]]\npattern = \"x\"\n");
+        assert!(e.contains("`address` is missing"), "{e}");
+        let e = err(&one("", "pattern = \"a/#/b\"\n"));
+        assert!(e.contains("not a valid"), "{e}");
+        let e = err(&one("protocol_version = \"3\"\n", "pattern = \"x\"\n"));
+        assert!(e.contains("protocol_version"), "{e}");
+        let e = err(&one("adress = \"x\"\n", "pattern = \"x\"\n"));
+        assert!(e.contains("adress"), "{e}");
+        let e = err(&one("", "pattern = \"x\"\nlocal_prefx = \"y\"\n"));
+        assert!(e.contains("local_prefx"), "{e}");
+        let e = err("[[bridge]]\nname = \"a\"\naddress = \"h:1\"\n");
+        assert!(e.contains("[[bridge.topic]]"), "{e}");
+    }
+
+    #[test]
     fn the_example_config_documents_the_true_defaults() {
         let text = include_str!("../../packaging/broker.toml");
         let f = FileConfig::parse(text).expect("packaging/broker.toml parses");
@@ -717,6 +935,21 @@ mod tests {
         assert_eq!(f.listen, Some(vec![DEFAULT_LISTEN.to_string()]));
         assert_eq!(f.storage.as_deref(), Some("sqlite://data/broker.db"));
         assert!(f.listener.is_empty() && f.webhook.is_none() && f.auth.http().is_none());
+        assert!(f.bridge.is_empty(), "no bridge unless configured");
+        // The commented-out bridge is a valid one.
+        let bridge: String = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [[bridge]]"))
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| {
+                format!(
+                    "{}\n",
+                    l.trim_start_matches('#').split(" # ").next().unwrap_or("")
+                )
+            })
+            .collect();
+        let s = resolve(&bridge, &[]).expect("the [[bridge]] example in packaging/broker.toml");
+        assert_eq!(s.bridges.len(), 1, "{bridge}");
         assert!(f.auth.password_file.is_none() && f.auth.acl_file.is_none());
         // The commented-out webhook events are the default ones.
         let events: String = text

@@ -114,3 +114,74 @@ async fn in_process_persistent_subscriber_gets_its_backlog_in_order_across_a_res
     assert_eq!(broker.session("device-7").expect("session").queued, 0);
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn relayed_qos2_ids_and_delivery_packet_ids_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("broker.db").display());
+
+    let broker = start(&url).await;
+    let mut relay = broker
+        .connect(ClientOptions::persistent("relay"))
+        .await
+        .expect("attach");
+    relay
+        .subscribe("out/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let mut sink = broker
+        .connect(ClientOptions::persistent("sink"))
+        .await
+        .expect("attach");
+    sink.subscribe("in/#", QoS::ExactlyOnce)
+        .await
+        .expect("subscribe");
+    let m = || Message::new("in/1", "once", QoS::ExactlyOnce, false);
+    assert!(relay.publish_exactly_once(7, m()).await.expect("new"));
+    assert!(
+        !relay.publish_exactly_once(7, m()).await.expect("resend"),
+        "an id still held is a resend"
+    );
+    assert_eq!(relay.held_packet_ids(), [7]);
+    broker
+        .publish(Message::new("out/1", "x", QoS::AtLeastOnce, false))
+        .await
+        .expect("durable");
+    let first = relay.recv().await.expect("delivery");
+    let id = first.packet_id().expect("a QoS 1 delivery has a packet id");
+    drop(relay);
+    drop(sink);
+    stop(broker).await;
+
+    let broker = start(&url).await;
+    let mut relay = broker
+        .connect(ClientOptions::persistent("relay"))
+        .await
+        .expect("resume");
+    assert_eq!(relay.held_packet_ids(), [7], "held ids are stored");
+    assert!(
+        !relay.publish_exactly_once(7, m()).await.expect("resend"),
+        "a resend after the restart is not routed again"
+    );
+    let again = relay.recv().await.expect("redelivery");
+    assert!(again.dup());
+    assert_eq!(
+        again.packet_id(),
+        Some(id),
+        "the same packet id after a restart"
+    );
+    relay.ack(&again);
+    assert!(relay.release(7).await.expect("release"));
+    assert!(!relay.release(7).await.expect("release"), "released once");
+    assert!(relay.held_packet_ids().is_empty());
+    let mut sink = broker
+        .connect(ClientOptions::persistent("sink"))
+        .await
+        .expect("resume");
+    let got = sink.recv().await.expect("delivery");
+    assert_eq!(&got.message().payload[..], b"once");
+    sink.ack(&got);
+    let more = tokio::time::timeout(std::time::Duration::from_millis(300), sink.recv()).await;
+    assert!(more.is_err(), "delivered once");
+    broker.shutdown().await;
+}
