@@ -459,7 +459,12 @@ pub struct HttpSettings {
     pub token: Option<String>,
     /// Requests served at once; more get 503 (default 64).
     pub max_requests: Option<usize>,
+    /// Connections open at once; more are closed at accept (default 256).
+    pub max_connections: Option<usize>,
 }
+
+/// Connections the HTTP listener holds at once unless `[http] max_connections` says.
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 256;
 
 /// Requests the HTTP listener serves at once unless `[http] max_requests` says.
 pub const DEFAULT_HTTP_MAX_REQUESTS: usize = 64;
@@ -485,6 +490,9 @@ impl HttpSettings {
         }
         if self.max_requests == Some(0) {
             bail!("[http] max_requests must be at least 1");
+        }
+        if self.max_connections == Some(0) {
+            bail!("[http] max_connections must be at least 1");
         }
         Ok(())
     }
@@ -852,6 +860,7 @@ mod tests {
             .contains("short"));
         assert!(resolve("[http]\nbind = \"localhost\"\n", &[]).is_err());
         assert!(resolve("[http]\nbind = \"127.0.0.1:1\"\nmax_requests = 0\n", &[]).is_err());
+        assert!(resolve("[http]\nbind = \"127.0.0.1:1\"\nmax_connections = 0\n", &[]).is_err());
         assert!(resolve("[http]\nport = 1\n", &[]).is_err());
     }
 

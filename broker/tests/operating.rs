@@ -22,13 +22,29 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Start a broker with its HTTP listener; returns it and the HTTP base URL.
-fn start(dir: &std::path::Path, extra: &[&str]) -> (BrokerProcess, String) {
+/// Start a broker with its HTTP listener and wait until `/ready` says 200
+/// ("listening on" comes once the MQTT listeners are bound; readiness once
+/// the whole broker serves); returns it and the HTTP base URL.
+async fn start(dir: &std::path::Path, extra: &[&str]) -> (BrokerProcess, String) {
     let http = format!("127.0.0.1:{}", free_port());
     let mut args = vec!["--http-listen", http.as_str()];
     args.extend_from_slice(extra);
     let broker = BrokerProcess::start(dir, &args);
-    (broker, format!("http://{http}"))
+    let base = format!("http://{http}");
+    // No pooled connection left behind: a test may count the listener's connections.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("HTTP client");
+    for _ in 0..200 {
+        if let Ok(r) = client.get(format!("{base}/ready")).send().await {
+            if r.status() == 200 {
+                return (broker, base);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("/ready did not say 200 within 10 s");
 }
 
 /// `name{labels}` -> value, from the OpenMetrics text.
@@ -68,7 +84,7 @@ fn delta(before: &HashMap<String, f64>, after: &HashMap<String, f64>, key: &str)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_by_exactly_what_was_sent_while_traffic_runs() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (broker, base) = start(dir.path(), &["--storage", "sqlite://m.db"]);
+    let (broker, base) = start(dir.path(), &["--storage", "sqlite://m.db"]).await;
     let http = reqwest::Client::new();
     let before = scrape(&http, &base).await;
 
@@ -248,7 +264,8 @@ async fn admin_api_round_trips_with_kick_and_delete() {
     let (broker, base) = start(
         dir.path(),
         &["--config", "broker.toml", "--storage", "sqlite://a.db"],
-    );
+    )
+    .await;
     let http = reqwest::Client::new();
     let api = |path: &str| format!("{base}/api/v1{path}");
     use reqwest::Method as M;
@@ -589,7 +606,8 @@ async fn metrics_count_the_webhook_events() {
     let (broker, base) = start(
         dir.path(),
         &["--config", "broker.toml", "--storage", "memory://"],
-    );
+    )
+    .await;
     let http = reqwest::Client::new();
     for i in 0..3 {
         let (c, _) = Mqtt::connect(broker.port, &format!("hooked-{i}"), true).await;
@@ -609,4 +627,62 @@ async fn metrics_count_the_webhook_events() {
     assert_eq!(m["broker_webhook_events_total{outcome=\"dropped\"}"], 0.0);
     assert_eq!(m["broker_webhook_failed_posts_total"], 0.0);
     drop(broker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http_connections_are_bounded_and_timed_out() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("broker.toml"),
+        "[http]\nmax_connections = 4\n",
+    )
+    .expect("config");
+    let (broker, base) = start(
+        dir.path(),
+        &["--config", "broker.toml", "--storage", "memory://"],
+    )
+    .await;
+    let addr = base.trim_start_matches("http://").to_string();
+    // Four idle connections fill the listener; a fifth is closed at once.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fifth = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), fifth.read(&mut buf))
+        .await
+        .expect("the fifth connection is closed at once");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    // The idle ones are closed once the header timeout passes (10 s) ...
+    for c in &mut idle {
+        let n = tokio::time::timeout(Duration::from_secs(15), c.read(&mut buf))
+            .await
+            .expect("an idle connection is closed within the header timeout");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+    drop(idle);
+    // ... and the listener serves again.
+    let mut served = false;
+    for _ in 0..50 {
+        if let Ok(r) = reqwest::get(format!("{base}/health")).await {
+            served = r.status() == 200;
+            if served {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "/health after the idle connections went");
+    let log = broker.log().join("\n");
+    assert!(log.contains("HTTP connection refused"), "{log}");
 }

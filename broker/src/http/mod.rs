@@ -11,7 +11,8 @@
 //!   the listener is loopback only (settings refuse anything else);
 //! - at most `max_requests` requests are served at once, the rest get 503
 //!   at once (an operator's script in a loop cannot pile up work); bodies
-//!   are limited to [`MAX_BODY`].
+//!   are limited to [`MAX_BODY`]; at most `max_connections` connections
+//!   are open, each with [`HEADER_TIMEOUT`] to send its request's headers.
 
 mod api;
 mod metrics;
@@ -31,7 +32,7 @@ use broker_core::Broker;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
-use crate::settings::{HttpSettings, DEFAULT_HTTP_MAX_REQUESTS};
+use crate::settings::{HttpSettings, DEFAULT_HTTP_MAX_CONNECTIONS, DEFAULT_HTTP_MAX_REQUESTS};
 
 /// The largest request body accepted (a publish's payload and its JSON).
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -80,11 +81,10 @@ impl Http {
             retained: metrics::RetainedCount::default(),
         });
         let app = router(shared.clone());
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                warn!("HTTP listener stopped: {e}");
-            }
-        });
+        let max_connections = settings
+            .max_connections
+            .unwrap_or(DEFAULT_HTTP_MAX_CONNECTIONS);
+        tokio::spawn(serve(listener, app, max_connections));
         // Not "listening on": scripts read that line for the MQTT port.
         info!("HTTP API on {addr} (/metrics, /health, /ready, /api/v1/)");
         Ok(Some(Http { shared, addr }))
@@ -107,6 +107,50 @@ impl Http {
         self.shared.stopping.store(true, Ordering::Relaxed);
     }
 }
+
+/// Accept connections, at most `max` open at once (more are closed at
+/// once, counted and logged), each with [`HEADER_TIMEOUT`] to send a
+/// request's headers, idle keep-alive time included: a client that opens
+/// connections and sends nothing holds none for long.
+async fn serve(listener: tokio::net::TcpListener, app: Router, max: usize) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let open = Arc::new(Semaphore::new(max));
+    let mut refused = 0u64;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of file descriptors, most likely: wait rather than spin.
+                warn!("HTTP listener cannot accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            refused += 1;
+            if refused == 1 || refused.is_multiple_of(1000) {
+                warn!(%peer, refused, max, "HTTP connection refused: [http] max_connections open");
+            }
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, "HTTP connection ended: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// How long a connection may take to send a request's headers, idle
+/// keep-alive time before them included.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn router(shared: Arc<Shared>) -> Router {
     let guarded = Router::new()
