@@ -93,8 +93,15 @@ struct Mosquitto {
 
 impl Mosquitto {
     fn start() -> Mosquitto {
+        Self::start_with(|port, _| format!("listener {port} 127.0.0.1\nallow_anonymous true\n"))
+    }
+
+    /// [`Mosquitto::start`] with the listener lines `listeners(port, dir)`
+    /// gives instead of one anonymous plain listener on `port`.
+    fn start_with(listeners: impl FnOnce(u16, &Path) -> String) -> Mosquitto {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
+        let listeners = listeners(port, dir.path());
         let user = Command::new("id")
             .arg("-un")
             .output()
@@ -103,7 +110,7 @@ impl Mosquitto {
         std::fs::write(
             dir.path().join("mosquitto.conf"),
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nuser {user}\n\
+                "{listeners}user {user}\n\
                  persistence true\npersistence_location {}/\nautosave_interval 1\n\
                  max_queued_messages 100000\nlog_dest stderr\nlog_type error\nlog_type warning\n",
                 dir.path().display()
@@ -741,4 +748,128 @@ fn check_prints_each_bridge() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("used twice"), "{err}");
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files
+/// in `dir`: (ca, cert, key).
+fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+    let ca_key = KeyPair::generate().expect("key");
+    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(DnType::CommonName, "bridge test CA");
+    let ca = p.self_signed(&ca_key).expect("CA");
+    let key = KeyPair::generate().expect("key");
+    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.distinguished_name.push(DnType::CommonName, "127.0.0.1");
+    p.subject_alt_names = vec![SanType::IpAddress("127.0.0.1".parse().expect("ip"))];
+    let cert = p.signed_by(&key, &ca, &ca_key).expect("sign");
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("PEM");
+        path
+    };
+    (
+        write("ca.pem", ca.pem()),
+        write("server.pem", cert.pem()),
+        write("server.key", key.serialize_pem()),
+    )
+}
+
+/// Mosquitto with a TLS listener that wants a user and password
+/// (`bridge-user` / `s3cret`), and a plain anonymous one on `plain` for the
+/// test's own clients.
+fn mosquitto_tls(plain: u16) -> (Mosquitto, PathBuf) {
+    let mut ca = PathBuf::new();
+    let m = Mosquitto::start_with(|port, dir| {
+        let (ca_file, cert, key) = tls_files(dir);
+        ca = ca_file.clone();
+        let passwd = dir.join("passwd");
+        let made = Command::new(mosquitto_bin().with_file_name("mosquitto_passwd"))
+            .arg("-b")
+            .arg("-c")
+            .arg(&passwd)
+            .args(["bridge-user", "s3cret"])
+            .status();
+        let made = match made {
+            Ok(s) => s.success(),
+            // Not beside the broker binary: from PATH.
+            Err(_) => Command::new("mosquitto_passwd")
+                .arg("-b")
+                .arg("-c")
+                .arg(&passwd)
+                .args(["bridge-user", "s3cret"])
+                .status()
+                .is_ok_and(|s| s.success()),
+        };
+        assert!(
+            made,
+            "mosquitto_passwd (Debian's mosquitto package) could not write {}",
+            passwd.display()
+        );
+        format!(
+            "per_listener_settings true\n\
+             listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
+             allow_anonymous false\npassword_file {}\n\
+             listener {plain} 127.0.0.1\nallow_anonymous true\n",
+            ca_file.display(),
+            cert.display(),
+            key.display(),
+            passwd.display()
+        )
+    });
+    (m, ca)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_over_tls_with_credentials() {
+    let plain = free_port();
+    let (mosquitto, ca) = mosquitto_tls(plain);
+    let remote = Collector::start(Arc::new(AtomicU16::new(plain)), "tls-r-sub", "site/#");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let bridge = |password: &str| {
+        format!(
+            "[[bridge]]\nname = \"secure\"\naddress = \"127.0.0.1:{}\"\ntls = true\ncafile = \"{}\"\n\
+             username = \"bridge-user\"\npassword = \"{password}\"\n\
+             [[bridge.topic]]\npattern = \"#\"\ndirection = \"out\"\nqos = 1\n\
+             local_prefix = \"sensors/\"\nremote_prefix = \"site/\"\n",
+            mosquitto.port,
+            ca.display()
+        )
+    };
+    // A wrong password: refused by the remote, retried, nothing relayed.
+    let mut broker = broker_with(dir.path(), &bridge("wrong"));
+    let refused = broker
+        .wait_for_line("bridge secure: connection to", Duration::from_secs(20))
+        .unwrap_or_else(|seen| panic!("no retry line; log: {seen:#?}"));
+    eprintln!("wrong password: {refused}");
+    assert!(
+        refused.contains("NotAuthorized") && refused.contains("retry in"),
+        "{refused}"
+    );
+    drop(broker);
+    // The right one, over TLS checked against the CA.
+    let mut broker = broker_with(dir.path(), &bridge("s3cret"));
+    wait_connected(&mut broker, "secure");
+    let local = Publisher::start(broker.port, "tls-l-pub");
+    const N: usize = 50;
+    for i in 0..N {
+        local.publish("sensors/t", i.to_string()).await;
+    }
+    assert_eq!(local.wait_acked(N, Duration::from_secs(10)).await, N);
+    assert!(
+        remote
+            .wait(Duration::from_secs(15), |got| got.len() >= N)
+            .await,
+        "{} of {N} arrived over TLS",
+        remote.len()
+    );
+    let got = remote.snapshot();
+    let want: Vec<(String, String)> = (0..N)
+        .map(|i| ("site/t".to_string(), i.to_string()))
+        .collect();
+    assert_eq!(got[..N], want[..], "in order, prefixes applied");
+    drop(broker);
 }
