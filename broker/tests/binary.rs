@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -25,15 +24,7 @@ fn spawn(args: &[&str]) -> (Child, String, mpsc::Receiver<String>, tempfile::Tem
         .stdout(Stdio::null())
         .spawn()
         .expect("broker binary starts");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = common::stderr_lines(&mut child);
     loop {
         let line = rx
             .recv_timeout(Duration::from_secs(20))

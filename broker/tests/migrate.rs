@@ -163,7 +163,6 @@ fn the_chain_needs_the_redis_and_mongo_features() {
 
 #[cfg(all(feature = "redis", feature = "mongo"))]
 mod chain {
-    use std::io::{BufRead, BufReader};
     use std::sync::mpsc;
 
     use rumqttc::{Event, Incoming, QoS};
@@ -323,15 +322,7 @@ mod chain {
                 .stderr(Stdio::piped())
                 .spawn()
                 .expect("broker binary runs");
-            let stderr = child.stderr.take().expect("stderr");
-            let (tx, lines) = mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
+            let lines = common::stderr_lines(&mut child);
             Running {
                 child,
                 lines,

@@ -525,7 +525,6 @@ fn an_http_listener_off_loopback_needs_a_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_without_the_per_connection_lines() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(
         dir.path().join("broker.toml"),
@@ -539,16 +538,7 @@ async fn json_logs_without_the_per_connection_lines() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("broker starts");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = common::stderr_lines(&mut child);
     let mut port = None;
     let mut lines = Vec::new();
     while port.is_none() {
