@@ -503,16 +503,53 @@ impl Broker {
         Some(session_info(&s))
     }
 
-    /// Every session held, online and offline, sorted by client id.
+    /// Every session held, online and offline, sorted by client id. With
+    /// many sessions prefer [`Broker::sessions_page`].
     pub fn sessions(&self) -> Vec<SessionInfo> {
-        let mut all: Vec<SessionInfo> = self
-            .core
-            .all_sessions()
-            .iter()
-            .map(|s| session_info(s))
-            .collect();
-        all.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-        all
+        self.sessions_page(None, usize::MAX, None).0
+    }
+
+    /// Up to `limit` sessions with a client id after `after`, in client-id
+    /// order, only the connected (or only the offline) ones if `connected`
+    /// says; and the client id to continue after when there are more.
+    /// Costs a sort of the client ids, and the details of the page only.
+    ///
+    /// ```
+    /// # fn run(broker: broker_core::Broker) {
+    /// let mut after = None;
+    /// loop {
+    ///     let (page, next) = broker.sessions_page(after.as_deref(), 1000, Some(false));
+    ///     for s in &page {
+    ///         println!("{} offline, {} queued", s.client_id, s.queued);
+    ///     }
+    ///     match next {
+    ///         Some(id) => after = Some(id),
+    ///         None => break,
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn sessions_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        connected: Option<bool>,
+    ) -> (Vec<SessionInfo>, Option<String>) {
+        let mut all = self.core.all_sessions();
+        all.sort_unstable_by(|a, b| a.client_id.cmp(&b.client_id));
+        let start = after.map_or(0, |a| all.partition_point(|s| &*s.client_id <= a));
+        let mut page = Vec::new();
+        for s in &all[start..] {
+            if connected.is_some_and(|c| s.lock().is_online() != c) {
+                continue;
+            }
+            if page.len() == limit {
+                let next = page.last().map(|p: &SessionInfo| p.client_id.clone());
+                return (page, next);
+            }
+            page.push(session_info(s));
+        }
+        (page, None)
     }
 
     /// Close `client_id`'s network connection as an operator would: an

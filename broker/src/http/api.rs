@@ -84,22 +84,8 @@ async fn clients(State(shared): State<Arc<Shared>>, Query(q): Query<ClientsQuery
         return starting();
     };
     let limit = q.limit.unwrap_or(PAGE).clamp(1, PAGE_MAX);
-    let all = broker.sessions();
-    let mut page: Vec<Value> = Vec::new();
-    let mut next = None;
-    for s in all
-        .iter()
-        .filter(|s| q.after.as_ref().is_none_or(|a| s.client_id > *a))
-        .filter(|s| q.connected.is_none_or(|c| s.online == c))
-    {
-        if page.len() == limit {
-            next = page
-                .last()
-                .and_then(|v| v["client_id"].as_str().map(str::to_owned));
-            break;
-        }
-        page.push(session_json(s));
-    }
+    let (sessions, next) = broker.sessions_page(q.after.as_deref(), limit, q.connected);
+    let page: Vec<Value> = sessions.iter().map(session_json).collect();
     Json(json!({ "clients": page, "next": next })).into_response()
 }
 
