@@ -454,6 +454,26 @@ async fn admin_api_round_trips_with_kick_and_delete() {
         .collect();
     assert_eq!(topics, ["r/1", "r/2"], "{v}");
     assert_eq!(v["retained"][0]["payload"], "one");
+    assert_eq!(v["next"], Value::Null, "{v}");
+    let (_, v) = call(
+        &http,
+        M::GET,
+        api("/retained?filter=r/%23&limit=1"),
+        t,
+        None,
+    )
+    .await;
+    assert_eq!(v["retained"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["next"], "r/1", "{v}");
+    let (_, v) = call(
+        &http,
+        M::GET,
+        api("/retained?filter=r/%23&after=r/1"),
+        t,
+        None,
+    )
+    .await;
+    assert_eq!(v["retained"][0]["topic"], "r/2", "{v}");
     let (_, v) = call(&http, M::DELETE, api("/retained?filter=r/1"), t, None).await;
     assert_eq!(v, json!({"deleted": 1}));
     let (_, v) = call(&http, M::GET, api("/retained?filter=r/%23"), t, None).await;

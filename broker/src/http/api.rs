@@ -8,7 +8,8 @@
 //!   its connection and removes its subscriptions and queue;
 //! - `POST /api/v1/clients/{client_id}/kick`: close its connection
 //!   (DISCONNECT 0x98 to MQTT 5 clients, will published, session kept);
-//! - `GET|DELETE /api/v1/retained?filter=F`: retained messages matching F;
+//! - `GET|DELETE /api/v1/retained?filter=F`: retained messages matching F
+//!   (listed in topic order a page at a time: `after=TOPIC`, `limit=N`);
 //! - `POST /api/v1/publish`: publish as the server does, answered once a
 //!   QoS 1/2 message is durable.
 
@@ -130,6 +131,9 @@ async fn kick(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Resp
 #[derive(Deserialize)]
 struct FilterQuery {
     filter: Option<String>,
+    /// Topics after this one only (the listing's `next`).
+    after: Option<String>,
+    limit: Option<usize>,
 }
 
 fn admin_error(e: AdminError) -> Response {
@@ -161,11 +165,25 @@ async fn retained(State(shared): State<Arc<Shared>>, Query(q): Query<FilterQuery
         return starting();
     };
     let filter = q.filter.as_deref().unwrap_or("#");
+    let limit = q.limit.unwrap_or(PAGE).clamp(1, PAGE_MAX);
     match broker.retained(filter).await {
-        Ok(found) => Json(json!({
-            "retained": found.iter().map(|m| message_json(m)).collect::<Vec<_>>()
-        }))
-        .into_response(),
+        Ok(found) => {
+            let mut page: Vec<&Message> = found
+                .iter()
+                .map(|m| &**m)
+                .filter(|m| q.after.as_ref().is_none_or(|a| m.topic > *a))
+                .take(limit + 1)
+                .collect();
+            let next = (page.len() > limit).then(|| {
+                page.truncate(limit);
+                page.last().map(|m| m.topic.clone())
+            });
+            Json(json!({
+                "retained": page.iter().map(|m| message_json(m)).collect::<Vec<_>>(),
+                "next": next.flatten(),
+            }))
+            .into_response()
+        }
         Err(e) => admin_error(e),
     }
 }
