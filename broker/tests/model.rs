@@ -228,6 +228,167 @@ fn retained_delivery_in_flight_survives_restart() {
     });
 }
 
+/// Found by the model: a retained message queued for a persistent session
+/// after a restart could share its message id with a message published
+/// after that restart (retained copies took ids the packet store's
+/// high-water mark does not cover); after the next restart both entries
+/// read back the same body, so one session got another message's payload
+/// in place of the one it was owed.
+///
+/// Fixed: `Core::deliver_retained` queues a retained message under a fresh
+/// id from the packet store's sequence.
+#[test]
+fn retained_copies_never_share_an_id_with_later_messages() {
+    use model::ops::{Op::*, Proto::*};
+    regression(Case {
+        max_inflight: 1,
+        ops: vec![
+            Hold { c: 0 },
+            DropSocket { c: 2 },
+            Publish {
+                topic: 0,
+                qos: 1,
+                retain: true,
+            },
+            Disconnect {
+                c: 2,
+                expiry_zero: false,
+            },
+            Subscribe {
+                c: 2,
+                filter: 1,
+                qos: 1,
+            },
+            AckOne { c: 0 },
+            Publish {
+                topic: 1,
+                qos: 0,
+                retain: false,
+            },
+            AckAll { c: 0 },
+            Connect {
+                c: 1,
+                proto: V3 { clean: false },
+            },
+            Publish {
+                topic: 1,
+                qos: 2,
+                retain: true,
+            },
+            Publish {
+                topic: 1,
+                qos: 1,
+                retain: false,
+            },
+            Restart,
+            Hold { c: 2 },
+            Connect {
+                c: 0,
+                proto: V3 { clean: false },
+            },
+            Publish {
+                topic: 1,
+                qos: 2,
+                retain: true,
+            },
+            Subscribe {
+                c: 0,
+                filter: 2,
+                qos: 0,
+            },
+            Subscribe {
+                c: 0,
+                filter: 1,
+                qos: 2,
+            },
+            Connect {
+                c: 2,
+                proto: V5 {
+                    clean_start: true,
+                    expiry: 4294967295,
+                },
+            },
+            DropSocket { c: 1 },
+            Publish {
+                topic: 1,
+                qos: 1,
+                retain: false,
+            },
+            Connect {
+                c: 0,
+                proto: V5 {
+                    clean_start: false,
+                    expiry: 0,
+                },
+            },
+            Subscribe {
+                c: 2,
+                filter: 2,
+                qos: 1,
+            },
+            AckOne { c: 2 },
+            Connect {
+                c: 0,
+                proto: V3 { clean: false },
+            },
+            Publish {
+                topic: 1,
+                qos: 1,
+                retain: false,
+            },
+            Connect {
+                c: 2,
+                proto: V3 { clean: false },
+            },
+            Connect {
+                c: 1,
+                proto: V5 {
+                    clean_start: true,
+                    expiry: 600,
+                },
+            },
+            Restart,
+            Connect {
+                c: 2,
+                proto: V3 { clean: false },
+            },
+            AckOne { c: 2 },
+            Publish {
+                topic: 0,
+                qos: 0,
+                retain: false,
+            },
+            Publish {
+                topic: 0,
+                qos: 0,
+                retain: false,
+            },
+            Publish {
+                topic: 1,
+                qos: 1,
+                retain: false,
+            },
+            DropSocket { c: 1 },
+            DropSocket { c: 0 },
+            Subscribe {
+                c: 0,
+                filter: 1,
+                qos: 0,
+            },
+            Connect {
+                c: 1,
+                proto: V3 { clean: false },
+            },
+            AckOne { c: 2 },
+            Publish {
+                topic: 0,
+                qos: 0,
+                retain: false,
+            },
+        ],
+    });
+}
+
 /// Found by the model: a QoS 1/2 message sent and not yet acknowledged
 /// when the broker restarts is resent with a new packet id (here 1 instead
 /// of 2). MQTT-4.4.0-1 requires the original one; for QoS 2 a receiver that

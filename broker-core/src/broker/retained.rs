@@ -40,16 +40,18 @@ impl Core {
         // copies go to the packet store, so one in flight when the broker
         // stops is sent again after the restart, as MQTT requires.
         let mut batch = Routed::empty();
-        for mut m in retained {
+        for m in retained {
             if m.is_expired(now) {
                 continue;
             }
-            if m.id == 0 {
-                // Stored by an older broker without an id: the packet store needs one.
-                let mut fresh = (*m).clone();
-                fresh.id = self.next_message_id.fetch_add(1, Ordering::Relaxed);
-                m = Arc::new(fresh);
-            }
+            // Queued under a fresh id from the packet store's sequence, never
+            // the retained copy's own: the packet store's high-water mark
+            // (where the ids start after a restart) does not cover retained
+            // ids, so a later message could be given the same one and the two
+            // queue entries would read back one body.
+            let mut queued = (*m).clone();
+            queued.id = self.next_message_id.fetch_add(1, Ordering::Relaxed);
+            let m = Arc::new(queued);
             let delivery = Delivery {
                 qos: options.qos.min(m.qos),
                 retain: true,
