@@ -25,7 +25,8 @@ use tokio_util::codec::{Decoder, Encoder, FramedRead};
 use crate::config::{split_address, BridgeConfig, MqttVersion};
 
 /// Protocol level of an MQTT 3.1.1 bridge CONNECT.
-pub(crate) const BRIDGE_LEVEL_311: u8 = 0x84;
+pub(crate) const BRIDGE_LEVEL_311: u8 =
+    rmqtt_codec::types::MQTT_LEVEL_311 | rmqtt_codec::types::BRIDGE_LEVEL_BIT;
 
 /// Why a remote connection failed or ended.
 #[derive(Debug, thiserror::Error)]

@@ -224,6 +224,7 @@ impl Client {
                 certificate_identity: false,
                 protocol: ProtocolVersion::Internal,
                 authenticated: false,
+                bridge: false,
             })
             .await?;
         let link = attached.link;

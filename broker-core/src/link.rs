@@ -64,6 +64,9 @@ pub(crate) struct AttachRequest {
     /// MQTT 5 enhanced authentication already let the client in: the
     /// authentication hook is not asked again.
     pub(crate) authenticated: bool,
+    /// Another broker's bridge (3.1.1 with the bridge bit): it may publish
+    /// its connection state under `$SYS/broker/connection/`.
+    pub(crate) bridge: bool,
 }
 
 /// Why a client could not attach.
@@ -228,7 +231,7 @@ impl Core {
             protocol: req.protocol,
         });
         if let Some(will) = &req.will {
-            if !may_publish_to(&will.message.topic) {
+            if !may_publish_to(&will.message.topic, req.bridge) {
                 return Err(AttachError::WillNotAuthorized);
             }
             if let Some(hook) = &self.hooks().authorize {
@@ -282,6 +285,7 @@ impl Core {
                 will: req.will,
                 publish_cache: Vec::new(),
                 detached: false,
+                bridge: req.bridge,
             },
             session_present: present,
             assigned_id: assigned.then_some(client_id),
@@ -295,9 +299,13 @@ impl Core {
     }
 }
 
-/// Clients may not publish under `$SYS/`: those topics are the broker's (MQTT-4.7.2).
-fn may_publish_to(topic: &str) -> bool {
-    !topic.starts_with("$SYS/") && topic != "$SYS"
+/// Clients may not publish under `$SYS/`: those topics are the broker's
+/// (MQTT-4.7.2). A bridge may publish its own connection state under
+/// `$SYS/broker/connection/` (Mosquitto's bridge `notifications`: a will
+/// and a retained "1" there), as Mosquitto lets it.
+fn may_publish_to(topic: &str, bridge: bool) -> bool {
+    let sys = topic.starts_with("$SYS/") || topic == "$SYS";
+    !sys || (bridge && topic.starts_with("$SYS/broker/connection/"))
 }
 
 /// One attached client's way into the broker. Dropping it detaches the
@@ -311,6 +319,8 @@ pub(crate) struct Link {
     /// Topics the authorization hook allowed, and when (see `Authorize::publish_cache`).
     publish_cache: Vec<(String, Instant)>,
     detached: bool,
+    /// See [`AttachRequest::bridge`].
+    bridge: bool,
 }
 
 impl Link {
@@ -367,7 +377,7 @@ impl Link {
             self.core.note_deep_topic(self.client_id(), "PUBLISH topic");
             return Err(PublishRefused::TooDeep(max_levels));
         }
-        if !may_publish_to(&message.topic) || !self.authorize_publish(&message).await {
+        if !may_publish_to(&message.topic, self.bridge) || !self.authorize_publish(&message).await {
             Stats::bump(&self.core.stats().authorization_denials);
             return Err(PublishRefused::NotAuthorized);
         }

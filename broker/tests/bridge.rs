@@ -873,3 +873,80 @@ async fn out_over_tls_with_credentials() {
     assert_eq!(got[..N], want[..], "in order, prefixes applied");
     drop(broker);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mosquitto_bridge_with_the_bridge_bit_connects_here_without_loops() {
+    // Mosquitto bridges into this broker, MQTT 3.1.1 with try_private (the
+    // bridge bit, protocol level 0x84): accepted, and its own messages are
+    // not sent back to it.
+    let dir = tempfile::tempdir().expect("dir");
+    let mut broker = BrokerProcess::start(dir.path(), &["--storage", "memory://"]);
+    let ours = broker.port;
+    let mosquitto = Mosquitto::start_with(|port, _| {
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\n\
+             connection to-ours\naddress 127.0.0.1:{ours}\nbridge_protocol_version mqttv311\n\
+             try_private true\ncleansession false\nclientid edge-mosquitto\n\
+             topic chat/# both 1\n"
+        )
+    });
+    let connected = broker
+        .wait_for_line("client connected", Duration::from_secs(20))
+        .unwrap_or_else(|seen| panic!("Mosquitto's bridge did not connect; log: {seen:#?}"));
+    // The log's fields, colours taken out.
+    let plain: String = connected
+        .split('\u{1b}')
+        .enumerate()
+        .map(|(i, part)| match part.split_once('m') {
+            Some((_, rest)) if i > 0 => rest,
+            _ => part,
+        })
+        .collect();
+    assert!(
+        plain.contains("client=edge-mosquitto") && plain.contains("bridge=true"),
+        "{plain}"
+    );
+    let local = Collector::start(Arc::new(AtomicU16::new(ours)), "o-sub", "chat/#");
+    let remote = Collector::start(Arc::new(AtomicU16::new(mosquitto.port)), "m-sub", "chat/#");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let op = Publisher::start(ours, "o-pub");
+    let mp = Publisher::start(mosquitto.port, "m-pub");
+    const N: usize = 20;
+    for i in 0..N {
+        op.publish("chat/ours", i.to_string()).await;
+        mp.publish("chat/mosquitto", i.to_string()).await;
+    }
+    assert_eq!(op.wait_acked(N, Duration::from_secs(10)).await, N);
+    assert_eq!(mp.wait_acked(N, Duration::from_secs(10)).await, N);
+    let all = |got: &[(String, String)]| got.len() >= 2 * N;
+    assert!(
+        local.wait(Duration::from_secs(15), all).await,
+        "ours got {}",
+        local.len()
+    );
+    assert!(
+        remote.wait(Duration::from_secs(15), all).await,
+        "Mosquitto got {}",
+        remote.len()
+    );
+    // An echo would deliver Mosquitto's messages twice on its side.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (side, c) in [("ours", &local), ("Mosquitto", &remote)] {
+        let mut counts: HashMap<(String, String), usize> = HashMap::new();
+        for m in c.snapshot() {
+            *counts.entry(m).or_default() += 1;
+        }
+        let twice: Vec<_> = counts.iter().filter(|(_, n)| **n != 1).collect();
+        eprintln!(
+            "Mosquitto bridging here, {side} subscriber: {} deliveries, {} distinct, not once: {}",
+            c.len(),
+            counts.len(),
+            twice.len()
+        );
+        assert_eq!(counts.len(), 2 * N, "{side}: {counts:?}");
+        assert!(
+            twice.is_empty(),
+            "{side}: delivered more than once: {twice:?}"
+        );
+    }
+}

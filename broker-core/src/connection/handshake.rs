@@ -10,7 +10,7 @@ use tokio_util::codec::FramedRead;
 
 use crate::broker::Core;
 use crate::codec::{
-    reason, start, upgrade, v5, DecodeError, Encoder, MqttCodec, MqttPacket, Protocol,
+    reason, start, upgrade, v3, v5, DecodeError, Encoder, MqttCodec, MqttPacket, Protocol,
 };
 use crate::hooks::AuthStep;
 
@@ -18,6 +18,9 @@ use crate::hooks::AuthStep;
 pub(super) struct Hello {
     pub protocol: Protocol,
     pub connect: Box<v5::Connect>,
+    /// A 3.1 / 3.1.1 CONNECT with the bridge bit (Mosquitto's `try_private`):
+    /// the client is another broker's bridge.
+    pub bridge: bool,
 }
 
 /// Write one packet and flush it; CONNACK and AUTH go out before the writer task exists.
@@ -83,8 +86,13 @@ where
         }
         Err(e) => return Err(format!("malformed CONNECT: {e}")),
     };
+    let mut bridge = false;
     let packet = match next_before(framed, deadline).await? {
-        Ok((MqttPacket::V3(p), _)) => upgrade(p).ok(),
+        Ok((MqttPacket::V3(p), _)) => {
+            bridge = matches!(&p, v3::Packet::Connect(c)
+                if c.protocol.level() & rmqtt_codec::types::BRIDGE_LEVEL_BIT != 0);
+            upgrade(p).ok()
+        }
         Ok((MqttPacket::V5(p), _)) => Some(p),
         Ok(_) => None,
         Err(e) => {
@@ -110,7 +118,11 @@ where
         }
     };
     match packet {
-        Some(v5::Packet::Connect(connect)) => Ok(Hello { protocol, connect }),
+        Some(v5::Packet::Connect(connect)) => Ok(Hello {
+            protocol,
+            connect,
+            bridge,
+        }),
         _ => Err("first packet was not CONNECT".into()),
     }
 }

@@ -216,6 +216,7 @@ where
     let Hello {
         protocol,
         mut connect,
+        bridge,
     } = match read_connect(&core, &mut framed, &mut write, deadline).await {
         Ok(h) => h,
         Err(reason) => {
@@ -286,6 +287,7 @@ where
             Protocol::V5 => ProtocolVersion::V5,
         },
         authenticated: auth.is_some(),
+        bridge,
     };
     let attached = match core.attach(request).await {
         Ok(a) => a,
@@ -360,6 +362,7 @@ where
         expiry = ?expiry,
         keep_alive,
         session_present = attached.session_present,
+        bridge,
         "client connected"
     );
 
@@ -387,6 +390,7 @@ where
         protocol,
         expiry == SessionExpiry::OnDisconnect,
         auth_method,
+        bridge,
     );
     let keep_alive = Duration::from_millis(u64::from(keep_alive) * 1500);
     let close = reader

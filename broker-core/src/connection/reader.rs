@@ -56,6 +56,8 @@ pub(super) struct Reader {
     /// The packet being handled came from a fresh socket read (see
     /// [`Reader::yield_to_earlier_readers`]).
     fresh_read: bool,
+    /// The client is another broker's bridge (see `Hello::bridge`).
+    bridge: bool,
 }
 
 impl Reader {
@@ -65,6 +67,7 @@ impl Reader {
         protocol: Protocol,
         expiry_zero_at_connect: bool,
         auth_method: Option<ByteString>,
+        bridge: bool,
     ) -> Self {
         let aliases = InboundAliases::new(link.core().config().topic_alias_maximum);
         Reader {
@@ -78,6 +81,7 @@ impl Reader {
             auth_method,
             reauth: None,
             fresh_read: false,
+            bridge,
         }
     }
 
@@ -289,7 +293,14 @@ impl Reader {
             ));
         }
         let mut requests = Vec::with_capacity(s.topic_filters.len());
-        for (filter, o) in s.topic_filters {
+        for (filter, mut o) in s.topic_filters {
+            // Another broker's bridge (3.1.1 with the bridge bit) gets what
+            // Mosquitto gives one: its own messages are not sent back, and
+            // retain flags travel as published. Shared filters cannot be No Local.
+            if self.bridge && !filter.starts_with("$share/") {
+                o.no_local = true;
+                o.retain_as_published = true;
+            }
             if o.no_local && filter.starts_with("$share/") {
                 return Err(Close::protocol("No Local on a shared subscription"));
             }

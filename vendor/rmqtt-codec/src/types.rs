@@ -17,6 +17,9 @@ pub const MQTT_LEVEL_31: u8 = 3;
 pub const MQTT_LEVEL_311: u8 = 4;
 /// Protocol level for MQTT 5.0
 pub const MQTT_LEVEL_5: u8 = 5;
+/// Set in a 3.1 / 3.1.1 CONNECT's protocol level by a bridge (Mosquitto's
+/// `try_private`): the broker then treats the client as a bridge.
+pub const BRIDGE_LEVEL_BIT: u8 = 0x80;
 /// Bit shift position for Will QoS in Connect flags
 pub(crate) const WILL_QOS_SHIFT: u8 = 3;
 

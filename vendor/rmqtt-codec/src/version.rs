@@ -2,7 +2,7 @@ use bytes::BytesMut;
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::error::{DecodeError, EncodeError};
-use crate::types::{packet_type, MQISDP, MQTT, MQTT_LEVEL_31, MQTT_LEVEL_311, MQTT_LEVEL_5};
+use crate::types::{packet_type, BRIDGE_LEVEL_BIT, MQISDP, MQTT, MQTT_LEVEL_31, MQTT_LEVEL_311, MQTT_LEVEL_5};
 use crate::utils;
 
 /// Represents supported MQTT protocol versions
@@ -74,7 +74,9 @@ impl Decoder for VersionCodec {
 
                     // Extract protocol level byte (position after protocol name)
                     match src[consumed + 2 + protocol_len as usize] {
-                        MQTT_LEVEL_31 | MQTT_LEVEL_311 => Ok(Some(ProtocolVersion::MQTT3)),
+                        l if matches!(l & !BRIDGE_LEVEL_BIT, MQTT_LEVEL_31 | MQTT_LEVEL_311) => {
+                            Ok(Some(ProtocolVersion::MQTT3))
+                        }
                         MQTT_LEVEL_5 => Ok(Some(ProtocolVersion::MQTT5)),
                         _ => Err(DecodeError::InvalidProtocol),
                     }

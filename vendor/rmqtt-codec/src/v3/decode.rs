@@ -11,7 +11,9 @@ use bytes::{Buf, Bytes};
 use bytestring::ByteString;
 
 use crate::error::DecodeError;
-use crate::types::{packet_type, Protocol, QoS, MQISDP, MQTT, MQTT_LEVEL_31, MQTT_LEVEL_311, WILL_QOS_SHIFT};
+use crate::types::{
+    packet_type, Protocol, QoS, BRIDGE_LEVEL_BIT, MQISDP, MQTT, MQTT_LEVEL_31, MQTT_LEVEL_311, WILL_QOS_SHIFT,
+};
 use crate::utils::Decode;
 
 use super::packet::{Connect, ConnectAck, LastWill, Packet, Publish, SubscribeReturnCode};
@@ -59,8 +61,9 @@ fn decode_connect_packet(src: &mut Bytes) -> Result<Packet, DecodeError> {
     }
 
     let level = src.get_u8();
-    // ensure!(level == MQTT_LEVEL_311, DecodeError::UnsupportedProtocolLevel);
-    ensure!(level == MQTT_LEVEL_311 || level == MQTT_LEVEL_31, DecodeError::UnsupportedProtocolLevel);
+    // The top bit is Mosquitto's bridge flag ("try_private"): kept in `protocol`.
+    let base = level & !BRIDGE_LEVEL_BIT;
+    ensure!(base == MQTT_LEVEL_311 || base == MQTT_LEVEL_31, DecodeError::UnsupportedProtocolLevel);
 
     let flags = ConnectFlags::from_bits(src.get_u8()).ok_or(DecodeError::ConnectReservedFlagSet)?;
 
