@@ -177,11 +177,15 @@ fn check_says_what_it_would_listen_on_and_that_the_storage_opens() {
         "would listen on 127.0.0.1:8080 (ws): path /mqtt, anonymous clients allowed",
         "would serve HTTP on 127.0.0.1:9090 (/metrics, /health, /ready, /api/v1/): no token (loopback only)",
         "ACL file:",
-        "storage sqlite://data/b.db: opens",
+        "storage sqlite://data/b.db: data/b.db does not exist yet; the broker creates it at start",
         "check passed",
     ] {
         assert!(out.contains(line), "{line:?} not in:\n{out}");
     }
+    assert!(
+        !dir.path().join("data").exists(),
+        "check created the storage's directory or file"
+    );
     // Nothing was bound: a broker on the same ports starts, and check on
     // its storage meanwhile says it is in use, without failing.
     let broker = common::BrokerProcess::start(dir.path(), &["--storage", "sqlite://data/b.db"]);
@@ -189,6 +193,12 @@ fn check_says_what_it_would_listen_on_and_that_the_storage_opens() {
     assert!(ok, "{out}{err}");
     assert!(out.contains("in use by a running broker"), "{out}");
     drop(broker);
+    // Stopped: the file it made opens.
+    let (ok, out, err) = check(dir.path(), &["--config", conf.to_str().expect("path")]);
+    assert!(
+        ok && out.contains("storage sqlite://data/b.db: opens"),
+        "{out}{err}"
+    );
 }
 
 #[test]
