@@ -539,7 +539,12 @@ mod chain {
         let db = unique("migrate").replace('-', "_");
         // A short lease: the run after the kill need not wait long for it.
         let redis = with_param(&redis_url(&prefix), "lease_ms=3000");
-        let mongo = with_param(&mongodb_url(&db), "lease_ms=3000");
+        // Batches of 1,760 entries take the MongoDB-compatible test server
+        // seconds, more on a loaded machine: past the default 10 s bound.
+        let mongo = with_param(
+            &with_param(&mongodb_url(&db), "lease_ms=3000"),
+            "timeoutMS=60000",
+        );
         let bodies = (SESSIONS * PER_SESSION + SHARED) as u64;
         let entries = (SESSIONS * (PER_SESSION + SHARED)) as u64;
 
