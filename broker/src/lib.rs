@@ -2,10 +2,13 @@
 //! and the fuzz targets (`fuzz/`) parse with exactly the same code.
 
 pub mod check;
+#[cfg(feature = "redis")]
+pub mod cluster;
 pub mod hooks;
 pub mod http;
 pub mod inspect;
 pub mod migrate;
 pub mod passwd;
+pub mod serve;
 pub mod settings;
 pub mod storage_url;

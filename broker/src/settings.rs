@@ -286,6 +286,60 @@ pub struct FileConfig {
     pub http: HttpSettings,
     /// Bridges to other brokers (`[[bridge]]` tables).
     pub bridge: Vec<BridgeSettings>,
+    /// `[cluster]`: this node is one of several on one Redis.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// The `[cluster]` table: several broker processes on one `redis://`
+/// storage URL serve one MQTT service (see the README's "Cluster").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// This node's name, unique in the cluster (letters, digits, `-`, `_`, `.`).
+    pub node_id: String,
+    /// The host (name or IP) the other nodes reach this node's listeners
+    /// on. Default: each listener's own bind address, which must then not
+    /// be a wildcard (`0.0.0.0`, `::`).
+    pub advertise: Option<String>,
+}
+
+impl ClusterSettings {
+    fn validate(&self, storage: &str, listeners: &[ListenerConfig]) -> anyhow::Result<()> {
+        let id = &self.node_id;
+        if id.is_empty()
+            || id.len() > 64
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            bail!("[cluster] node_id `{id}` must be 1 to 64 letters, digits, `-`, `_` or `.`");
+        }
+        if !(storage.starts_with("redis://") || storage.starts_with("rediss://")) {
+            bail!(
+                "[cluster] needs a redis:// storage URL, the same on every node (storage is `{}`)",
+                crate::storage_url::redact(storage)
+            );
+        }
+        if self.advertise.as_deref() == Some("") {
+            bail!("[cluster] advertise must name a host or an IP address");
+        }
+        if self.advertise.is_none() {
+            for l in listeners {
+                let wildcard = l
+                    .bind
+                    .parse::<std::net::SocketAddr>()
+                    .is_ok_and(|a| a.ip().is_unspecified());
+                if wildcard {
+                    bail!(
+                        "listener {} binds every address: set [cluster] advertise to the host \
+                         the other nodes reach this one on",
+                        l.bind
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A `[[bridge]]` table: a connection to another MQTT broker and the topics
@@ -559,6 +613,8 @@ pub struct Settings {
     pub http: HttpSettings,
     /// The bridges, checked.
     pub bridges: Vec<broker_bridge::BridgeConfig>,
+    /// `[cluster]`, checked against the storage URL and the listeners.
+    pub cluster: Option<ClusterSettings>,
 }
 
 impl Settings {
@@ -635,12 +691,16 @@ impl Settings {
             }
             l.allow_anonymous = Some(allow_anonymous(l, &file.auth)?);
         }
+        let storage = cli
+            .storage
+            .or(file.storage)
+            .unwrap_or_else(|| DEFAULT_STORAGE.to_string());
+        if let Some(cluster) = &file.cluster {
+            cluster.validate(&storage, &listeners)?;
+        }
         Ok(Settings {
             listeners,
-            storage: cli
-                .storage
-                .or(file.storage)
-                .unwrap_or_else(|| DEFAULT_STORAGE.to_string()),
+            storage,
             broker,
             sys: file.sys,
             auth: file.auth,
@@ -648,6 +708,7 @@ impl Settings {
             log: file.log,
             http,
             bridges,
+            cluster: file.cluster,
         })
     }
 }

@@ -43,7 +43,7 @@ if redis.call('EXISTS', lk) == 1 then
   local o = redis.call('HMGET', ok, 'token', 'host', 'pid', 'since')
   return {0, redis.call('PTTL', lk), redis.call('GET', lk) or '', o[2] or '', o[3] or '', o[4] or ''}
 end
-redis.call('DEL', ok)
+redis.call('DEL', ok, P .. 'leader')
 redis.call('HSET', ok, 'token', ARGV[2], 'host', ARGV[3], 'pid', ARGV[4], 'since', ARGV[5], 'ttl_ms', ARGV[6])
 redis.call('SET', lk, ARGV[2], 'PX', ARGV[6])
 return {1}
@@ -66,10 +66,37 @@ return {1}
 const RELEASE: &str = r#"
 local P = ARGV[1]
 if redis.call('HGET', P .. 'owner', 'token') == ARGV[2] then
-  redis.call('DEL', P .. 'owner', P .. 'lease')
+  redis.call('DEL', P .. 'owner', P .. 'lease', P .. 'leader')
   return 1
 end
 return 0
+"#;
+
+/// Publish where the owner serves, if we still own the prefix. `ARGV`:
+/// prefix, token, value. Returns 1, or 0 when another owns it.
+const ADVERTISE: &str = r#"
+local P = ARGV[1]
+if redis.call('HGET', P .. 'owner', 'token') ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', P .. 'leader', 'token', ARGV[2], 'value', ARGV[3])
+return 1
+"#;
+
+/// What the live owner advertised: `ARGV`: prefix. Returns the value, or
+/// nil when nobody is alive on the prefix or the live owner has not
+/// advertised yet (an older owner's value is never returned).
+const LEADER: &str = r#"
+local P = ARGV[1]
+local live = redis.call('GET', P .. 'lease')
+if not live then
+  return false
+end
+local a = redis.call('HMGET', P .. 'leader', 'token', 'value')
+if a[1] ~= live then
+  return false
+end
+return a[2]
 "#;
 
 pub use broker_core::storage::lease::Holder;
@@ -78,6 +105,20 @@ use broker_core::storage::lease::{host_name, new_token};
 /// A holder from the strings the scripts return (`since` in ms).
 fn holder_from_strings(host: String, pid: String, since: String) -> Holder {
     Holder::new(host, pid, since.parse::<u64>().ok())
+}
+
+/// How the lease stands, for a node that must stop serving once another
+/// may have taken it (a cluster's leader).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseHealth {
+    /// Renewed within its TTL.
+    Held,
+    /// Not renewed for this long, more than half the TTL (Redis unreachable
+    /// or slow, or this process was stopped): still ours unless this
+    /// exceeds the TTL, after which another opener may have taken it.
+    Silent(Duration),
+    /// Taken, deleted or flushed (why), or released.
+    Lost(String),
 }
 
 /// State of the lease as this process sees it.
@@ -99,12 +140,59 @@ pub(crate) struct Lease {
     renew: Script,
     release: Script,
     heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// When the lease was last taken or renewed.
+    renewed_at: Mutex<Instant>,
 }
 
 impl Lease {
     /// The token every write script compares with the owner's.
     pub(crate) fn token(&self) -> &str {
         &self.token
+    }
+
+    /// The TTL the lease is renewed with.
+    pub(crate) fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// How the lease stands now; see [`LeaseHealth`].
+    pub(crate) fn health(&self) -> LeaseHealth {
+        match &*lock(&self.state) {
+            State::Held => {
+                // Renewals run every third of the TTL: past half of it, at
+                // least one was missed (Redis silent, or this process stopped).
+                let since = lock(&self.renewed_at).elapsed();
+                if since > self.ttl / 2 {
+                    LeaseHealth::Silent(since)
+                } else {
+                    LeaseHealth::Held
+                }
+            }
+            State::Lost(why) => LeaseHealth::Lost(why.clone()),
+            State::Released => LeaseHealth::Lost("released".to_owned()),
+        }
+    }
+
+    /// Publish `value` (where this owner serves) under the prefix, for
+    /// [`leader`] to read; fails when the lease is no longer ours.
+    pub(crate) async fn advertise<C: ConnectionLike + Send>(
+        &self,
+        conn: &mut C,
+        value: &str,
+    ) -> StorageResult<()> {
+        self.check()?;
+        let script = Script::new(ADVERTISE);
+        let mut call = script.prepare_invoke();
+        call.arg(&self.prefix).arg(&self.token).arg(value);
+        match call.invoke_async::<i64>(conn).await {
+            Ok(1) => Ok(()),
+            Ok(_) => Err(self.lost("another broker owns the prefix")),
+            Err(e) => Err(StorageError::unavailable(format!(
+                "cannot advertise on Redis prefix `{}` at {}",
+                self.prefix, self.url
+            ))
+            .with_source(e)),
+        }
     }
 
     /// `Ok` while held; the error writes fail with otherwise.
@@ -261,9 +349,13 @@ impl Lease {
                     .arg(&lease.token)
                     .arg(lease.ttl.as_millis() as u64);
                 let mut c = conn.clone();
+                // The TTL counts from when Redis ran the renewal: no earlier
+                // than this.
+                let sent = Instant::now();
                 match tokio::time::timeout(timeout, call.invoke_async::<Value>(&mut c)).await {
                     Ok(Ok(reply)) => match renewed(reply) {
                         Ok(()) => {
+                            *lock(&lease.renewed_at) = sent;
                             if let Some(t) = failing_since.take() {
                                 tracing::info!(
                                     "renewed the lease on Redis prefix `{}` again after {:.1} s",
@@ -398,6 +490,7 @@ pub(crate) async fn acquire<C: ConnectionLike + Send>(
                 renew: Script::new(RENEW),
                 release: Script::new(RELEASE),
                 heartbeat: Mutex::new(None),
+                renewed_at: Mutex::new(Instant::now()),
             }));
         }
         let pttl: i64 = get(1).parse().unwrap_or(-1);
@@ -438,6 +531,18 @@ pub(crate) async fn acquire<C: ConnectionLike + Send>(
         }
         tokio::time::sleep(poll.min(left + Duration::from_millis(5))).await;
     }
+}
+
+/// What the live owner of `prefix` advertised with [`Lease::advertise`],
+/// if anyone is alive there and has advertised.
+pub(crate) async fn leader<C: ConnectionLike + Send>(
+    conn: &mut C,
+    prefix: &str,
+) -> redis::RedisResult<Option<String>> {
+    let script = Script::new(LEADER);
+    let mut call = script.prepare_invoke();
+    call.arg(prefix);
+    call.invoke_async::<Option<String>>(conn).await
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -166,7 +166,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use broker_core::message::{Message, MessageId, Seq};
@@ -180,7 +180,83 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, RedisResult, Value};
 
 pub use error::OpenError;
-pub use lease::Holder;
+pub use lease::{Holder, LeaseHealth};
+
+/// Reads what the live owner of a prefix advertised ([`RedisStore::advertise`])
+/// without opening the store or taking its lease: how a cluster's other
+/// nodes find the leader.
+pub struct LeaderLookup {
+    conn: ConnectionManager,
+    prefix: String,
+    url: String,
+}
+
+impl LeaderLookup {
+    /// Connect to the Redis server of storage URL `url` (its parameters
+    /// override `options`, as for [`RedisStore::open`]).
+    pub async fn connect(url: &str, options: RedisOptions) -> Result<LeaderLookup, OpenError> {
+        let (connect_url, options) = options::split_url(url, options)?;
+        let shown = redact(url);
+        let client =
+            redis::Client::open(connect_url.as_str()).map_err(|e| OpenError::InvalidUrl {
+                url: shown.clone(),
+                reason: e.to_string(),
+            })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(options.connection_timeout)
+            .set_response_timeout(options.response_timeout)
+            .set_number_of_retries(0);
+        let limit = options.connection_timeout + options.response_timeout;
+        let conn = tokio::time::timeout(limit, ConnectionManager::new_with_config(client, config))
+            .await
+            .map_err(|_| OpenError::Timeout {
+                url: shown.clone(),
+                timeout: limit,
+            })?
+            .map_err(|source| OpenError::Connect {
+                url: shown.clone(),
+                source,
+            })?;
+        Ok(LeaderLookup {
+            conn,
+            prefix: options.prefix,
+            url: shown,
+        })
+    }
+
+    /// What the server's persistence settings promise (`CONFIG GET`);
+    /// [`Durability::Unknown`] where `CONFIG` is not allowed.
+    pub async fn durability(&self) -> StorageResult<Durability> {
+        let mut conn = self.conn.clone();
+        let config: RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("append*")
+            .query_async(&mut conn)
+            .await;
+        match config {
+            Ok(config) => Ok(Durability::from_config(&config)),
+            Err(e) if e.kind() == redis::ErrorKind::ResponseError => Ok(Durability::Unknown),
+            Err(e) => Err(StorageError::unavailable(format!(
+                "cannot read the persistence settings of Redis at {}",
+                self.url
+            ))
+            .with_source(e)),
+        }
+    }
+
+    /// What the live owner advertised: `None` while nobody holds the
+    /// lease or its holder has not advertised yet. One round trip.
+    pub async fn leader(&self) -> StorageResult<Option<String>> {
+        let mut conn = self.conn.clone();
+        lease::leader(&mut conn, &self.prefix).await.map_err(|e| {
+            StorageError::unavailable(format!(
+                "cannot read the leader of prefix `{}` at {}",
+                self.prefix, self.url
+            ))
+            .with_source(e)
+        })
+    }
+}
 pub use options::{redact, RedisOptions, DEFAULT_PREFIX, MIN_LEASE_TTL};
 
 use codec::corrupt;
@@ -229,7 +305,8 @@ impl Durability {
         }
     }
 
-    fn describe(self) -> &'static str {
+    /// What an acknowledged write survives under these settings, in a sentence.
+    pub fn describe(self) -> &'static str {
         match self {
             Durability::EveryWrite => {
                 "appendonly yes, appendfsync always: every acknowledged write survives a Redis or OS crash"
@@ -474,6 +551,25 @@ impl RedisStore {
             lease,
             connect_url,
         })
+    }
+
+    /// How this store's lease stands: a node that must not serve once
+    /// another broker may own the prefix (a cluster's leader) watches it.
+    pub fn lease_health(&self) -> LeaseHealth {
+        self.lease.health()
+    }
+
+    /// The lease's time to live ([`RedisOptions::lease_ttl`]).
+    pub fn lease_ttl(&self) -> Duration {
+        self.lease.ttl()
+    }
+
+    /// Publish `value` (for a cluster: where this broker serves) for
+    /// [`RedisStore::leader`] to read, fenced by the lease: it fails once
+    /// another broker owns the prefix. Replaced by the next owner's.
+    pub async fn advertise(&self, value: &str) -> StorageResult<()> {
+        let mut conn = self.conn.clone();
+        self.lease.advertise(&mut conn, value).await
     }
 
     /// Stop renewing the lease without releasing it, as a broker killed

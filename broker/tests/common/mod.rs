@@ -242,6 +242,7 @@ pub struct DbServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -259,11 +260,18 @@ fn free_port() -> u16 {
 
 impl DbServer {
     pub fn start(kind: DbKind) -> DbServer {
+        Self::start_with(kind, &[])
+    }
+
+    /// [`DbServer::start`] with more command-line arguments (for Redis:
+    /// `--appendfsync always`, say).
+    pub fn start_with(kind: DbKind, extra: &[&str]) -> DbServer {
         let mut server = DbServer {
             kind,
             port: free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
             child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         server.restart();
         server
@@ -300,8 +308,18 @@ impl DbServer {
                 &dir,
             ]),
         };
+        c.args(&self.extra);
         c.stdout(Stdio::null()).stderr(Stdio::null());
         c
+    }
+
+    /// `kill -9`: the server dies without a shutdown; [`DbServer::restart`]
+    /// starts it again on the same data.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// Start (again) on the same port and data.
