@@ -44,6 +44,10 @@ struct Global {
     /// Broker port.
     #[arg(long, global = true, default_value_t = 1883)]
     port: u16,
+    /// Port subscribers connect to, on the same host (default: --port):
+    /// publishers on one node of a cluster, subscribers on another.
+    #[arg(long, global = true)]
+    subscriber_port: Option<u16>,
     /// Free text copied to the result (e.g. mosquitto, broker-memory).
     #[arg(long, global = true, default_value = "")]
     label: String,
@@ -339,11 +343,19 @@ fn run(cli: Cli) -> Result<bool> {
             .with_context(|| format!("resolving {}", g.host))?
             .next()
             .with_context(|| format!("{} has no address", g.host))?;
+        let subscriber_endpoint = match g.subscriber_port {
+            Some(port) => Some(load::client::Endpoint {
+                addr: std::net::SocketAddr::new(addr.ip(), port),
+                transport: transport(&g)?,
+            }),
+            None => None,
+        };
         let target = Target {
             endpoint: load::client::Endpoint {
                 addr,
                 transport: transport(&g)?,
             },
+            subscriber_endpoint,
             label: g.label.clone(),
             pid: g.pid,
             threads,

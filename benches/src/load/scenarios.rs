@@ -31,6 +31,9 @@ use super::system;
 pub struct Target {
     /// Broker address and transport.
     pub endpoint: Endpoint,
+    /// Where subscribers connect, when not to `endpoint` (another node of
+    /// a cluster).
+    pub subscriber_endpoint: Option<Endpoint>,
     /// `--label`.
     pub label: String,
     /// The broker's pid, for its memory.
@@ -39,6 +42,13 @@ pub struct Target {
     pub threads: usize,
     /// No progress lines.
     pub quiet: bool,
+}
+
+impl Target {
+    /// Where subscribers connect.
+    fn subscribers(&self) -> &Endpoint {
+        self.subscriber_endpoint.as_ref().unwrap_or(&self.endpoint)
+    }
 }
 
 /// Ctrl-C: the first stops the run early (the result is still reported); the
@@ -411,7 +421,7 @@ async fn flow_inner(
     let sub_opts = (0..nsub)
         .map(|i| ConnectOptions::new(format!("lt{run:08x}-s{i}"), true))
         .collect();
-    let mut subs = connect_all(&t.endpoint, sub_opts)
+    let mut subs = connect_all(t.subscribers(), sub_opts)
         .await
         .context("connecting subscribers")?;
     let subscribed = stream::iter(subs.iter_mut().zip(&filters))
@@ -578,7 +588,7 @@ pub async fn persistent(t: &Target, o: &PersistentOptions, intr: &Interrupt) -> 
         .collect::<Vec<_>>();
     let cleaned = stream::iter(cleanup)
         .map(|opts| async move {
-            let (c, _) = Connection::connect(&t.endpoint, &opts).await?;
+            let (c, _) = Connection::connect(t.subscribers(), &opts).await?;
             c.close().await
         })
         .buffer_unordered(SETUP_CONCURRENCY)
@@ -654,7 +664,7 @@ async fn persistent_inner(
     let sub_opts: Vec<ConnectOptions> = (0..nsub)
         .map(|i| ConnectOptions::new(format!("lt{run:08x}-ps{i}"), false))
         .collect();
-    let subs = connect_all(&t.endpoint, sub_opts.clone())
+    let subs = connect_all(t.subscribers(), sub_opts.clone())
         .await
         .context("connecting subscribers")?;
     let setup = stream::iter(subs.into_iter().enumerate())
@@ -740,7 +750,7 @@ async fn persistent_inner(
         drain_start,
         drain_start + Duration::from_secs(86_400),
     ));
-    let back = connect_all(&t.endpoint, sub_opts)
+    let back = connect_all(t.subscribers(), sub_opts)
         .await
         .context("reconnecting subscribers")?;
     let mut session_errors = Vec::new();
