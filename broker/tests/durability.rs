@@ -256,10 +256,6 @@ struct Pace {
     concurrent_drains: bool,
     /// How long the restarted broker may take to listen.
     restart_within: Duration,
-    /// Run the three rounds at once, each on its own store: for a store
-    /// whose restart mostly waits (the test MongoDB server holds a killed
-    /// broker's open transaction for its 60 s lifetime).
-    concurrent_rounds: bool,
     /// The broker is the one node of a cluster (`[cluster]`).
     cluster: bool,
 }
@@ -271,7 +267,6 @@ const FAST: Pace = Pace {
     limit: u64::MAX,
     concurrent_drains: true,
     restart_within: Duration::from_secs(30),
-    concurrent_rounds: false,
     cluster: false,
 };
 
@@ -279,22 +274,9 @@ const FAST: Pace = Pace {
 /// middle and late in the publishing, at a random point in each window.
 async fn rounds(pace: Pace, store: impl Fn(usize) -> String) {
     let mut rng = rand::rng();
-    let plan: Vec<(String, Duration)> = pace
-        .windows
-        .into_iter()
-        .enumerate()
-        .map(|(i, (from, to))| (store(i), Duration::from_millis(rng.random_range(from..to))))
-        .collect();
-    if pace.concurrent_rounds {
-        futures::future::join_all(
-            plan.iter()
-                .map(|(url, kill_after)| round(url, *kill_after, &pace)),
-        )
-        .await;
-    } else {
-        for (url, kill_after) in &plan {
-            round(url, *kill_after, &pace).await;
-        }
+    for (i, (from, to)) in pace.windows.into_iter().enumerate() {
+        let kill_after = Duration::from_millis(rng.random_range(from..to));
+        round(&store(i), kill_after, &pace).await;
     }
 }
 
@@ -353,7 +335,6 @@ async fn kill_9_on_mongodb_loses_no_acknowledged_message() {
         limit: 300,
         concurrent_drains: false,
         restart_within: Duration::from_secs(150),
-        concurrent_rounds: true,
         cluster: false,
     };
     rounds(pace, |i| {
