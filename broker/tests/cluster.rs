@@ -362,6 +362,25 @@ async fn a_frozen_leader_is_fenced_and_exits_when_resumed() {
         .subscribe("frozen/t", QoS::AtLeastOnce)
         .await;
     sub.mqtt.take().expect("connected").disconnect().await;
+    let mut watch = Client::connect("will-watch", &[p1]).await;
+    watch
+        .mqtt
+        .as_mut()
+        .expect("connected")
+        .subscribe("frozen/will", QoS::AtLeastOnce)
+        .await;
+    watch.mqtt.take().expect("connected").disconnect().await;
+    // A client with a will, connected to the leader that will freeze.
+    let mut o = rumqttc::MqttOptions::new("will-holder", "127.0.0.1", p1);
+    o.set_keep_alive(Duration::from_secs(60))
+        .set_last_will(rumqttc::LastWill::new(
+            "frozen/will",
+            "gone",
+            QoS::AtLeastOnce,
+            false,
+        ));
+    let (_holder, mut holder_loop) = rumqttc::AsyncClient::new(o, 10);
+    tokio::spawn(async move { while holder_loop.poll().await.is_ok() {} });
     let before = publish_all("frozen-pub", &[p2], "frozen/t", 100, |_| {}).await;
 
     signal(&n1, "-STOP");
@@ -404,6 +423,19 @@ async fn a_frozen_leader_is_fenced_and_exits_when_resumed() {
     );
     let expected: Vec<u32> = before.iter().chain(after.iter()).copied().collect();
     assert_eq!(r.got, expected, "every acknowledged message once, in order");
+    // The will of the client whose leader froze: at most once.
+    let mut watch = Client::connect("will-watch", &[p2]).await;
+    let mut wills = 0;
+    let m = watch.mqtt.as_mut().expect("connected");
+    let quiet = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(Some(e)) = tokio::time::timeout_at(quiet, m.events.recv()).await {
+        if let Event::Incoming(Incoming::Publish(p)) = e {
+            wills += 1;
+            let _ = m.client.ack(&p).await;
+        }
+    }
+    eprintln!("frozen leader: the will of its client published {wills} times");
+    assert!(wills <= 1, "the will was published {wills} times");
     drop(n2);
 }
 

@@ -23,18 +23,33 @@ pub(super) struct Hello {
     pub bridge: bool,
 }
 
-/// Write one packet and flush it; CONNACK and AUTH go out before the writer task exists.
+/// Write one packet and flush it; CONNACK and AUTH go out before the
+/// writer task exists. Returns the bytes written.
 pub(super) async fn send_now<W: AsyncWrite + Unpin>(
     write: &mut W,
     encoder: &mut Encoder,
     packet: v5::Packet,
-) -> std::io::Result<()> {
+) -> std::io::Result<usize> {
     let mut buf = BytesMut::new();
     encoder
         .encode(packet, &mut buf)
         .map_err(std::io::Error::other)?;
     write.write_all(&buf).await?;
-    write.flush().await
+    write.flush().await?;
+    Ok(buf.len())
+}
+
+/// The bytes of a whole packet on the wire whose remaining length is
+/// `remaining` (what the codec reports): fixed header byte, the length's
+/// own bytes, the rest.
+pub(super) fn wire_len(remaining: u32) -> u64 {
+    let length_bytes = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + length_bytes + u64::from(remaining)
 }
 
 /// Answer a refused CONNECT with `code` (the connection closes next); returns `why`.
@@ -87,7 +102,14 @@ where
         Err(e) => return Err(format!("malformed CONNECT: {e}")),
     };
     let mut bridge = false;
-    let packet = match next_before(framed, deadline).await? {
+    let frame = next_before(framed, deadline).await?;
+    if let Ok((_, size)) = &frame {
+        broker
+            .stats()
+            .bytes_received
+            .fetch_add(wire_len(*size), std::sync::atomic::Ordering::Relaxed);
+    }
+    let packet = match frame {
         Ok((MqttPacket::V3(p), _)) => {
             bridge = matches!(&p, v3::Packet::Connect(c)
                 if c.protocol.level() & rmqtt_codec::types::BRIDGE_LEVEL_BIT != 0);
@@ -216,5 +238,21 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    use super::wire_len;
+
+    #[test]
+    fn whole_packet_lengths() {
+        // PINGREQ: C0 00.
+        assert_eq!(wire_len(0), 2);
+        assert_eq!(wire_len(127), 129);
+        // 128 needs two length bytes: 80 01.
+        assert_eq!(wire_len(128), 131);
+        assert_eq!(wire_len(16_384), 16_388);
+        assert_eq!(wire_len(268_435_455), 268_435_460);
     }
 }

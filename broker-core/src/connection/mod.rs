@@ -342,16 +342,22 @@ where
         auth_data,
         ..v5::ConnectAck::default()
     };
-    if send_now(
+    match send_now(
         &mut write,
         &mut encoder,
         v5::Packet::ConnectAck(Box::new(connack)),
     )
     .await
-    .is_err()
     {
-        link.detach(false, "write of CONNACK failed").await;
-        return;
+        Ok(n) => {
+            core.stats()
+                .bytes_sent
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        Err(_) => {
+            link.detach(false, "write of CONNACK failed").await;
+            return;
+        }
     }
     core.stats().connects.bump(ConnectLabel::Accepted as usize);
     info!(

@@ -118,7 +118,7 @@ impl Reader {
                 _ = sleep_until(deadline), if !keep_alive.is_zero() => return Close::KeepAliveTimeout,
                 frame = next_frame(framed, &mut self.fresh_read), if self.pending.len() < max_pending => {
                     if let Some(Ok((_, size))) = &frame {
-                        self.link.core().stats().bytes_received.fetch_add(u64::from(*size), Ordering::Relaxed);
+                        self.link.core().stats().bytes_received.fetch_add(super::handshake::wire_len(*size), Ordering::Relaxed);
                     }
                     let packet = match frame.map(inbound) {
                         None => return Close::Eof,
