@@ -246,7 +246,7 @@ async fn round(url: &str, kill_after: Duration, pace: &Pace) {
 /// how long a delivery may take after the restart, while the store is still
 /// working through the acknowledgements of the drained backlog.
 struct Pace {
-    windows: [(u64, u64); 3],
+    windows: &'static [(u64, u64)],
     patience: Duration,
     /// Messages per publisher at most, so that a slow store's backlog stays
     /// drainable within the patience.
@@ -262,7 +262,7 @@ struct Pace {
 
 /// For stores that commit thousands of messages a second.
 const FAST: Pace = Pace {
-    windows: [(150, 400), (400, 900), (900, 1500)],
+    windows: &[(150, 400), (400, 900), (900, 1500)],
     patience: Duration::from_secs(10),
     limit: u64::MAX,
     concurrent_drains: true,
@@ -270,11 +270,11 @@ const FAST: Pace = Pace {
     cluster: false,
 };
 
-/// Three rounds, each on a fresh store from `store`, killed early, in the
-/// middle and late in the publishing, at a random point in each window.
+/// One round per window, each on a fresh store from `store`, killed at a
+/// random point in its window (early, in the middle, late in the publishing).
 async fn rounds(pace: Pace, store: impl Fn(usize) -> String) {
     let mut rng = rand::rng();
-    for (i, (from, to)) in pace.windows.into_iter().enumerate() {
+    for (i, &(from, to)) in pace.windows.iter().enumerate() {
         let kill_after = Duration::from_millis(rng.random_range(from..to));
         round(&store(i), kill_after, &pace).await;
     }
@@ -329,8 +329,16 @@ async fn kill_9_on_mongodb_loses_no_acknowledged_message() {
     // The test server commits far fewer transactions a second than SQLite or
     // Redis: later windows, so that every publisher has acknowledgements.
     let run = common::unique("kill9").replace('-', "_");
+    // Each round's restart waits out the killed broker's open transaction
+    // (the test server's 60 s lifetime): the suite kills in the middle
+    // window only; `DURABILITY_MONGO_ROUNDS=3` (scripts/soak) runs all three.
+    let all = std::env::var("DURABILITY_MONGO_ROUNDS").is_ok_and(|v| v == "3");
     let pace = Pace {
-        windows: [(800, 1500), (1500, 2500), (2500, 3500)],
+        windows: if all {
+            &[(800, 1500), (1500, 2500), (2500, 3500)]
+        } else {
+            &[(1500, 2500)]
+        },
         patience: Duration::from_secs(60),
         limit: 300,
         concurrent_drains: false,
