@@ -311,7 +311,9 @@ async fn the_leader_killed_mid_stream_loses_nothing_acknowledged() {
 }
 
 /// A SUBACK through one node is honoured by a publish through another
-/// from then on, and retained messages reach subscribers on every node.
+/// from then on, retained messages reach subscribers on every node, and
+/// retained messages published through two nodes at once leave one winner
+/// that every node gives out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suback_on_one_node_publish_on_another() {
     let cluster = Cluster::new("cluster-route");
@@ -343,6 +345,42 @@ async fn suback_on_one_node_publish_on_another() {
         for c in [s, p, late] {
             c.disconnect().await;
         }
+    }
+    // Retained messages published through two nodes at once: every node
+    // then gives a new subscriber the same one, the last committed.
+    for round in 0..20 {
+        let topic = format!("race/{round}");
+        let (a, _) = common::Mqtt::connect(n2.port, &format!("ra-{round}"), true).await;
+        let (b, _) = common::Mqtt::connect(n3.port, &format!("rb-{round}"), true).await;
+        let (x, y) = tokio::join!(
+            a.client.publish(&topic, QoS::AtLeastOnce, true, "from-n2"),
+            b.client.publish(&topic, QoS::AtLeastOnce, true, "from-n3"),
+        );
+        x.and(y).expect("publish");
+        let (mut a, mut b) = (a, b);
+        for m in [&mut a, &mut b] {
+            while !matches!(
+                tokio::time::timeout(Duration::from_secs(10), m.events.recv()).await,
+                Ok(Some(Event::Incoming(Incoming::PubAck(_)))) | Ok(None) | Err(_)
+            ) {}
+        }
+        let mut seen = Vec::new();
+        for (i, port) in [n1.port, n2.port, n3.port].into_iter().enumerate() {
+            let (mut s, _) = common::Mqtt::connect(port, &format!("rs-{round}-{i}"), true).await;
+            s.subscribe(&topic, QoS::AtLeastOnce).await;
+            let got = s
+                .next_publish(Duration::from_secs(10))
+                .await
+                .expect("retained");
+            seen.push(got.payload.to_vec());
+            s.disconnect().await;
+        }
+        assert!(
+            seen.windows(2).all(|w| w[0] == w[1]),
+            "round {round}: nodes disagree on the retained message: {seen:?}"
+        );
+        a.disconnect().await;
+        b.disconnect().await;
     }
 }
 

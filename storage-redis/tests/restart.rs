@@ -160,6 +160,13 @@ impl<S: Subscriber> Layer<S> for Logged {
     }
 }
 
+/// The tests of this file one at a time: `redis_killed_and_restarted`
+/// counts the store's log lines through a subscriber of its own thread,
+/// and tracing decides whether a call site logs process-wide, so a store
+/// opened at the same moment on another thread, with no subscriber, can
+/// switch those lines off for it.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn message(id: u64) -> Arc<Message> {
     let mut m = Message::new("t/restart", format!("m{id}"), QoS::AtLeastOnce, false);
     m.id = id;
@@ -201,6 +208,7 @@ fn assert_unavailable<T: std::fmt::Debug>(
 /// the same port and directory, with everything written before still there.
 #[tokio::test(flavor = "current_thread")]
 async fn redis_killed_and_restarted() {
+    let _serial = SERIAL.lock().await;
     let logged = Logged::default();
     let _log =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(logged.clone()));
@@ -343,6 +351,7 @@ async fn redis_killed_and_restarted() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_redis_that_evicts_keys_is_refused() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let server = Server::start_with(
         free_port(),
