@@ -248,6 +248,31 @@ async fn receive(c: &mut Client, ports: &[u16], want: &[u32], within: Duration) 
     r
 }
 
+/// What `c` receives (on its connection, within 30 s) is exactly the
+/// acknowledged `streams`, one after the other, each once and in order.
+async fn exactly_in_order(name: &str, c: &mut Client, streams: &[&[u32]]) {
+    let expected: Vec<u32> = streams.iter().flat_map(|s| s.iter().copied()).collect();
+    let mut r = Receipts::default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let m = c.mqtt.as_mut().expect("connected");
+    while r.got.len() < expected.len() {
+        match tokio::time::timeout_at(deadline, m.events.recv()).await {
+            Ok(Some(Event::Incoming(Incoming::Publish(p)))) => record(m, p, &mut r).await,
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    eprintln!(
+        "{name}: acknowledged {}, received {}",
+        expected.len(),
+        r.got.len()
+    );
+    assert_eq!(
+        r.got, expected,
+        "{name}: every acknowledged message once, in order"
+    );
+}
+
 fn report(name: &str, acked: &[u32], r: &Receipts) {
     let (received, dups, reordered) = r.figures();
     eprintln!(
@@ -444,23 +469,7 @@ async fn a_frozen_leader_is_fenced_and_exits_when_resumed() {
 
     let mut sub = Client::connect("frozen-sub", &[p2]).await;
     // Both streams carried 0..100: 200 messages, the second 100 after the first.
-    let mut r = Receipts::default();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while r.got.len() < before.len() + after.len() && tokio::time::Instant::now() < deadline {
-        let m = sub.mqtt.as_mut().expect("connected");
-        match tokio::time::timeout_at(deadline, m.events.recv()).await {
-            Ok(Some(Event::Incoming(Incoming::Publish(p)))) => record(m, p, &mut r).await,
-            Ok(Some(_)) => {}
-            _ => break,
-        }
-    }
-    eprintln!(
-        "frozen leader: acknowledged {}, received {}",
-        before.len() + after.len(),
-        r.got.len()
-    );
-    let expected: Vec<u32> = before.iter().chain(after.iter()).copied().collect();
-    assert_eq!(r.got, expected, "every acknowledged message once, in order");
+    exactly_in_order("frozen leader", &mut sub, &[&before, &after]).await;
     // The will of the client whose leader froze: at most once.
     let mut watch = Client::connect("will-watch", &[p2]).await;
     let mut wills = 0;
@@ -773,23 +782,7 @@ async fn a_leader_cut_off_from_redis_steps_down() {
     assert_eq!(status.code(), Some(3));
     let after = publish_all("cut-pub", &[n2.port], "cut/t", 100, |_| {}).await;
     let mut sub = Client::connect("cut-sub", &[n2.port]).await;
-    let mut r = Receipts::default();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while r.got.len() < 200 && tokio::time::Instant::now() < deadline {
-        let m = sub.mqtt.as_mut().expect("connected");
-        match tokio::time::timeout_at(deadline, m.events.recv()).await {
-            Ok(Some(Event::Incoming(Incoming::Publish(p)))) => record(m, p, &mut r).await,
-            Ok(Some(_)) => {}
-            _ => break,
-        }
-    }
-    eprintln!(
-        "leader cut off from Redis: acknowledged {}, received {}",
-        before.len() + after.len(),
-        r.got.len()
-    );
-    let expected: Vec<u32> = before.iter().chain(after.iter()).copied().collect();
-    assert_eq!(r.got, expected, "every acknowledged message once, in order");
+    exactly_in_order("leader cut off from Redis", &mut sub, &[&before, &after]).await;
 }
 
 /// kill -9 of Redis, and a restart on its disk: the leader steps down
