@@ -191,21 +191,39 @@ pub struct LeaderLookup {
     url: String,
 }
 
+/// The connection URL, the options with the URL's parameters applied, the
+/// URL as shown (password hidden) and a client, from storage URL `url`.
+fn client_for(
+    url: &str,
+    options: RedisOptions,
+) -> Result<(String, RedisOptions, String, redis::Client), OpenError> {
+    let (connect_url, options) = options::split_url(url, options)?;
+    let shown = redact(url);
+    let client = redis::Client::open(connect_url.as_str()).map_err(|e| OpenError::InvalidUrl {
+        url: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok((connect_url, options, shown, client))
+}
+
+/// How the reconnecting connections connect: one attempt per reconnection,
+/// no retries. While Redis is down each operation fails as soon as its
+/// attempt does (at once when refused) instead of waiting out a backoff,
+/// and the first operation after Redis is back reconnects. Concurrent
+/// operations share one attempt.
+fn manager_config(options: &RedisOptions) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(options.connection_timeout)
+        .set_response_timeout(options.response_timeout)
+        .set_number_of_retries(0)
+}
+
 impl LeaderLookup {
     /// Connect to the Redis server of storage URL `url` (its parameters
     /// override `options`, as for [`RedisStore::open`]).
     pub async fn connect(url: &str, options: RedisOptions) -> Result<LeaderLookup, OpenError> {
-        let (connect_url, options) = options::split_url(url, options)?;
-        let shown = redact(url);
-        let client =
-            redis::Client::open(connect_url.as_str()).map_err(|e| OpenError::InvalidUrl {
-                url: shown.clone(),
-                reason: e.to_string(),
-            })?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(options.connection_timeout)
-            .set_response_timeout(options.response_timeout)
-            .set_number_of_retries(0);
+        let (_, options, shown, client) = client_for(url, options)?;
+        let config = manager_config(&options);
         let limit = options.connection_timeout + options.response_timeout;
         let conn = tokio::time::timeout(limit, ConnectionManager::new_with_config(client, config))
             .await
@@ -440,13 +458,7 @@ impl RedisStore {
     /// (password hidden) when Redis cannot be reached: open does not wait
     /// for Redis to come up.
     pub async fn open(url: &str, options: RedisOptions) -> Result<RedisStore, OpenError> {
-        let (connect_url, options) = options::split_url(url, options)?;
-        let shown = redact(url);
-        let client =
-            redis::Client::open(connect_url.as_str()).map_err(|e| OpenError::InvalidUrl {
-                url: shown.clone(),
-                reason: e.to_string(),
-            })?;
+        let (connect_url, options, shown, client) = client_for(url, options)?;
         let keys = Keys {
             prefix: options.prefix.clone(),
         };
@@ -485,15 +497,7 @@ impl RedisStore {
         .await?;
         drop(plain);
 
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(options.connection_timeout)
-            .set_response_timeout(options.response_timeout)
-            // One connection attempt per reconnection, no retries: while
-            // Redis is down each operation fails as soon as its attempt does
-            // (at once when refused) instead of waiting out a backoff, and
-            // the first operation after Redis is back reconnects. Concurrent
-            // operations share one attempt.
-            .set_number_of_retries(0);
+        let config = manager_config(&options);
         let connected =
             tokio::time::timeout(limit, ConnectionManager::new_with_config(client, config)).await;
         let conn = match connected {
@@ -595,13 +599,7 @@ impl RedisStore {
     /// cleaning up after tests. A broker still running on it loses its lease
     /// and stops writing.
     pub async fn destroy(url: &str, options: RedisOptions) -> Result<(), OpenError> {
-        let (connect_url, options) = options::split_url(url, options)?;
-        let shown = redact(url);
-        let client =
-            redis::Client::open(connect_url.as_str()).map_err(|e| OpenError::InvalidUrl {
-                url: shown.clone(),
-                reason: e.to_string(),
-            })?;
+        let (_, options, shown, client) = client_for(url, options)?;
         let limit = options.connection_timeout + options.response_timeout;
         let work = async {
             let mut conn = client
