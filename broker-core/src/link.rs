@@ -255,12 +255,17 @@ impl Core {
             client: client.clone(),
             connected_at_ms: now_ms(),
         };
+        let mut will = req.will;
+        if let Some(w) = &mut will {
+            w.message.id = self.next_message_id();
+        }
         let connected = self
             .connect(
                 client_id.clone(),
                 req.clean_start,
                 req.expiry,
                 attachment.clone(),
+                will.as_ref(),
             )
             .await?;
         let now = self
@@ -282,7 +287,7 @@ impl Core {
                 session: connected.session,
                 client,
                 attachment,
-                will: req.will,
+                will,
                 publish_cache: Vec::new(),
                 detached: false,
                 bridge: req.bridge,
@@ -615,29 +620,41 @@ impl Link {
     /// disconnect normally), keep or discard its session, tell listeners.
     pub(crate) async fn detach(mut self, lost: bool, reason: &str) {
         self.detached = true;
-        let will = if lost { self.will.take() } else { None };
         finish_detach(
             self.core.clone(),
             self.session.clone(),
             self.client.clone(),
             self.attachment.clone(),
-            will,
+            self.will.take().map(|w| (w, lost)),
             reason.to_string(),
         )
         .await;
     }
 }
 
+/// `will` is the connection's will and whether it is published (the
+/// connection was lost) or deleted (normal DISCONNECT).
 async fn finish_detach(
     core: Arc<Core>,
     session: Arc<Session>,
     client: Arc<ClientInfo>,
     attachment: Attachment,
-    will: Option<Will>,
+    will: Option<(Will, bool)>,
     reason: String,
 ) {
-    if let Some(will) = will {
-        core.schedule_will(&session, will, client.clone());
+    match will {
+        Some((will, true)) => core.schedule_will(Some(&session), will, client.clone()),
+        Some((will, false)) => {
+            let delete = PacketOp::DeleteWill {
+                client: session.client_id.clone(),
+                id: will.id(),
+            };
+            if let Err(e) = core.submit(vec![delete]).await {
+                // Still stored: published after the next restart.
+                warn!(client = %session.client_id, error = %e.report(), "could not delete the will");
+            }
+        }
+        None => {}
     }
     core.disconnect(&session, attachment.connection_id).await;
     attachment.detached.cancel();
@@ -658,7 +675,7 @@ impl Drop for Link {
             self.session.clone(),
             self.client.clone(),
             self.attachment.clone(),
-            self.will.take(),
+            self.will.take().map(|w| (w, true)),
             "dropped without disconnecting".to_string(),
         );
         if tokio::runtime::Handle::try_current().is_ok() {

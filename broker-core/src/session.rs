@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{BrokerConfig, OverflowPolicy};
 use crate::hooks::ClientInfo;
-use crate::message::{now_ms, Message, QoS, Seq};
+use crate::message::{now_ms, Message, MessageId, QoS, Seq};
 use crate::storage::{ClientId, Delivery, PacketOp, PacketState, QueuedPacket};
 use crate::subscription::SubscriptionOptions;
 
@@ -182,8 +182,9 @@ pub(crate) struct SessionState {
     incoming_qos2: HashSet<u16>,
     /// The connection attached, if online.
     connection: Option<Attachment>,
-    /// A will waiting for its delay (MQTT 5); cancelled if the client comes back first.
-    pending_will: Option<CancellationToken>,
+    /// A will waiting for its delay (MQTT 5), with its id in the store;
+    /// cancelled if the client comes back first.
+    pending_will: Option<(CancellationToken, MessageId)>,
     /// The connection an operator kicked (so it closes with "administrative
     /// action", not "taken over"), until it detaches.
     kicked: Option<u64>,
@@ -375,13 +376,17 @@ impl SessionState {
         self.incoming_qos2.remove(&packet_id)
     }
 
-    /// Set the pending will's cancel token, returning the one it replaces.
-    pub fn set_pending_will(&mut self, cancel: CancellationToken) -> Option<CancellationToken> {
-        self.pending_will.replace(cancel)
+    /// Set the pending will's cancel token and store id, returning the ones it replaces.
+    pub fn set_pending_will(
+        &mut self,
+        cancel: CancellationToken,
+        id: MessageId,
+    ) -> Option<(CancellationToken, MessageId)> {
+        self.pending_will.replace((cancel, id))
     }
 
-    /// Take the pending will's cancel token (the client came back).
-    pub fn take_pending_will(&mut self) -> Option<CancellationToken> {
+    /// Take the pending will's cancel token and store id (the client came back).
+    pub fn take_pending_will(&mut self) -> Option<(CancellationToken, MessageId)> {
         self.pending_will.take()
     }
 

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use broker_core::internals::group_commit::GroupCommit;
 use broker_core::message::{Message, MessageId, QoS, Seq};
 use broker_core::storage::{
-    Delivery, PacketOp, PacketStore, QueueTarget, QueuedPacket, StorageResult,
+    Delivery, PacketOp, PacketStore, QueueTarget, QueuedPacket, StorageResult, StoredWill,
 };
 use storage_memory::MemoryStore;
 
@@ -40,6 +40,9 @@ impl PacketStore for SlowDisk {
     }
     async fn last_message_id(&self) -> StorageResult<MessageId> {
         self.inner.last_message_id().await
+    }
+    async fn wills(&self) -> StorageResult<Vec<StoredWill>> {
+        self.inner.wills().await
     }
 }
 

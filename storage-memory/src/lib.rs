@@ -57,8 +57,8 @@ use async_trait::async_trait;
 use broker_core::message::{Message, MessageId, Seq};
 use broker_core::storage::{
     ClientId, Delivery, PacketOp, PacketState, PacketStore, QueuedPacket, RetainedStore,
-    SessionRecord, Storage, StorageError, StorageResult, StoredSession, SubscriptionRecord,
-    SubscriptionStore,
+    SessionRecord, Storage, StorageError, StorageResult, StoredSession, StoredWill,
+    SubscriptionRecord, SubscriptionStore,
 };
 use broker_core::subscription::SubscriptionOptions;
 use broker_core::topic::{has_wildcard, literal_prefix, matches};
@@ -112,6 +112,8 @@ struct Packets {
     bodies: HashMap<MessageId, Body>,
     /// High-water mark: kept when bodies go, as the trait promises.
     last_message_id: MessageId,
+    /// Stored wills by id.
+    wills: BTreeMap<MessageId, StoredWill>,
 }
 
 /// One session's state. Dropped as soon as it holds nothing, so purged or
@@ -153,6 +155,14 @@ impl Packets {
                     return Err(StorageError::backend(format!(
                         "message on topic {:?} has no id (0) and cannot be stored",
                         message.topic
+                    )));
+                }
+            }
+            if let PacketOp::StoreWill { will } = op {
+                if will.id() == 0 {
+                    return Err(StorageError::backend(format!(
+                        "will of {:?} has no id (0) and cannot be stored",
+                        will.client
                     )));
                 }
             }
@@ -224,6 +234,14 @@ impl Packets {
                     if q.is_empty() {
                         self.queues.remove(&client);
                     }
+                }
+            }
+            PacketOp::StoreWill { will } => {
+                self.wills.insert(will.id(), will);
+            }
+            PacketOp::DeleteWill { client, id } => {
+                if self.wills.get(&id).is_some_and(|w| w.client == client) {
+                    self.wills.remove(&id);
                 }
             }
         }
@@ -304,6 +322,10 @@ impl PacketStore for MemoryStore {
 
     async fn last_message_id(&self) -> StorageResult<MessageId> {
         Ok(self.packets.lock().last_message_id)
+    }
+
+    async fn wills(&self) -> StorageResult<Vec<StoredWill>> {
+        Ok(self.packets.lock().wills.values().cloned().collect())
     }
 }
 

@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use broker_core::message::{Message, MessageId, Seq};
-use broker_core::storage::{ClientId, Delivery, PacketOp, PacketState};
+use broker_core::storage::{ClientId, Delivery, PacketOp, PacketState, StoredWill};
 
 /// A queue entry: session and sequence number.
 pub(crate) type Key = (ClientId, Seq);
@@ -66,7 +66,10 @@ impl Reads {
                 PacketOp::Purge { client } => {
                     reads.queues.insert(client.clone());
                 }
-                PacketOp::IncomingQos2Received { .. } | PacketOp::IncomingQos2Released { .. } => {}
+                PacketOp::IncomingQos2Received { .. }
+                | PacketOp::IncomingQos2Released { .. }
+                | PacketOp::StoreWill { .. }
+                | PacketOp::DeleteWill { .. } => {}
             }
         }
         // A purged queue is read whole.
@@ -127,6 +130,10 @@ pub(crate) struct Plan<'a> {
     pub qos2_delete: BTreeMap<ClientId, Vec<u16>>,
     /// Incoming QoS 2 ids written.
     pub qos2_insert: Vec<(ClientId, u16)>,
+    /// Wills deleted (deleted, or about to be written again).
+    pub wills_delete: Vec<MessageId>,
+    /// Wills written.
+    pub wills_insert: Vec<&'a StoredWill>,
 }
 
 #[cfg(test)]
@@ -180,6 +187,8 @@ struct Player<'s, 'a> {
     qos2: HashMap<(ClientId, u16), bool>,
     qos2_order: Vec<(ClientId, u16)>,
     qos2_purged: BTreeSet<ClientId>,
+    /// The last word on each will the batch touches: stored, or deleted.
+    wills: BTreeMap<MessageId, Option<&'a StoredWill>>,
 }
 
 impl<'s, 'a> Player<'s, 'a> {
@@ -206,6 +215,7 @@ impl<'s, 'a> Player<'s, 'a> {
             qos2: HashMap::new(),
             qos2_order: Vec::new(),
             qos2_purged: BTreeSet::new(),
+            wills: BTreeMap::new(),
         }
     }
 
@@ -289,6 +299,12 @@ impl<'s, 'a> Player<'s, 'a> {
             }
             PacketOp::IncomingQos2Released { client, packet_id } => {
                 self.set_qos2(client, *packet_id, false);
+            }
+            PacketOp::StoreWill { will } => {
+                self.wills.insert(will.id(), Some(will));
+            }
+            PacketOp::DeleteWill { id, .. } => {
+                self.wills.insert(*id, None);
             }
         }
     }
@@ -379,6 +395,10 @@ impl<'s, 'a> Player<'s, 'a> {
             if self.qos2[key] {
                 plan.qos2_insert.push(key.clone());
             }
+        }
+        for (id, will) in self.wills {
+            plan.wills_delete.push(id);
+            plan.wills_insert.extend(will);
         }
         plan
     }

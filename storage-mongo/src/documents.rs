@@ -7,7 +7,9 @@
 //! either width, and anything else is [`StorageError::Corrupt`].
 
 use broker_core::message::{Message, MessageId, MessageProperties, QoS, Seq};
-use broker_core::storage::{Delivery, PacketState, SessionRecord, StorageError, StorageResult};
+use broker_core::storage::{
+    Delivery, PacketState, SessionRecord, StorageError, StorageResult, StoredWill,
+};
 use broker_core::subscription::SubscriptionOptions;
 use bytes::Bytes;
 use mongodb::bson::spec::BinarySubtype;
@@ -46,6 +48,8 @@ pub(crate) mod field {
     pub const RETAIN_HANDLING: &str = "retain_handling";
     pub const SUBSCRIPTION_ID: &str = "subscription_id";
     pub const VALUE: &str = "value";
+    /// In `wills`: the Will Delay Interval.
+    pub const DELAY_SECS: &str = "delay_secs";
 }
 
 /// `packets.state` of an entry not yet acknowledged.
@@ -116,6 +120,33 @@ pub(crate) fn retained_doc(m: &Message) -> StorageResult<Document> {
     let mut d = message_fields(m)?;
     d.insert(field::RETAINED_ID, to_i64(m.id, "message id")?);
     Ok(d)
+}
+
+/// A `wills` document: the will's message under `_id` = its id, its client,
+/// expiry and delay.
+pub(crate) fn will_doc(w: &StoredWill) -> StorageResult<Document> {
+    let mut d = doc! { field::ID: to_i64(w.id(), "will id")? };
+    d.extend(message_fields(&w.message)?);
+    d.insert(field::CLIENT, &*w.client);
+    if let Some(e) = w.expiry_secs {
+        d.insert(field::EXPIRY_SECS, i64::from(e));
+    }
+    d.insert(field::DELAY_SECS, i64::from(w.delay_secs));
+    Ok(d)
+}
+
+/// A will from a [`will_doc`] document.
+pub(crate) fn will_from_doc(mut doc: Document) -> StorageResult<StoredWill> {
+    let mut f = Fields::new(&mut doc, "wills");
+    let client = f.string(field::CLIENT)?;
+    let expiry_secs = f.opt_int(field::EXPIRY_SECS)?;
+    let delay_secs = f.int(field::DELAY_SECS)?;
+    Ok(StoredWill {
+        client: client.into(),
+        message: std::sync::Arc::new(message_from_doc(doc, "wills", field::ID)?),
+        expiry_secs,
+        delay_secs,
+    })
 }
 
 /// Typed access to the fields of one stored document; every mismatch is

@@ -20,6 +20,7 @@
 //! | `subscriptions` | `{client: 1, topic: 1}` unique | one per session and filter (Mosca's name for the filter: `topic`) with its options. |
 //! | `retained` | `{topic: 1}` unique | one retained message per topic: the body's fields as in `messages`, its id in `id`. |
 //! | `meta` | `_id` | `last_message_id`: a high-water mark of message ids (see below). |
+//! | `wills` | `_id` = the will's id | a connected client's will, from CONNECT until published or deleted: the message's fields as in `messages`, `client`, `expiry_secs` (absent: none), `delay_secs`. |
 //!
 //! Numbers are 64-bit integers: sequence numbers and message ids stay below
 //! 2^53 by contract. There are no TTL indexes: session expiry counts from
@@ -153,7 +154,7 @@ use async_trait::async_trait;
 use broker_core::message::{Message, MessageId, Seq};
 use broker_core::storage::{
     BodyCache, PacketOp, PacketStore, QueuedPacket, RetainedStore, SessionRecord, Storage,
-    StorageError, StorageResult, StoredSession, SubscriptionRecord, SubscriptionStore,
+    StorageError, StorageResult, StoredSession, StoredWill, SubscriptionRecord, SubscriptionStore,
 };
 use broker_core::topic;
 use futures::TryStreamExt;
@@ -224,10 +225,11 @@ pub(crate) struct Collections {
     pub subscriptions: Collection<Document>,
     pub retained: Collection<Document>,
     pub meta: Collection<Document>,
+    pub wills: Collection<Document>,
 }
 
 impl Collections {
-    const NAMES: [&'static str; 7] = [
+    const NAMES: [&'static str; 8] = [
         "packets",
         "messages",
         "incoming_qos2",
@@ -235,6 +237,7 @@ impl Collections {
         "subscriptions",
         "retained",
         "meta",
+        "wills",
     ];
 
     fn new(db: &Database) -> Self {
@@ -246,6 +249,7 @@ impl Collections {
             subscriptions: db.collection("subscriptions"),
             retained: db.collection("retained"),
             meta: db.collection("meta"),
+            wills: db.collection("wills"),
         }
     }
 }
@@ -889,6 +893,23 @@ impl PacketStore for MongoStore {
                 None => 0,
             };
             Ok(largest.max(mark).max(retained))
+        })
+        .await
+    }
+
+    async fn wills(&self) -> StorageResult<Vec<StoredWill>> {
+        self.guard("a read of the stored wills", async {
+            let docs: Vec<Document> = self
+                .colls
+                .wills
+                .find(doc! {})
+                .sort(doc! { field::ID: 1 })
+                .await
+                .map_err(storage_error)?
+                .try_collect()
+                .await
+                .map_err(storage_error)?;
+            docs.into_iter().map(documents::will_from_doc).collect()
         })
         .await
     }

@@ -10,7 +10,9 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::ClientSession;
 
 use crate::batch::{self, Plan, Reads, Stored};
-use crate::documents::{body_doc, entry_doc, field, to_i64, Fields, STATE_QUEUED, STATE_RELEASED};
+use crate::documents::{
+    body_doc, entry_doc, field, to_i64, will_doc, Fields, STATE_QUEUED, STATE_RELEASED,
+};
 use crate::error::is_duplicate_key;
 use crate::txn::{Abort, TxnBody};
 use crate::Collections;
@@ -252,6 +254,21 @@ async fn execute(colls: &Collections, s: &mut ClientSession, plan: &Plan<'_>) ->
             .insert_many(docs)
             .session(&mut *s)
             .await?;
+    }
+    if !plan.wills_delete.is_empty() {
+        colls
+            .wills
+            .delete_many(doc! { field::ID: { "$in": id_values(&plan.wills_delete) } })
+            .session(&mut *s)
+            .await?;
+    }
+    if !plan.wills_insert.is_empty() {
+        let docs = plan
+            .wills_insert
+            .iter()
+            .map(|w| will_doc(w))
+            .collect::<Result<Vec<_>, _>>()?;
+        colls.wills.insert_many(docs).session(&mut *s).await?;
     }
     if let Some(id) = plan.high_water {
         colls

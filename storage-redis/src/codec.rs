@@ -8,7 +8,7 @@
 //! The formats are described in the crate documentation (`Value formats`).
 
 use broker_core::message::{Message, MessageId, MessageProperties, QoS};
-use broker_core::storage::{Delivery, PacketState, SessionRecord, StorageError};
+use broker_core::storage::{Delivery, PacketState, SessionRecord, StorageError, StoredWill};
 use broker_core::subscription::SubscriptionOptions;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -202,6 +202,50 @@ pub(crate) fn decode_message(blob: Bytes) -> Result<Message, String> {
             user_properties,
         },
         received_at_ms,
+    })
+}
+
+/// Format version of a stored will (in `wills`).
+const WILL_VERSION: u8 = 1;
+
+/// A will as stored in `wills`: version, flags (1: expiry present), the
+/// delay, the expiry if present, the client id, then the message body as
+/// [`encode_message`] writes it.
+pub(crate) fn encode_will(w: &StoredWill) -> Vec<u8> {
+    let body = encode_message(&w.message);
+    let mut out = Vec::with_capacity(16 + w.client.len() + body.len());
+    out.extend_from_slice(&[WILL_VERSION, u8::from(w.expiry_secs.is_some())]);
+    put_varint(&mut out, u64::from(w.delay_secs));
+    if let Some(e) = w.expiry_secs {
+        put_varint(&mut out, u64::from(e));
+    }
+    put_bytes(&mut out, w.client.as_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decode a will written by [`encode_will`].
+pub(crate) fn decode_will(blob: Bytes) -> Result<StoredWill, String> {
+    let mut r = Reader::new(&blob);
+    let version = r.u8()?;
+    if version != WILL_VERSION {
+        return Err(format!("unknown will format version {version}"));
+    }
+    let flags = r.u8()?;
+    let secs = |v: u64| u32::try_from(v).map_err(|_| format!("{v} seconds is out of range"));
+    let delay_secs = secs(r.varint()?)?;
+    let expiry_secs = if flags & 1 != 0 {
+        Some(secs(r.varint()?)?)
+    } else {
+        None
+    };
+    let client = r.string()?;
+    let message = decode_message(blob.slice(r.pos..))?;
+    Ok(StoredWill {
+        client: client.into(),
+        message: std::sync::Arc::new(message),
+        expiry_secs,
+        delay_secs,
     })
 }
 

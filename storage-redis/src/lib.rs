@@ -28,6 +28,7 @@
 //! | `P sub:{client}` | hash | topic filter → subscription options (JSON). |
 //! | `P retained` | hash | topic → retained message (same binary body as `msg:`). |
 //! | `P retained_index` | sorted set | every retained topic at score 0, for `ZRANGEBYLEX`. |
+//! | `P wills` | hash | will id → a connected client's will (binary: delay, expiry, client id, then the will message as a body), from CONNECT until published or deleted. |
 //!
 //! A key's type tag comes before the client id and every tag ends in `:`,
 //! so client ids containing `:` (or anything else) never collide.
@@ -172,7 +173,7 @@ use async_trait::async_trait;
 use broker_core::message::{Message, MessageId, Seq};
 use broker_core::storage::{
     BodyCache, PacketOp, PacketStore, QueuedPacket, RetainedStore, SessionRecord, Storage,
-    StorageError, StorageResult, StoredSession, SubscriptionRecord, SubscriptionStore,
+    StorageError, StorageResult, StoredSession, StoredWill, SubscriptionRecord, SubscriptionStore,
 };
 use broker_core::topic;
 use bytes::Bytes;
@@ -1032,6 +1033,12 @@ impl PacketStore for RedisStore {
                 PacketOp::IncomingQos2Released { client, packet_id } => {
                     script.arg("L").arg(&**client).arg(*packet_id);
                 }
+                PacketOp::StoreWill { will } => {
+                    script.arg("W").arg(will.id()).arg(codec::encode_will(will));
+                }
+                PacketOp::DeleteWill { id, .. } => {
+                    script.arg("D").arg(*id);
+                }
             }
         }
         let mut conn = self.conn.clone();
@@ -1121,6 +1128,21 @@ impl PacketStore for RedisStore {
             None => Ok(0),
             Some(v) => v.parse().map_err(|_| corrupt("last_message_id", v)),
         }
+    }
+
+    async fn wills(&self) -> StorageResult<Vec<StoredWill>> {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(self.keys.key("wills"));
+        let reply: Value = self.call(cmd.query_async(&mut conn)).await?;
+        let mut wills = Vec::new();
+        for (id, value) in pairs(reply, "wills")? {
+            let what = format!("will {:?}", String::from_utf8_lossy(&id));
+            let will = codec::decode_will(Bytes::from(value)).map_err(|e| corrupt(&what, e))?;
+            wills.push(will);
+        }
+        wills.sort_by_key(StoredWill::id);
+        Ok(wills)
     }
 }
 

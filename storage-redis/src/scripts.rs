@@ -37,6 +37,8 @@ end
 /// | `P` | client | Purge |
 /// | `Q` | client, packet id | IncomingQos2Received |
 /// | `L` | client, packet id | IncomingQos2Released |
+/// | `W` | will id, will | StoreWill |
+/// | `D` | will id | DeleteWill |
 ///
 /// The whole argument list is checked before the first write, so a
 /// malformed batch changes nothing. Returns the number of operations.
@@ -57,8 +59,10 @@ while i <= n do
       return redis.error_reply('BADBATCH enqueue without a target count')
     end
     i = i + 4 + 3 * targets
-  elseif code == 'R' or code == 'Q' or code == 'L' then
+  elseif code == 'R' or code == 'Q' or code == 'L' or code == 'W' then
     i = i + 3
+  elseif code == 'D' then
+    i = i + 2
   elseif code == 'S' then
     i = i + 4
   elseif code == 'P' then
@@ -148,6 +152,10 @@ for _, s in ipairs(starts) do
     for oid, k in pairs(counts) do unref(oid, k) end
   elseif code == 'Q' then
     redis.call('SADD', P .. 'qos2in:' .. ARGV[s + 1], ARGV[s + 2])
+  elseif code == 'W' then
+    redis.call('HSET', P .. 'wills', ARGV[s + 1], ARGV[s + 2])
+  elseif code == 'D' then
+    redis.call('HDEL', P .. 'wills', ARGV[s + 1])
   else -- 'L'
     redis.call('SREM', P .. 'qos2in:' .. ARGV[s + 1], ARGV[s + 2])
   end

@@ -7,7 +7,7 @@
 //! the core gives it and reads queues back in the core's sequence order. It
 //! passes the conformance suite of `broker_core::testkit`.
 //!
-//! # Schema (version 1)
+//! # Schema (version 2)
 //! Tables mirror Mosca's collections, plus `messages` so that a body is
 //! stored once however many sessions it is queued for:
 //!
@@ -20,6 +20,7 @@
 //! | `subscriptions` | `(client, filter)` | their subscriptions and options. |
 //! | `retained` | `topic` | one retained message per topic, same columns as `messages`. A wildcard lookup scans the index range of the filter's literal prefix. |
 //! | `meta` | `key` | `last_message_id`, the high-water mark of message ids. |
+//! | `wills` | `id` | a connected client's will (the message's columns, `client`, `expiry_secs`, `delay_secs`), from CONNECT until published or deleted. Added by version 2. |
 //!
 //! The version is `PRAGMA user_version`; newer versions add migrations,
 //! which run at open, so a database written by an older broker opens in a
@@ -76,7 +77,7 @@ use async_trait::async_trait;
 use broker_core::message::{Message, MessageId, Seq};
 use broker_core::storage::{
     PacketOp, PacketStore, QueuedPacket, RetainedStore, SessionRecord, Storage, StorageResult,
-    StoredSession, SubscriptionRecord, SubscriptionStore,
+    StoredSession, StoredWill, SubscriptionRecord, SubscriptionStore,
 };
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
@@ -263,6 +264,10 @@ impl PacketStore for SqliteStore {
 
     async fn last_message_id(&self) -> StorageResult<MessageId> {
         self.worker.call(|db| sql::last_message_id(&db.conn)).await
+    }
+
+    async fn wills(&self) -> StorageResult<Vec<StoredWill>> {
+        self.worker.call(|db| sql::wills(&db.conn)).await
     }
 }
 

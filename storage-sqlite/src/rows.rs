@@ -12,7 +12,7 @@ use broker_core::storage::{Delivery, PacketState};
 use broker_core::subscription::SubscriptionOptions;
 use bytes::Bytes;
 use rusqlite::types::Type;
-use rusqlite::{params, Row, Statement};
+use rusqlite::{Row, Statement};
 
 /// The columns of a message, in the order [`bind_message`] binds them and
 /// [`message_from_row`] reads them.
@@ -46,21 +46,30 @@ fn to_json_list<T: serde::Serialize>(v: &[T]) -> Option<String> {
 
 /// Execute `stmt` with a message's columns as parameters 1 to 12.
 pub(crate) fn bind_message(stmt: &mut Statement<'_>, m: &Message) -> rusqlite::Result<usize> {
+    bind_message_at(stmt, 1, m)?;
+    stmt.raw_execute()
+}
+
+/// Bind a message's columns as parameters `at` to `at + 11` of `stmt`.
+pub(crate) fn bind_message_at(
+    stmt: &mut Statement<'_>,
+    at: usize,
+    m: &Message,
+) -> rusqlite::Result<()> {
     let p = &m.properties;
-    stmt.execute(params![
-        m.id as i64,
-        m.topic,
-        &m.payload[..],
-        m.qos.as_u8(),
-        m.retain,
-        m.received_at_ms as i64,
-        p.expires_at_ms.map(|t| t as i64),
-        p.payload_format_utf8,
-        p.content_type,
-        p.response_topic,
-        p.correlation_data.as_deref(),
-        to_json_list(&p.user_properties),
-    ])
+    stmt.raw_bind_parameter(at, m.id as i64)?;
+    stmt.raw_bind_parameter(at + 1, &m.topic)?;
+    stmt.raw_bind_parameter(at + 2, &m.payload[..])?;
+    stmt.raw_bind_parameter(at + 3, m.qos.as_u8())?;
+    stmt.raw_bind_parameter(at + 4, m.retain)?;
+    stmt.raw_bind_parameter(at + 5, m.received_at_ms as i64)?;
+    stmt.raw_bind_parameter(at + 6, p.expires_at_ms.map(|t| t as i64))?;
+    stmt.raw_bind_parameter(at + 7, p.payload_format_utf8)?;
+    stmt.raw_bind_parameter(at + 8, &p.content_type)?;
+    stmt.raw_bind_parameter(at + 9, &p.response_topic)?;
+    stmt.raw_bind_parameter(at + 10, p.correlation_data.as_deref())?;
+    stmt.raw_bind_parameter(at + 11, to_json_list(&p.user_properties))?;
+    Ok(())
 }
 
 /// A message from [`MESSAGE_COLUMNS`] starting at column `at`.

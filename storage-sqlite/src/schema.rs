@@ -80,6 +80,26 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     INSERT INTO meta (key, value) VALUES ('last_message_id', 0);
     ",
+    // 2: wills, kept from CONNECT until published or deleted.
+    "
+    CREATE TABLE wills (
+        id                  INTEGER PRIMARY KEY, -- the will's message id
+        topic               TEXT    NOT NULL,
+        payload             BLOB    NOT NULL,
+        qos                 INTEGER NOT NULL,
+        retain              INTEGER NOT NULL,
+        received_at_ms      INTEGER NOT NULL,
+        expires_at_ms       INTEGER,
+        payload_format_utf8 INTEGER,
+        content_type        TEXT,
+        response_topic      TEXT,
+        correlation_data    BLOB,
+        user_properties     TEXT,
+        client              TEXT    NOT NULL,
+        expiry_secs         INTEGER,
+        delay_secs          INTEGER NOT NULL
+    );
+    ",
 ];
 
 /// Why the schema could not be brought up to date.

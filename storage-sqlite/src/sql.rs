@@ -6,15 +6,15 @@ use std::sync::{Arc, LazyLock};
 
 use broker_core::message::{Message, MessageId, Seq};
 use broker_core::storage::{
-    BodyCache, PacketOp, QueueTarget, QueuedPacket, SessionRecord, StoredSession,
+    BodyCache, PacketOp, QueueTarget, QueuedPacket, SessionRecord, StoredSession, StoredWill,
     SubscriptionRecord,
 };
 use broker_core::topic;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::rows::{
-    bind_message, delivery_from_row, delivery_params, message_from_row, options_from_row,
-    state_from_row, state_params, MESSAGE_COLUMNS, MESSAGE_COLUMN_COUNT,
+    bind_message, bind_message_at, delivery_from_row, delivery_params, message_from_row,
+    options_from_row, state_from_row, state_params, MESSAGE_COLUMNS, MESSAGE_COLUMN_COUNT,
 };
 
 /// Apply a batch of packet-store operations, in order.
@@ -46,6 +46,11 @@ pub(crate) fn apply(conn: &Connection, ops: &[PacketOp]) -> rusqlite::Result<()>
                     "DELETE FROM incoming_qos2 WHERE client = ?1 AND packet_id = ?2",
                 )?
                 .execute(params![&**client, packet_id])?;
+            }
+            PacketOp::StoreWill { will } => store_will(conn, will)?,
+            PacketOp::DeleteWill { client, id } => {
+                conn.prepare_cached("DELETE FROM wills WHERE id = ?1 AND client = ?2")?
+                    .execute(params![*id as i64, &**client])?;
             }
         }
     }
@@ -276,6 +281,34 @@ pub(crate) fn incoming_qos2(conn: &Connection, client: &str) -> rusqlite::Result
     conn.prepare_cached("SELECT packet_id FROM incoming_qos2 WHERE client = ?1 ORDER BY packet_id")?
         .query_map([client], |r| r.get(0))?
         .collect()
+}
+
+fn store_will(conn: &Connection, will: &StoredWill) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "INSERT OR REPLACE INTO wills ({MESSAGE_COLUMNS}, client, expiry_secs, delay_secs) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+    ))?;
+    bind_message_at(&mut stmt, 1, &will.message)?;
+    stmt.raw_bind_parameter(13, &*will.client)?;
+    stmt.raw_bind_parameter(14, will.expiry_secs)?;
+    stmt.raw_bind_parameter(15, will.delay_secs)?;
+    stmt.raw_execute()?;
+    Ok(())
+}
+
+pub(crate) fn wills(conn: &Connection) -> rusqlite::Result<Vec<StoredWill>> {
+    conn.prepare_cached(&format!(
+        "SELECT {MESSAGE_COLUMNS}, client, expiry_secs, delay_secs FROM wills ORDER BY id"
+    ))?
+    .query_map([], |r| {
+        Ok(StoredWill {
+            message: Arc::new(message_from_row(r, 0)?),
+            client: Arc::from(r.get::<_, String>(MESSAGE_COLUMN_COUNT)?),
+            expiry_secs: r.get(MESSAGE_COLUMN_COUNT + 1)?,
+            delay_secs: r.get(MESSAGE_COLUMN_COUNT + 2)?,
+        })
+    })?
+    .collect()
 }
 
 pub(crate) fn last_message_id(conn: &Connection) -> rusqlite::Result<MessageId> {

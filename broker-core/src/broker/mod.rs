@@ -44,6 +44,7 @@ use crate::config::{BrokerConfig, SysConfig};
 use crate::events::{Event, EventBus};
 use crate::group_commit::GroupCommit;
 use crate::hooks::Hooks;
+use crate::message::MessageId;
 use crate::metrics::{self, Histograms, LabeledCounter};
 use crate::session::Session;
 use crate::storage::{ClientId, PacketOp, Storage, StorageError, StorageResult};
@@ -242,6 +243,7 @@ impl Core {
             stats,
         });
         core.restore().await?;
+        core.restore_wills().await?;
         expiry::spawn(&core);
         Ok(core)
     }
@@ -284,6 +286,11 @@ impl Core {
     /// Cancelled when the broker shuts down.
     pub(crate) fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    /// A fresh message id (wills take theirs at CONNECT, to name them in the store).
+    pub(crate) fn next_message_id(&self) -> MessageId {
+        self.next_message_id.fetch_add(1, Ordering::Relaxed)
     }
 
     /// A fresh connection id.

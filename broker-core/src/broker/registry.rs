@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use super::{Core, SessionExpiry, LIFECYCLE_STRIPES, TAKEOVER_WAIT};
+use super::wills::delete_will;
+use super::{Core, SessionExpiry, Will, LIFECYCLE_STRIPES, TAKEOVER_WAIT};
 use crate::events::Event;
 use crate::message::now_ms;
 use crate::session::{Attachment, Session};
@@ -44,12 +45,14 @@ impl Core {
     /// Attach a connection to the session of `client_id`, taking it over from
     /// another connection if needed. `clean_start` discards any previous
     /// session; `expiry` says how long the session outlives this connection.
+    /// The connection's `will` is stored before this returns (see `wills`).
     pub(crate) async fn connect(
         &self,
         client_id: ClientId,
         clean_start: bool,
         expiry: SessionExpiry,
         attachment: Attachment,
+        will: Option<&Will>,
     ) -> StorageResult<Connected> {
         let lock = self.lifecycle_lock(&client_id);
         let mut guard = lock.lock().await;
@@ -81,11 +84,18 @@ impl Core {
             }
         }
         let existing = self.session(&client_id);
+        let mut wills = Vec::new();
         if let Some(s) = &existing {
             // A new connection before the will delay passed: the will is dropped.
-            if let Some(will) = s.lock().take_pending_will() {
-                will.cancel();
+            if let Some((pending, id)) = s.lock().take_pending_will() {
+                pending.cancel();
+                wills.push(delete_will(&client_id, id));
             }
+        }
+        if let Some(w) = will {
+            wills.push(PacketOp::StoreWill {
+                will: w.stored(&client_id),
+            });
         }
         self.expiry.cancel(&client_id);
         // An expired session the expiry task has not reached yet is gone all the same.
@@ -125,6 +135,11 @@ impl Core {
                 (s, false)
             }
         };
+        // Stored before CONNACK, after the session is in place: a will in
+        // the store belongs to a connection that was accepted.
+        if !wills.is_empty() {
+            self.submit(wills).await?;
+        }
         session.lock().attach(attachment);
         drop(guard);
         session.wake.notify_one();

@@ -32,6 +32,11 @@
 //!   JSON numbers or Redis scores can hold them exactly.
 //! - [`SubscriptionStore::delete_session`] removes the session's record and
 //!   subscriptions only; the core purges its queue with [`PacketOp::Purge`].
+//! - Wills ([`StoredWill`]) are kept apart from queues and sessions:
+//!   [`PacketOp::Purge`] and `delete_session` leave them alone, only
+//!   [`PacketOp::DeleteWill`] removes one. A will's id is unique in the
+//!   store; one client may have several (a will being published while its
+//!   client's next connection stores a new one).
 //!
 //! Adapters implement these traits and run the conformance suite
 //! (`broker_core::testkit`, feature `testkit`) in their own tests.
@@ -386,6 +391,45 @@ pub enum PacketOp {
         /// The publisher's packet id.
         packet_id: u16,
     },
+    /// Keep a client's will (replacing a stored will with the same id).
+    StoreWill {
+        /// The will.
+        will: StoredWill,
+    },
+    /// Forget the will `id` of `client`: published, or deleted by the client.
+    /// Other wills of the client stay.
+    DeleteWill {
+        /// The client.
+        client: ClientId,
+        /// The will's id ([`StoredWill::id`]).
+        id: MessageId,
+    },
+}
+
+/// A client's will, kept in the store from its CONNECT until it is published
+/// or deleted (normal DISCONNECT, or the client back before the Will Delay
+/// Interval ended). A broker that dies while the client is connected finds
+/// it at the next start and publishes it; the batch that queues the
+/// published will also deletes it, so it is published exactly once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredWill {
+    /// The client whose will this is.
+    pub client: ClientId,
+    /// The will message. Its `id` names this will in the store (it comes from
+    /// the message id counter, so no two wills share it) and is not the id of
+    /// a stored body; its expiry is set when it is published.
+    pub message: Arc<Message>,
+    /// Message Expiry Interval, counted from publication.
+    pub expiry_secs: Option<u32>,
+    /// Will Delay Interval (MQTT 5); 0 publishes at once.
+    pub delay_secs: u32,
+}
+
+impl StoredWill {
+    /// The will's id in the store (its message's id).
+    pub fn id(&self) -> MessageId {
+        self.message.id
+    }
 }
 
 /// A queue entry as read back from the store.
@@ -420,8 +464,12 @@ pub trait PacketStore: Send + Sync + 'static {
     async fn incoming_qos2(&self, client: &str) -> StorageResult<Vec<u16>>;
 
     /// The greatest message id ever stored (0 for an empty store), so that ids
-    /// assigned after a restart never collide with stored bodies.
+    /// assigned after a restart never collide with stored bodies. (Stored
+    /// wills' ids need not count: the core reads them with [`Self::wills`].)
     async fn last_message_id(&self) -> StorageResult<MessageId>;
+
+    /// Every stored will, in ascending id order.
+    async fn wills(&self) -> StorageResult<Vec<StoredWill>>;
 }
 
 /// A persistent session's metadata (Mosca's `subscriptions` collection holds

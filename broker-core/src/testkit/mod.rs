@@ -64,6 +64,7 @@ mod retained;
 mod sessions;
 mod store;
 mod support;
+mod wills;
 
 use async_trait::async_trait;
 
@@ -80,6 +81,7 @@ pub use retained::{
 };
 pub use sessions::{session_lifecycle, subscriptions_round_trip};
 pub use store::{empty_store, reopen_after_close};
+pub use wills::wills_round_trip;
 
 /// Opens the store under test.
 ///
@@ -147,6 +149,7 @@ macro_rules! conformance_tests {
                 subscriptions_round_trip,
                 session_lifecycle,
                 reopen_after_close,
+                wills_round_trip,
             );
         }
     };
