@@ -289,6 +289,59 @@ fn report(name: &str, acked: &[u32], r: &Receipts) {
     assert_eq!(reordered, 0, "{name}: messages out of order");
 }
 
+/// Connect `id` (clean session, never reconnecting) through `port` with a
+/// QoS 1 will on `topic`, and keep it connected until its connection ends.
+async fn hold_with_will(id: &str, port: u16, topic: &str) {
+    let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(60))
+        .set_last_will(rumqttc::LastWill::new(
+            topic,
+            "gone",
+            QoS::AtLeastOnce,
+            false,
+        ));
+    let (_client, mut eventloop) = rumqttc::AsyncClient::new(o, 10);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let mut tx = Some(tx);
+    tokio::spawn(async move {
+        let _client = _client;
+        while let Ok(e) = eventloop.poll().await {
+            if let Event::Incoming(Incoming::ConnAck(_)) = e {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("CONNACK for the will holder")
+        .expect("the will holder connected");
+}
+
+/// Subscribe persistent `id` to `topic` through `ports`, then leave.
+async fn watch_wills(id: &str, ports: &[u16], topic: &str) {
+    let mut watch = Client::connect(id, ports).await;
+    let m = watch.mqtt.as_mut().expect("connected");
+    m.subscribe(topic, QoS::AtLeastOnce).await;
+    watch.mqtt.take().expect("connected").disconnect().await;
+}
+
+/// How many messages persistent `id` receives through `ports` until 3 s
+/// pass without one.
+async fn wills_received(id: &str, ports: &[u16]) -> usize {
+    let mut watch = Client::connect(id, ports).await;
+    let m = watch.mqtt.as_mut().expect("connected");
+    let mut wills = 0;
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(3), m.events.recv()).await {
+        if let Event::Incoming(Incoming::Publish(p)) = e {
+            wills += 1;
+            let _ = m.client.ack(&p).await;
+        }
+    }
+    wills
+}
+
 /// kill -9 of the leader mid-stream, with the subscriber online through a
 /// gateway and the publisher on another: the subscriber moves to another
 /// node and receives everything acknowledged, in order.
@@ -299,6 +352,10 @@ async fn the_leader_killed_mid_stream_loses_nothing_acknowledged() {
     let n2 = cluster.node(2);
     let n3 = cluster.node(3);
     let (p1, p2, p3) = (n1.port, n2.port, n3.port);
+    // A client with a will, through a gateway: its session lives in the
+    // leader that dies; the next leader publishes the will, once.
+    watch_wills("kill-will-watch", &[p2], "kill/will").await;
+    hold_with_will("kill-will-holder", p3, "kill/will").await;
     let mut sub = Client::connect("device-1", &[p3, p2]).await;
     sub.mqtt
         .as_mut()
@@ -331,6 +388,12 @@ async fn the_leader_killed_mid_stream_loses_nothing_acknowledged() {
         acked.len(),
         count as usize,
         "the publisher got every message acknowledged in the end"
+    );
+    let wills = wills_received("kill-will-watch", &[p2, p3]).await;
+    eprintln!("leader killed: the will of a client it held published {wills} times");
+    assert_eq!(
+        wills, 1,
+        "the will of a client of the killed leader, exactly once"
     );
     drop((n2, n3));
 }
@@ -425,25 +488,9 @@ async fn a_frozen_leader_is_fenced_and_exits_when_resumed() {
         .subscribe("frozen/t", QoS::AtLeastOnce)
         .await;
     sub.mqtt.take().expect("connected").disconnect().await;
-    let mut watch = Client::connect("will-watch", &[p1]).await;
-    watch
-        .mqtt
-        .as_mut()
-        .expect("connected")
-        .subscribe("frozen/will", QoS::AtLeastOnce)
-        .await;
-    watch.mqtt.take().expect("connected").disconnect().await;
+    watch_wills("will-watch", &[p1], "frozen/will").await;
     // A client with a will, connected to the leader that will freeze.
-    let mut o = rumqttc::MqttOptions::new("will-holder", "127.0.0.1", p1);
-    o.set_keep_alive(Duration::from_secs(60))
-        .set_last_will(rumqttc::LastWill::new(
-            "frozen/will",
-            "gone",
-            QoS::AtLeastOnce,
-            false,
-        ));
-    let (_holder, mut holder_loop) = rumqttc::AsyncClient::new(o, 10);
-    tokio::spawn(async move { while holder_loop.poll().await.is_ok() {} });
+    hold_with_will("will-holder", p1, "frozen/will").await;
     let before = publish_all("frozen-pub", &[p2], "frozen/t", 100, |_| {}).await;
 
     signal(&n1, "-STOP");
@@ -470,19 +517,11 @@ async fn a_frozen_leader_is_fenced_and_exits_when_resumed() {
     let mut sub = Client::connect("frozen-sub", &[p2]).await;
     // Both streams carried 0..100: 200 messages, the second 100 after the first.
     exactly_in_order("frozen leader", &mut sub, &[&before, &after]).await;
-    // The will of the client whose leader froze: at most once.
-    let mut watch = Client::connect("will-watch", &[p2]).await;
-    let mut wills = 0;
-    let m = watch.mqtt.as_mut().expect("connected");
-    let quiet = tokio::time::Instant::now() + Duration::from_secs(3);
-    while let Ok(Some(e)) = tokio::time::timeout_at(quiet, m.events.recv()).await {
-        if let Event::Incoming(Incoming::Publish(p)) = e {
-            wills += 1;
-            let _ = m.client.ack(&p).await;
-        }
-    }
+    // The will of the client whose leader froze: published by the next
+    // leader, never by the frozen one (fenced): exactly once.
+    let wills = wills_received("will-watch", &[p2]).await;
     eprintln!("frozen leader: the will of its client published {wills} times");
-    assert!(wills <= 1, "the will was published {wills} times");
+    assert_eq!(wills, 1, "the will was published {wills} times");
     drop(n2);
 }
 
