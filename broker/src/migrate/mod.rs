@@ -16,12 +16,15 @@
 //!    contract's hand-over, checked by the conformance suite's
 //!    `body_handed_over`): never a second copy. Incoming QoS 2 ids go with
 //!    the last batch of their session. Memory stays bounded by one batch.
-//! 3. Retained messages: upserts by topic, ids kept.
+//! 3. Retained messages: upserts by topic, ids kept; then the wills a
+//!    killed broker left (connections it held when it died), under their
+//!    ids, in one batch, so that the broker started on the destination
+//!    publishes them as the source's would have.
 //! 4. The message id high-water mark: raised at the destination to the
 //!    source's (and above every id copied), so ids a broker assigns later
 //!    never name a stored body.
 //! 5. Verification: sessions, subscriptions, every queue entry (body,
-//!    delivery, state), incoming QoS 2 ids and retained messages read back
+//!    delivery, state), incoming QoS 2 ids, retained messages and wills read back
 //!    from both sides and compared; a difference fails the run, naming it.
 //!
 //! # Resuming
@@ -110,6 +113,8 @@ pub struct Summary {
     pub payload_bytes: u64,
     /// Retained messages.
     pub retained: u64,
+    /// Stored wills.
+    pub wills: u64,
     /// Whether the destination held part of this migration already.
     pub resumed: bool,
 }
@@ -311,13 +316,36 @@ pub async fn migrate(
     }
     phase.finish(&format!("{} messages", HumanCount(summary.retained)));
 
+    // Wills: upserts by id, one batch (there is one per connection the
+    // source's broker held when it stopped, at most).
+    stop.check()?;
+    let wills = from
+        .packets
+        .wills()
+        .await
+        .context("cannot read the wills of the source")?;
+    summary.wills = wills.len() as u64;
+    let will_high = wills.iter().map(|w| w.id()).max().unwrap_or(0);
+    if !wills.is_empty() {
+        let ops = wills
+            .into_iter()
+            .map(|will| PacketOp::StoreWill { will })
+            .collect();
+        to.packets
+            .write(ops)
+            .await
+            .context("cannot write the wills to the destination")?;
+        progress.line(&format!("wills: {}", HumanCount(summary.wills)));
+    }
+
     let high = from
         .packets
         .last_message_id()
         .await
         .context("cannot read the last message id of the source")?
         .max(copied.max_id)
-        .max(retained.iter().map(|m| m.id).max().unwrap_or(0));
+        .max(retained.iter().map(|m| m.id).max().unwrap_or(0))
+        .max(will_high);
     raise_message_ids(to, high).await?;
 
     let phase = progress.phase("verify", sessions.len() as u64, "sessions");
@@ -771,6 +799,16 @@ mod tests {
             client: "b".into(),
             packet_id: 42,
         });
+        // A will of a connection the source's broker held when it stopped,
+        // its id above every body's.
+        ops.push(PacketOp::StoreWill {
+            will: broker_core::storage::StoredWill {
+                client: "a".into(),
+                message: message(500, "wills/a"),
+                expiry_secs: Some(60),
+                delay_secs: 5,
+            },
+        });
         s.packets.write(ops).await.expect("queues");
         s.retained
             .set_retained(message(103, "r/1"))
@@ -805,6 +843,12 @@ mod tests {
         assert_eq!((s.sessions, s.subscriptions, s.retained), (3, 3, 2));
         assert_eq!(s.entries_copied, 60 + 3 + 2);
         assert!(!s.resumed);
+        assert_eq!(s.wills, 1);
+        assert_eq!(
+            to.packets.wills().await.expect("wills"),
+            from.packets.wills().await.expect("wills")
+        );
+        assert!(to.packets.last_message_id().await.expect("last id") >= 500);
         assert_eq!(dest_store.stored_bodies(), src_store.stored_bodies());
         assert_eq!(dest_store.queued_packets(), src_store.queued_packets());
         assert!(to.packets.last_message_id().await.expect("last id") >= 103);

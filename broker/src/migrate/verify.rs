@@ -135,6 +135,23 @@ pub(super) async fn verify(
             x.topic
         ));
     }
+    let wills = from
+        .packets
+        .wills()
+        .await
+        .context("cannot read the wills of the source")?;
+    let dest_wills = to
+        .packets
+        .wills()
+        .await
+        .context("cannot read the wills of the destination")?;
+    if wills != dest_wills {
+        diffs.push(format!(
+            "{} wills at the source, {} at the destination, not the same",
+            wills.len(),
+            dest_wills.len()
+        ));
+    }
     let (src_last, dest_last) = (
         from.packets
             .last_message_id()
@@ -158,12 +175,13 @@ pub(super) async fn verify(
         );
     }
     phase.finish(&format!(
-        "{} sessions, {} subscriptions, {} queued messages, {} retained messages, last \
-         message id {dest_last}: the destination matches the source",
+        "{} sessions, {} subscriptions, {} queued messages, {} retained messages, {} wills, \
+         last message id {dest_last}: the destination matches the source",
         HumanCount(sessions.len() as u64),
         HumanCount(subscriptions),
         HumanCount(entries),
-        HumanCount(a.len() as u64)
+        HumanCount(a.len() as u64),
+        HumanCount(wills.len() as u64)
     ));
     Ok(())
 }
