@@ -129,6 +129,9 @@ enum Command {
         /// Seconds to hold the connections idle.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=MAX_SECS))]
         hold: u64,
+        /// Connect each with a QoS 1 will (on `lt/will/{client id}`).
+        #[arg(long)]
+        will: bool,
     },
     /// Publishers -> one topic -> subscribers (default 4 -> 1).
     FanIn {
@@ -259,10 +262,12 @@ fn scenario(c: Command) -> Result<Scenario> {
             connections,
             concurrency,
             hold,
+            will,
         } => Scenario::Conn(ConnOptions {
             connections,
             concurrency: concurrency as usize,
             hold: Duration::from_secs(hold),
+            will,
         }),
         Command::FanIn {
             publishers,

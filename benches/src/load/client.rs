@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use futures::{FutureExt, StreamExt};
 use rmqtt_codec::v3;
@@ -140,6 +140,8 @@ pub struct ConnectOptions {
     pub read_buffer: usize,
     /// Time allowed for TCP connect plus CONNACK.
     pub timeout: Duration,
+    /// A QoS 1 will on this topic (the client id as payload).
+    pub will: Option<String>,
 }
 
 impl ConnectOptions {
@@ -150,6 +152,7 @@ impl ConnectOptions {
             clean_session,
             read_buffer: 64 * 1024,
             timeout: Duration::from_secs(10),
+            will: None,
         }
     }
 }
@@ -264,7 +267,12 @@ impl Connection {
                 protocol: Default::default(),
                 clean_session: opts.clean_session,
                 keep_alive: 0,
-                last_will: None,
+                last_will: opts.will.as_deref().map(|topic| v3::LastWill {
+                    qos: v3::QoS::AtLeastOnce,
+                    retain: false,
+                    topic: ByteString::from(topic),
+                    message: Bytes::copy_from_slice(opts.client_id.as_bytes()),
+                }),
                 client_id: ByteString::from(opts.client_id.as_str()),
                 username: None,
                 password: None,

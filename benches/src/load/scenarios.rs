@@ -151,6 +151,8 @@ pub struct ConnOptions {
     pub concurrency: usize,
     /// How long to hold them idle.
     pub hold: Duration,
+    /// Each connection with a will (`lt/will/{client id}`).
+    pub will: bool,
 }
 
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -859,8 +861,10 @@ pub async fn conn(t: &Target, o: &ConnOptions, intr: &Interrupt) -> Result<Outco
     {
         let mut attempts = stream::iter(0..o.connections)
             .map(|i| {
-                let mut opts = ConnectOptions::new(format!("lt{run:08x}-c{i}"), true);
+                let id = format!("lt{run:08x}-c{i}");
+                let mut opts = ConnectOptions::new(id.clone(), true);
                 opts.read_buffer = 256;
+                opts.will = o.will.then(|| format!("lt/will/{id}"));
                 async move { Connection::connect(&t.endpoint, &opts).await }
             })
             .buffer_unordered(o.concurrency.max(1));
