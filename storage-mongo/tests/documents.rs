@@ -103,7 +103,8 @@ async fn collections_and_indexes_are_created_once() {
             "packets",
             "retained",
             "sessions",
-            "subscriptions"
+            "subscriptions",
+            "wills"
         ]
     );
     for (collection, keys) in [
