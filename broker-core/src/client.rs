@@ -268,17 +268,12 @@ impl Client {
             .pop()
             .ok_or(ClientError::Detached)?;
         let granted = outcome?;
-        let wanted = match options.retain_handling {
-            0 => true,
-            1 => !granted.existed,
-            _ => false,
-        };
-        if wanted && !granted.shared {
+        if let Some(gate) = granted.retained {
             let options = SubscriptionOptions {
                 qos: granted.qos,
                 ..options
             };
-            self.link.deliver_retained(filter, &options).await?;
+            self.link.deliver_retained(filter, &options, gate).await?;
         }
         Ok(granted.qos)
     }

@@ -568,14 +568,16 @@ impl Link {
         Ok(outcomes)
     }
 
-    /// Queue the retained messages matching `filter` (after SUBACK).
+    /// Queue the retained messages matching `filter` (after SUBACK) behind
+    /// the gate [`Granted::retained`] names.
     pub(crate) async fn deliver_retained(
         &self,
         filter: &str,
         options: &SubscriptionOptions,
+        gate: crate::message::Seq,
     ) -> StorageResult<()> {
         self.core
-            .deliver_retained(&self.session, filter, options)
+            .deliver_retained(&self.session, filter, options, gate)
             .await
     }
 

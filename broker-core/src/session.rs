@@ -13,7 +13,7 @@
 //! Packet ids are per-connection in-flight state mapped to sequence numbers;
 //! they are never used to find a stored message.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -193,6 +193,10 @@ pub(crate) struct SessionState {
     /// The limit behind the latest of those.
     last_drop: Option<DropReason>,
     next_seq: Seq,
+    /// Gates of subscriptions whose retained messages are being read (see
+    /// [`SessionState::open_gate`]), each with the end of its reserved
+    /// range: no entry at or after the first gate is sent.
+    gates: BTreeMap<Seq, Seq>,
     /// Ordered by `seq`, sent strictly from the front. Changed only through
     /// `push`, `remove_at` and `clear`, which keep `queued_bytes` equal to
     /// the sum of the entries' [`cost`].
@@ -230,6 +234,7 @@ impl Session {
                 dropped: 0,
                 last_drop: None,
                 next_seq: 1,
+                gates: BTreeMap::new(),
                 queue: VecDeque::new(),
                 queued_bytes: 0,
                 in_flight: 0,
@@ -334,6 +339,9 @@ impl SessionState {
         self.connection = None;
         self.kicked = None;
         self.reset_in_flight();
+        // Retained messages still being read for the ended connection are
+        // not queued (see `enqueue_reserved`): nothing waits for them.
+        self.gates.clear();
         self.disconnected_at_ms = Some(now_ms);
         true
     }
@@ -344,6 +352,7 @@ impl SessionState {
         self.connection = None;
         self.kicked = None;
         self.reset_in_flight();
+        self.gates.clear();
     }
 
     /// The session's subscriptions, by filter.
@@ -393,6 +402,36 @@ impl SessionState {
     fn push(&mut self, e: Entry) {
         self.queued_bytes += cost(&e.message);
         self.queue.push_back(e);
+    }
+
+    /// Insert `e` at its place by `seq` (a reserved one, below entries queued since).
+    fn insert_ordered(&mut self, e: Entry) {
+        self.queued_bytes += cost(&e.message);
+        let at = self.queue.partition_point(|q| q.seq < e.seq);
+        self.queue.insert(at, e);
+    }
+
+    /// Reserve `slots` sequence numbers, from the returned gate on, for the
+    /// retained messages of a subscription being made, and hold every entry
+    /// from the gate on until [`close_gate`](Self::close_gate).
+    ///
+    /// Called in the same critical section that puts the subscription in the
+    /// trie, so every message routed through it comes after the gate, while
+    /// the retained messages, read from the store afterwards, are queued
+    /// into the reserved range ([`enqueue_reserved`](Self::enqueue_reserved)):
+    /// the subscriber gets the retained messages first and then what was
+    /// published since, never a retained message older than a live one it
+    /// already has.
+    pub fn open_gate(&mut self, slots: usize) -> Seq {
+        let gate = self.next_seq;
+        self.next_seq += slots as u64;
+        self.gates.insert(gate, self.next_seq);
+        gate
+    }
+
+    /// The retained messages behind `gate` are queued: let the queue go on.
+    pub fn close_gate(&mut self, gate: Seq) {
+        self.gates.remove(&gate);
     }
 
     fn remove_at(&mut self, i: usize) -> Option<Entry> {
@@ -453,11 +492,43 @@ impl SessionState {
     /// Evictions by the `drop-oldest` policy are pushed to `ops`.
     pub fn enqueue(
         &mut self,
+        entry: NewEntry,
+        config: &BrokerConfig,
+        ops: &mut Vec<PacketOp>,
+    ) -> Enqueued {
+        self.admit(entry, None, config, ops)
+    }
+
+    /// [`enqueue`](Self::enqueue) at `seq`, a number [`open_gate`](Self::open_gate)
+    /// reserved, while that gate is open; [`Enqueued::Skipped`] once it is
+    /// closed (the connection that subscribed ended: entries behind the gate
+    /// may have been sent since, and this one would come after them).
+    pub fn enqueue_reserved(
+        &mut self,
+        entry: NewEntry,
+        gate: Seq,
+        seq: Seq,
+        config: &BrokerConfig,
+        ops: &mut Vec<PacketOp>,
+    ) -> Enqueued {
+        if !self
+            .gates
+            .get(&gate)
+            .is_some_and(|&end| (gate..end).contains(&seq))
+        {
+            return Enqueued::Skipped;
+        }
+        self.admit(entry, Some(seq), config, ops)
+    }
+
+    fn admit(
+        &mut self,
         NewEntry {
             message,
             delivery,
             store,
         }: NewEntry,
+        at: Option<Seq>,
         config: &BrokerConfig,
         ops: &mut Vec<PacketOp>,
     ) -> Enqueued {
@@ -496,9 +567,8 @@ impl SessionState {
                 None => return Enqueued::Dropped(over),
             }
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.push(Entry {
+        let seq = at.unwrap_or(self.next_seq);
+        let entry = Entry {
             seq,
             message,
             delivery,
@@ -509,7 +579,13 @@ impl SessionState {
             } else {
                 EntryState::Ready
             },
-        });
+        };
+        if at.is_some() {
+            self.insert_ordered(entry);
+        } else {
+            self.next_seq += 1;
+            self.push(entry);
+        }
         Enqueued::Queued(seq)
     }
 
@@ -552,12 +628,16 @@ impl SessionState {
     ) -> bool {
         let now = now_ms();
         let mut taken = 0usize;
+        let gate = self.gates.first_key_value().map(|(g, _)| *g);
         let mut i = 0;
         while i < self.queue.len() {
             if taken >= budget {
                 return true;
             }
             let e = &mut self.queue[i];
+            if gate.is_some_and(|g| e.seq >= g) {
+                break;
+            }
             match e.state {
                 EntryState::Pending => break,
                 EntryState::InFlight {
@@ -791,6 +871,7 @@ impl SessionState {
     /// Drop every entry and subscription (the session is being discarded).
     pub fn clear(&mut self) {
         self.subscriptions.clear();
+        self.gates.clear();
         self.queue.clear();
         self.queued_bytes = 0;
         self.packet_ids.clear();
@@ -842,6 +923,50 @@ mod tests {
         st.mark_ready(a);
         st.next_outgoing(32, usize::MAX, &mut out, &mut ops);
         assert_eq!(payloads(&out), vec!["1", "2"]);
+    }
+
+    #[test]
+    fn a_retained_gate_holds_what_comes_after_until_its_messages_are_in() {
+        let cfg = BrokerConfig::default();
+        let s = Session::new("c".into(), true, None);
+        let mut st = s.lock();
+        let mut ops = vec![];
+        st.enqueue(entry(1, false), &cfg, &mut ops);
+        let gate = st.open_gate(10);
+        // Routed after the subscription: behind the gate.
+        st.enqueue(entry(20, false), &cfg, &mut ops);
+        let mut out = vec![];
+        st.next_outgoing(32, usize::MAX, &mut out, &mut ops);
+        assert_eq!(
+            payloads(&out),
+            vec!["1"],
+            "only what was queued before the gate"
+        );
+        // The retained messages, read late, go into the reserved range.
+        for (i, n) in [10, 11].into_iter().enumerate() {
+            let r = st.enqueue_reserved(entry(n, false), gate, gate + i as u64, &cfg, &mut ops);
+            assert!(matches!(r, Enqueued::Queued(_)), "{r:?}");
+        }
+        assert_eq!(
+            st.enqueue_reserved(entry(99, false), gate, gate + 10, &cfg, &mut ops),
+            Enqueued::Skipped,
+            "outside the reserved range"
+        );
+        out.clear();
+        st.next_outgoing(32, usize::MAX, &mut out, &mut ops);
+        assert!(out.is_empty(), "held while the gate is open");
+        st.close_gate(gate);
+        st.next_outgoing(32, usize::MAX, &mut out, &mut ops);
+        assert_eq!(payloads(&out), vec!["10", "11", "20"]);
+        assert_eq!(st.queue_len(), 4);
+
+        // A gate of a connection that ended takes nothing more.
+        let gate = st.open_gate(10);
+        st.force_detach();
+        assert_eq!(
+            st.enqueue_reserved(entry(30, false), gate, gate, &cfg, &mut ops),
+            Enqueued::Skipped
+        );
     }
 
     #[test]

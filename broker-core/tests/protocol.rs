@@ -275,6 +275,73 @@ async fn retained_messages() {
     assert_eq!((payload_str(&p), p.retain), ("live".into(), false));
 }
 
+/// The memory store behind a slow retained lookup: the window in which a
+/// message published after SUBACK used to overtake the retained ones.
+struct SlowRetained(std::sync::Arc<storage_memory::MemoryStore>);
+
+#[async_trait::async_trait]
+impl broker_core::storage::RetainedStore for SlowRetained {
+    async fn set_retained(
+        &self,
+        message: std::sync::Arc<broker_core::message::Message>,
+    ) -> broker_core::storage::StorageResult<()> {
+        self.0.set_retained(message).await
+    }
+    async fn delete_retained(&self, topic: &str) -> broker_core::storage::StorageResult<()> {
+        self.0.delete_retained(topic).await
+    }
+    async fn lookup_retained(
+        &self,
+        filter: &str,
+    ) -> broker_core::storage::StorageResult<Vec<std::sync::Arc<broker_core::message::Message>>>
+    {
+        let found = self.0.lookup_retained(filter).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        found
+    }
+}
+
+/// A subscriber gets the retained message first and what is published
+/// after its SUBACK next, never the other way round: a device that reads
+/// its state topic must end on the newest value, not on the stale
+/// retained one that arrived late.
+#[tokio::test]
+async fn retained_messages_come_before_messages_published_after_suback() {
+    use broker_core::storage::{PacketStore, Storage, SubscriptionStore};
+    let mem = std::sync::Arc::new(storage_memory::MemoryStore::new());
+    let storage = Storage {
+        packets: mem.clone() as std::sync::Arc<dyn PacketStore>,
+        subscriptions: mem.clone() as std::sync::Arc<dyn SubscriptionStore>,
+        retained: std::sync::Arc::new(SlowRetained(mem.clone())),
+    };
+    let b = start_with(quick(), storage).await;
+    let (mut publ, _) = RawClient::connect(b.addr, "state-pub", true).await;
+    publ.publish("state", b"old", 1, true).await;
+    for (id, clean) in [("state-clean", true), ("state-persistent", false)] {
+        let (mut sub, _) = RawClient::connect(b.addr, id, clean).await;
+        sub.subscribe("state", 1).await;
+        // During the retained lookup: the new state, and a plain message.
+        publ.publish("state", b"new", 1, true).await;
+        publ.publish("state", b"live", 1, false).await;
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let p = sub.recv_and_ack().await;
+            got.push((payload_str(&p), p.retain));
+        }
+        assert_eq!(
+            got,
+            [
+                ("old".to_string(), true),
+                ("new".to_string(), false),
+                ("live".to_string(), false)
+            ],
+            "{id}: the retained message, then what was published after SUBACK, in order"
+        );
+        sub.disconnect().await;
+        publ.publish("state", b"old", 1, true).await;
+    }
+}
+
 fn will(topic: &str, msg: &str) -> Option<v3::LastWill> {
     Some(v3::LastWill {
         qos: v3::QoS::AtLeastOnce,

@@ -1,11 +1,15 @@
 //! Retained messages: kept per topic in the store, queued to a new
-//! subscription after its SUBACK like any routed message.
+//! subscription after its SUBACK like any routed message, ahead of every
+//! message routed through the subscription (a gate, see
+//! `SessionState::open_gate`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use tracing::warn;
+
 use super::{Core, Routed};
-use crate::message::{now_ms, Message};
+use crate::message::{now_ms, Message, Seq};
 use crate::session::Session;
 use crate::storage::{Delivery, StorageResult};
 use crate::subscription::SubscriptionOptions;
@@ -23,24 +27,31 @@ impl Core {
     }
 
     /// Queue the retained messages matching `filter` for `session` (after
-    /// SUBACK), with the subscription's QoS and identifier.
+    /// SUBACK), with the subscription's QoS and identifier, into the
+    /// sequence numbers reserved behind `gate` by [`Core::subscribe`]; the
+    /// gate closes when this returns or is dropped, whatever happened.
     pub(crate) async fn deliver_retained(
         &self,
         session: &Arc<Session>,
         filter: &str,
         options: &SubscriptionOptions,
+        gate: Seq,
     ) -> StorageResult<()> {
-        if !self.config.retain_available {
-            return Ok(());
-        }
+        let _open = GateGuard { session, gate };
         let mut retained = self.storage.retained.lookup_retained(filter).await?;
         retained.sort_by(|a, b| a.topic.cmp(&b.topic));
         let now = now_ms();
+        let slots = self.config.max_queued_messages;
+        if retained.len() > slots {
+            warn!(client = %session.client_id, filter, matched = retained.len(), max_queued_messages = slots,
+                "more retained messages match than a session queue holds: the first ones by topic are queued");
+            retained.truncate(slots);
+        }
         // Queued like any routed message: a persistent session's QoS 1/2
         // copies go to the packet store, so one in flight when the broker
         // stops is sent again after the restart, as MQTT requires.
         let mut batch = Routed::empty();
-        for m in retained {
+        for (m, seq) in retained.into_iter().zip(gate..) {
             if m.is_expired(now) {
                 continue;
             }
@@ -58,8 +69,23 @@ impl Core {
                 subscription_ids: options.subscription_id.into_iter().collect(),
                 share: None,
             };
-            batch.absorb(self.enqueue(m, vec![(session.clone(), delivery)]));
+            let at = Some((gate, seq));
+            batch.absorb(self.enqueue_at(m, vec![(session.clone(), delivery)], at));
         }
         self.commit(batch).await
+    }
+}
+
+/// Closes a retained gate when dropped: the subscriber's queue never stays
+/// held, even when the store read fails or the reading task is dropped.
+struct GateGuard<'a> {
+    session: &'a Arc<Session>,
+    gate: Seq,
+}
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        self.session.lock().close_gate(self.gate);
+        self.session.wake.notify_one();
     }
 }

@@ -144,6 +144,17 @@ impl Core {
         message: Arc<Message>,
         targets: Vec<(Arc<Session>, Delivery)>,
     ) -> Routed {
+        self.enqueue_at(message, targets, None)
+    }
+
+    /// [`Core::enqueue`]; with `at = (gate, seq)`, at the sequence number
+    /// `seq` that `gate` reserved (a retained message after SUBACK).
+    pub(super) fn enqueue_at(
+        &self,
+        message: Arc<Message>,
+        targets: Vec<(Arc<Session>, Delivery)>,
+        at: Option<(Seq, Seq)>,
+    ) -> Routed {
         let mut routed = Routed {
             ops: Vec::new(),
             pending: Vec::new(),
@@ -155,15 +166,17 @@ impl Core {
             let mut st = session.lock();
             let store = st.persistent() && delivery.qos != QoS::AtMostOnce;
             let dropped_before = st.dropped();
-            let outcome = st.enqueue(
-                NewEntry {
-                    message: message.clone(),
-                    delivery: delivery.clone(),
-                    store,
-                },
-                &self.config,
-                &mut routed.ops,
-            );
+            let entry = NewEntry {
+                message: message.clone(),
+                delivery: delivery.clone(),
+                store,
+            };
+            let outcome = match at {
+                None => st.enqueue(entry, &self.config, &mut routed.ops),
+                Some((gate, seq)) => {
+                    st.enqueue_reserved(entry, gate, seq, &self.config, &mut routed.ops)
+                }
+            };
             if st.dropped() > dropped_before {
                 self.note_drop(client, &st, &message.topic);
             }

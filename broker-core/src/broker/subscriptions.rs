@@ -47,6 +47,11 @@ pub(crate) struct Granted {
     pub(crate) existed: bool,
     /// A `$share/` subscription (no retained messages on subscribe).
     pub(crate) shared: bool,
+    /// The gate behind which this subscription's retained messages are to
+    /// be queued, after SUBACK, with [`Core::deliver_retained`]; `None` when
+    /// none are due: retained messages are off, a shared subscription, or
+    /// Retain Handling 1 on an existing subscription or 2 (MQTT 5 3.8.3.1).
+    pub(crate) retained: Option<crate::message::Seq>,
 }
 
 /// Outcome of unsubscribing one filter.
@@ -94,10 +99,20 @@ impl Core {
                 };
                 options.qos = options.qos.min(self.config.max_qos());
                 insert_subscription(&mut trie, &filter, shared, session, &options);
+                let wanted = match options.retain_handling {
+                    0 => true,
+                    1 => !existed,
+                    _ => false,
+                };
+                // With the trie still locked: no message routed through the
+                // new subscription can be queued before the gate.
+                let retained = (wanted && shared.is_none() && self.config.retain_available)
+                    .then(|| st.open_gate(self.config.max_queued_messages));
                 outcomes.push(Ok(Granted {
                     qos: options.qos,
                     existed,
                     shared: shared.is_some(),
+                    retained,
                 }));
                 st.add_subscription(filter.clone(), options.clone());
                 records.push(SubscriptionRecord { filter, options });

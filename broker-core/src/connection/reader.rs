@@ -22,7 +22,7 @@ use tracing::warn;
 
 use super::aliases::{AliasError, InboundAliases};
 use super::{message_properties, Close, Control, PropertyError};
-use crate::broker::{SessionExpiry, SubscribeRefusal, Unsubscribed};
+use crate::broker::{Granted, SessionExpiry, SubscribeRefusal, Unsubscribed};
 use crate::codec::{
     from_wire_qos, inbound, puback, pubcomp, reason, v5, DecodeError, MqttCodec, MqttPacket,
     Protocol, Publish,
@@ -347,22 +347,21 @@ impl Reader {
             status,
         }))
         .await?;
-        // Retained messages after SUBACK: never for shared subscriptions;
-        // Retain Handling 1 only for a new subscription, 2 never.
+        // Retained messages after SUBACK, where the core says they are due.
         for ((filter, mut options), outcome) in requests.into_iter().zip(outcomes) {
-            let Ok(granted) = outcome else { continue };
-            let wanted = match options.retain_handling {
-                0 => true,
-                1 => !granted.existed,
-                _ => false,
+            let Ok(Granted {
+                qos,
+                retained: Some(gate),
+                ..
+            }) = outcome
+            else {
+                continue;
             };
-            if wanted && !granted.shared {
-                options.qos = granted.qos;
-                // The subscription stands either way: a store that cannot be
-                // read costs the retained messages, not the connection.
-                if let Err(e) = self.link.deliver_retained(&filter, &options).await {
-                    warn!(client = %self.link.client_id(), %filter, error = %e.report(), "retained messages not delivered");
-                }
+            options.qos = qos;
+            // The subscription stands either way: a store that cannot be
+            // read costs the retained messages, not the connection.
+            if let Err(e) = self.link.deliver_retained(&filter, &options, gate).await {
+                warn!(client = %self.link.client_id(), %filter, error = %e.report(), "retained messages not delivered");
             }
         }
         Ok(())
