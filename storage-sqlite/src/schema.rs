@@ -161,24 +161,33 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("old.db");
         {
+            // A database of version 1, as the first release wrote it.
             let mut conn = Connection::open(&path).expect("open");
-            assert_eq!(migrate(&mut conn, MIGRATIONS).expect("v1"), 0);
+            assert_eq!(migrate(&mut conn, &MIGRATIONS[..1]).expect("v1"), 0);
             conn.execute("INSERT INTO sessions (client) VALUES ('kept')", [])
                 .expect("insert");
         }
         let mut conn = Connection::open(&path).expect("reopen");
         let newer: Vec<&str> = MIGRATIONS.iter().copied().chain([NEXT]).collect();
-        assert_eq!(migrate(&mut conn, &newer).expect("to v2"), 1);
+        assert_eq!(migrate(&mut conn, &newer).expect("to the newest"), 1);
         let version: u32 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
-        assert_eq!(version, 2);
+        assert_eq!(version, newer.len() as u32);
         let kept: String = conn
             .query_row("SELECT client FROM sessions", [], |r| r.get(0))
             .expect("row");
         assert_eq!(kept, "kept");
+        // Version 2's table is there, empty.
+        let wills: i64 = conn
+            .query_row("SELECT count(*) FROM wills", [], |r| r.get(0))
+            .expect("wills table");
+        assert_eq!(wills, 0);
         // Opening again with the same schema changes nothing.
-        assert_eq!(migrate(&mut conn, &newer).expect("no-op"), 2);
+        assert_eq!(
+            migrate(&mut conn, &newer).expect("no-op"),
+            newer.len() as u32
+        );
     }
 
     #[test]
