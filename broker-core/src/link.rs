@@ -620,6 +620,14 @@ impl Link {
 
     /// The client is gone: publish its will if `lost` (it did not
     /// disconnect normally), keep or discard its session, tell listeners.
+    /// The client deleted its will (normal DISCONNECT): forget it, in the
+    /// store too, before returning.
+    pub(crate) async fn delete_will(&mut self) {
+        if let Some(will) = self.will.take() {
+            forget_will(&self.core, &self.session.client_id, &will).await;
+        }
+    }
+
     pub(crate) async fn detach(mut self, lost: bool, reason: &str) {
         self.detached = true;
         finish_detach(
@@ -631,6 +639,18 @@ impl Link {
             reason.to_string(),
         )
         .await;
+    }
+}
+
+/// Delete `client`'s `will` from the store, once durable.
+async fn forget_will(core: &Core, client: &ClientId, will: &Will) {
+    let delete = PacketOp::DeleteWill {
+        client: client.clone(),
+        id: will.id(),
+    };
+    if let Err(e) = core.submit(vec![delete]).await {
+        // Still stored: published after the next restart.
+        warn!(client = %client, error = %e.report(), "could not delete the will");
     }
 }
 
@@ -646,16 +666,7 @@ async fn finish_detach(
 ) {
     match will {
         Some((will, true)) => core.schedule_will(Some(&session), will, client.clone()),
-        Some((will, false)) => {
-            let delete = PacketOp::DeleteWill {
-                client: session.client_id.clone(),
-                id: will.id(),
-            };
-            if let Err(e) = core.submit(vec![delete]).await {
-                // Still stored: published after the next restart.
-                warn!(client = %session.client_id, error = %e.report(), "could not delete the will");
-            }
-        }
+        Some((will, false)) => forget_will(&core, &session.client_id, &will).await,
         None => {}
     }
     core.disconnect(&session, attachment.connection_id).await;

@@ -255,6 +255,12 @@ impl Reader {
                 // Only a normal disconnection (0x00) deletes the will (MQTT 5
                 // section 3.1.2.5); 0x04 and the error codes publish it.
                 let will = d.reason_code != D::NormalDisconnection;
+                if !will {
+                    // Deleted in the store before the socket closes: a
+                    // client that saw its connection end cleanly never has
+                    // its will published by a broker that dies right after.
+                    self.link.delete_will().await;
+                }
                 return Err(Close::Graceful { will });
             }
             v5::Packet::Auth(a) => self.on_auth(a).await?,
