@@ -374,25 +374,7 @@ async fn connect_with_will(port: u16, id: &str, clean: bool) -> Mqtt {
             QoS::AtLeastOnce,
             false,
         ));
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 100);
-    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(event) = eventloop.poll().await {
-            if tx.send(event).is_err() {
-                break;
-            }
-        }
-    });
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
-            Ok(Some(Event::Incoming(Incoming::ConnAck(a)))) => {
-                assert_eq!(a.code, rumqttc::ConnectReturnCode::Success, "{id}");
-                return Mqtt { client, events };
-            }
-            Ok(Some(_)) => {}
-            other => panic!("{id}: no CONNACK ({other:?})"),
-        }
-    }
+    Mqtt::connect_options(o).await.0
 }
 
 /// Every will the watcher receives until 3 s pass without one (payloads, sorted).

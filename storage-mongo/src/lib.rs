@@ -288,6 +288,18 @@ impl std::fmt::Debug for MongoStore {
     }
 }
 
+/// Every document of `collection`, in `_id` order (read whole at start).
+async fn all_by_id(collection: &Collection<Document>) -> StorageResult<Vec<Document>> {
+    collection
+        .find(doc! {})
+        .sort(doc! { field::ID: 1 })
+        .await
+        .map_err(storage_error)?
+        .try_collect()
+        .await
+        .map_err(storage_error)
+}
+
 /// Why a database name is refused, if it is.
 fn invalid_database_name(name: &str) -> Option<&'static str> {
     if name.is_empty() {
@@ -899,16 +911,7 @@ impl PacketStore for MongoStore {
 
     async fn wills(&self) -> StorageResult<Vec<StoredWill>> {
         self.guard("a read of the stored wills", async {
-            let docs: Vec<Document> = self
-                .colls
-                .wills
-                .find(doc! {})
-                .sort(doc! { field::ID: 1 })
-                .await
-                .map_err(storage_error)?
-                .try_collect()
-                .await
-                .map_err(storage_error)?;
+            let docs = all_by_id(&self.colls.wills).await?;
             docs.into_iter().map(documents::will_from_doc).collect()
         })
         .await
@@ -972,16 +975,7 @@ impl SubscriptionStore for MongoStore {
 
     async fn load_sessions(&self) -> StorageResult<Vec<StoredSession>> {
         self.guard("a read of the sessions", async {
-            let records: Vec<Document> = self
-                .colls
-                .sessions
-                .find(doc! {})
-                .sort(doc! { field::ID: 1 })
-                .await
-                .map_err(storage_error)?
-                .try_collect()
-                .await
-                .map_err(storage_error)?;
+            let records = all_by_id(&self.colls.sessions).await?;
             let mut sessions = Vec::with_capacity(records.len());
             let mut index: HashMap<String, usize> = HashMap::with_capacity(records.len());
             for d in records {

@@ -174,6 +174,13 @@ impl Mqtt {
             .set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(1 << 20, 1 << 20)
             .set_inflight(32);
+        Self::connect_options(o).await
+    }
+
+    /// Connect with options of the test's own (a will, ...) and wait for
+    /// CONNACK; returns the client and session-present.
+    pub async fn connect_options(o: rumqttc::MqttOptions) -> (Mqtt, bool) {
+        let id = o.client_id();
         let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 1000);
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
