@@ -624,7 +624,7 @@ impl Link {
     /// store too, before returning.
     pub(crate) async fn delete_will(&mut self) {
         if let Some(will) = self.will.take() {
-            forget_will(&self.core, &self.session.client_id, &will).await;
+            self.core.forget_will(&self.session.client_id, &will).await;
         }
     }
 
@@ -642,18 +642,6 @@ impl Link {
     }
 }
 
-/// Delete `client`'s `will` from the store, once durable.
-async fn forget_will(core: &Core, client: &ClientId, will: &Will) {
-    let delete = PacketOp::DeleteWill {
-        client: client.clone(),
-        id: will.id(),
-    };
-    if let Err(e) = core.submit(vec![delete]).await {
-        // Still stored: published after the next restart.
-        warn!(client = %client, error = %e.report(), "could not delete the will");
-    }
-}
-
 /// `will` is the connection's will and whether it is published (the
 /// connection was lost) or deleted (normal DISCONNECT).
 async fn finish_detach(
@@ -666,7 +654,7 @@ async fn finish_detach(
 ) {
     match will {
         Some((will, true)) => core.schedule_will(Some(&session), will, client.clone()),
-        Some((will, false)) => forget_will(&core, &session.client_id, &will).await,
+        Some((will, false)) => core.forget_will(&session.client_id, &will).await,
         None => {}
     }
     core.disconnect(&session, attachment.connection_id).await;

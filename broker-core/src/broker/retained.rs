@@ -26,6 +26,13 @@ impl Core {
         }
     }
 
+    /// Sequence numbers a subscription's gate reserves for its retained
+    /// messages: as many as a session queue holds, so the reservation never
+    /// cuts off what the queue limit would keep.
+    pub(super) fn retained_slots(&self) -> usize {
+        self.config.max_queued_messages
+    }
+
     /// Queue the retained messages matching `filter` for `session` (after
     /// SUBACK), with the subscription's QoS and identifier, into the
     /// sequence numbers reserved behind `gate` by [`Core::subscribe`]; the
@@ -41,7 +48,7 @@ impl Core {
         let mut retained = self.storage.retained.lookup_retained(filter).await?;
         retained.sort_by(|a, b| a.topic.cmp(&b.topic));
         let now = now_ms();
-        let slots = self.config.max_queued_messages;
+        let slots = self.retained_slots();
         if retained.len() > slots {
             warn!(client = %session.client_id, filter, matched = retained.len(), max_queued_messages = slots,
                 "more retained messages match than a session queue holds: the first ones by topic are queued");

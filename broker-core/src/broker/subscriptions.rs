@@ -107,7 +107,7 @@ impl Core {
                 // With the trie still locked: no message routed through the
                 // new subscription can be queued before the gate.
                 let retained = (wanted && shared.is_none() && self.config.retain_available)
-                    .then(|| st.open_gate(self.config.max_queued_messages));
+                    .then(|| st.open_gate(self.retained_slots()));
                 outcomes.push(Ok(Granted {
                     qos: options.qos,
                     existed,

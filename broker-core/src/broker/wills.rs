@@ -111,6 +111,15 @@ impl Core {
         });
     }
 
+    /// The client deleted its will (normal DISCONNECT): delete it from the
+    /// store, returning once that is durable.
+    pub(crate) async fn forget_will(&self, client: &ClientId, will: &Will) {
+        if let Err(e) = self.submit(vec![delete_will(client, will.id())]).await {
+            // Still stored: published after the next restart.
+            warn!(client = %client, error = %e.report(), "could not delete the will");
+        }
+    }
+
     async fn publish_will(&self, will: Will, client: &Arc<ClientInfo>) {
         let delete = delete_will(&client.client_id, will.id());
         let mut message = will.message;
