@@ -77,11 +77,12 @@ impl Admitted {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
+        use futures::FutureExt;
         let Admitted { core, permit } = self;
-        core.spawn_connection(async move {
-            connection.await;
-            drop(permit);
-        });
+        // `map` rather than an `async` block awaiting `connection`: such a
+        // block holds the future twice (captured, then awaited), which
+        // doubled every connection's task (26 KB instead of 13 KB).
+        core.spawn_connection(connection.map(move |()| drop(permit)));
     }
 }
 

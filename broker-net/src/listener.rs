@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use broker_core::server::Peer;
 use broker_core::Broker;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
@@ -174,67 +175,70 @@ impl Listener {
         });
     }
 
+    /// Each transport's handshake and session run boxed, so that a
+    /// connection's task holds only what its transport needs: an idle TCP
+    /// client does not pay for the TLS and WebSocket states it never has.
     async fn handshake_and_serve(
         &self,
         stream: TcpStream,
         addr: SocketAddr,
         _place: Option<OwnedSemaphorePermit>,
     ) {
-        let within = self.broker.config().connect_timeout();
         let mut peer = Peer::new(addr, self.name.clone());
         peer.allow_anonymous = self.allow_anonymous;
-        let max_message = self.broker.config().max_packet_size as usize + WS_MESSAGE_SLACK;
         match (&self.tls, self.protocol.is_websocket()) {
-            (None, false) => self.broker.serve(stream, peer).await,
-            (None, true) => {
-                match tokio::time::timeout(within, ws::accept(stream, &self.path, max_message))
-                    .await
-                {
-                    Ok(Ok(ws)) => self.broker.serve(ws, peer).await,
-                    Ok(Err(e)) => self.refused(addr, format!("WebSocket upgrade failed: {e}")),
-                    Err(_) => self.refused(addr, "WebSocket upgrade timed out".into()),
-                }
-            }
-            (Some(tls), websocket) => {
-                let handshake = tls.acceptor().accept(stream);
-                let tls_stream = match tokio::time::timeout(within, handshake).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => return self.refused(addr, format!("TLS handshake failed: {e}")),
-                    Err(_) => return self.refused(addr, "TLS handshake timed out".into()),
-                };
-                if self.use_identity_as_username {
-                    let name = tls_stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .and_then(tls::common_name);
-                    match name {
-                        Some(n) => peer.certificate_identity = Some(n),
-                        None => {
-                            return self.refused(
-                                addr,
-                                "the client certificate has no Common Name to use as username"
-                                    .into(),
-                            )
-                        }
-                    }
-                }
-                if websocket {
-                    match tokio::time::timeout(
-                        within,
-                        ws::accept(tls_stream, &self.path, max_message),
+            (None, false) => Box::pin(self.broker.serve(stream, peer)).await,
+            (None, true) => Box::pin(self.serve_websocket(stream, peer)).await,
+            (Some(tls), websocket) => Box::pin(self.serve_tls(tls, stream, peer, websocket)).await,
+        }
+    }
+
+    /// The WebSocket upgrade on `stream` (TCP or TLS), then MQTT in it.
+    async fn serve_websocket<S>(&self, stream: S, peer: Peer)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let within = self.broker.config().connect_timeout();
+        let max_message = self.broker.config().max_packet_size as usize + WS_MESSAGE_SLACK;
+        let upgrade = Box::pin(ws::accept(stream, &self.path, max_message));
+        match tokio::time::timeout(within, upgrade).await {
+            Ok(Ok(ws)) => Box::pin(self.broker.serve(ws, peer)).await,
+            Ok(Err(e)) => self.refused(peer.addr, format!("WebSocket upgrade failed: {e}")),
+            Err(_) => self.refused(peer.addr, "WebSocket upgrade timed out".into()),
+        }
+    }
+
+    /// The TLS handshake, then MQTT (or a WebSocket upgrade) over it.
+    async fn serve_tls(&self, tls: &TlsReload, stream: TcpStream, mut peer: Peer, websocket: bool) {
+        let addr = peer.addr;
+        let within = self.broker.config().connect_timeout();
+        let handshake = Box::pin(tls.acceptor().accept(stream));
+        let tls_stream = match tokio::time::timeout(within, handshake).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return self.refused(addr, format!("TLS handshake failed: {e}")),
+            Err(_) => return self.refused(addr, "TLS handshake timed out".into()),
+        };
+        if self.use_identity_as_username {
+            let name = tls_stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(tls::common_name);
+            match name {
+                Some(n) => peer.certificate_identity = Some(n),
+                None => {
+                    return self.refused(
+                        addr,
+                        "the client certificate has no Common Name to use as username".into(),
                     )
-                    .await
-                    {
-                        Ok(Ok(ws)) => self.broker.serve(ws, peer).await,
-                        Ok(Err(e)) => self.refused(addr, format!("WebSocket upgrade failed: {e}")),
-                        Err(_) => self.refused(addr, "WebSocket upgrade timed out".into()),
-                    }
-                } else {
-                    self.broker.serve(tls_stream, peer).await
                 }
             }
+        }
+        if websocket {
+            Box::pin(self.serve_websocket(tls_stream, peer)).await
+        } else {
+            Box::pin(self.broker.serve(tls_stream, peer)).await
         }
     }
 

@@ -90,6 +90,8 @@ pub(crate) struct Stored {
     pub entries: HashMap<Key, MessageId>,
     /// Body ids known to be stored.
     pub bodies: HashSet<MessageId>,
+    /// `_id` of each stored entry read: what deletes and updates select by.
+    pub doc_ids: HashMap<Key, mongodb::bson::Bson>,
 }
 
 /// A queue entry the batch writes.
@@ -461,6 +463,7 @@ mod tests {
                 .map(|(client, seq, m)| ((c(client), *seq), *m))
                 .collect(),
             bodies: HashSet::new(),
+            doc_ids: HashMap::new(),
         }
     }
 

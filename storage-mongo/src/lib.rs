@@ -145,7 +145,7 @@ mod lease;
 mod txn;
 mod write;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -789,6 +789,24 @@ impl PacketStore for MongoStore {
     async fn write(&self, ops: Vec<PacketOp>) -> StorageResult<()> {
         if ops.is_empty() {
             return Ok(());
+        }
+        // Long queues lose their front in transactions of their own first
+        // (see `PurgeFront` for why, and what a crash between them leaves).
+        let mut purged = BTreeSet::new();
+        for op in &ops {
+            if let PacketOp::Purge { client } = op {
+                if !purged.insert(client) {
+                    continue;
+                }
+                // Each chunk within the operation timeout, so that a long
+                // purge makes progress however long it takes as a whole.
+                loop {
+                    let front = write::PurgeFront { client };
+                    if self.guard("a purge", self.fenced(true, front)).await? == 0 {
+                        break;
+                    }
+                }
+            }
         }
         let body = write::WriteBatch {
             ops: &ops,

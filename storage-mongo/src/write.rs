@@ -1,11 +1,11 @@
 //! Writing a batch of packet-store operations: the reads it needs, then its
 //! [`Plan`] as one bulk command per kind, all in the caller's transaction.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
-use broker_core::message::MessageId;
-use broker_core::storage::{PacketOp, PacketState};
+use broker_core::message::{MessageId, Seq};
+use broker_core::storage::{ClientId, PacketOp, PacketState};
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::ClientSession;
 
@@ -43,7 +43,7 @@ impl TxnBody for WriteBatch<'_> {
         let reads = Reads::of(self.ops, self.careful);
         let stored = read_stored(colls, s, &reads).await?;
         let plan = batch::plan(self.ops, &stored);
-        match execute(colls, s, &plan).await {
+        match execute(colls, s, &plan, &stored).await {
             Err(Abort::Mongo(e)) if !self.careful && is_duplicate_key(&e) => {
                 tracing::debug!(
                     "batch enqueues over a stored entry or a stored body; planning it again with reads"
@@ -114,7 +114,7 @@ async fn read_stored(
             .packets
             .find(any_of(alternatives))
             .projection(
-                doc! { field::ID: 0, field::CLIENT: 1, field::SEQ: 1, field::MESSAGE_ID: 1 },
+                doc! { field::ID: 1, field::CLIENT: 1, field::SEQ: 1, field::MESSAGE_ID: 1 },
             )
             .batch_size(READ_BATCH)
             .session(&mut *s)
@@ -128,6 +128,7 @@ async fn read_stored(
             .collect();
         while let Some(doc) = cursor.next(&mut *s).await {
             let mut doc = doc?;
+            let doc_id = doc.remove(field::ID);
             let mut f = Fields::new(&mut doc, "packets");
             let seq = f.u64(field::SEQ)?;
             let message = f.u64(field::MESSAGE_ID)?;
@@ -135,6 +136,9 @@ async fn read_stored(
             let Some(client) = clients.get(client.as_str()).cloned() else {
                 continue;
             };
+            if let Some(doc_id) = doc_id {
+                stored.doc_ids.insert((client.clone(), seq), doc_id);
+            }
             stored.entries.insert((client, seq), message);
         }
     }
@@ -165,19 +169,51 @@ fn is_entry(client: &str, seq: i64) -> Document {
     ] }
 }
 
+/// Filter alternatives selecting stored entries: one `_id: {$in}` for
+/// those whose `_id` was read (all of them, as plans are made), and a
+/// clause per session for any other, so the filter's size does not grow
+/// with the number of sessions a batch touches.
+fn stored_entries<'k>(
+    stored: &Stored,
+    keys: impl IntoIterator<Item = (&'k ClientId, &'k Seq)>,
+) -> Vec<Document> {
+    let mut ids = Vec::new();
+    let mut unknown: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    for (client, seq) in keys {
+        match stored.doc_ids.get(&(client.clone(), *seq)) {
+            Some(id) => ids.push(id.clone()),
+            None => unknown
+                .entry(&**client)
+                .or_default()
+                .extend(seq_values([seq])),
+        }
+    }
+    let mut alternatives = Vec::new();
+    if !ids.is_empty() {
+        alternatives.push(doc! { field::ID: { "$in": ids } });
+    }
+    alternatives.extend(by_client(field::SEQ, unknown));
+    alternatives
+}
+
 /// Write `plan`: deletions first, then inserts and updates.
-async fn execute(colls: &Collections, s: &mut ClientSession, plan: &Plan<'_>) -> Result<(), Abort> {
+async fn execute(
+    colls: &Collections,
+    s: &mut ClientSession,
+    plan: &Plan<'_>,
+    stored: &Stored,
+) -> Result<(), Abort> {
     if !plan.delete_queues.is_empty() || !plan.delete_entries.is_empty() {
         let mut alternatives = Vec::new();
         if !plan.delete_queues.is_empty() {
             let clients: Vec<&str> = plan.delete_queues.iter().map(|c| &**c).collect();
             alternatives.push(doc! { field::CLIENT: { "$in": clients } });
         }
-        alternatives.extend(by_client(
-            field::SEQ,
+        alternatives.extend(stored_entries(
+            stored,
             plan.delete_entries
                 .iter()
-                .map(|(c, seqs)| (&**c, seq_values(seqs))),
+                .flat_map(|(c, seqs)| seqs.iter().map(move |s| (c, s))),
         ));
         colls
             .packets
@@ -224,7 +260,7 @@ async fn execute(colls: &Collections, s: &mut ClientSession, plan: &Plan<'_>) ->
     // A `$switch` is evaluated branch by branch for each entry it updates:
     // chunks keep that linear in the batch size.
     for chunk in plan.set_states.chunks(SET_STATE_CHUNK) {
-        set_states(colls, s, chunk).await?;
+        set_states(colls, s, chunk, stored).await?;
     }
     if !plan.qos2_delete_clients.is_empty() || !plan.qos2_delete.is_empty() {
         let mut alternatives = Vec::new();
@@ -289,14 +325,13 @@ async fn execute(colls: &Collections, s: &mut ClientSession, plan: &Plan<'_>) ->
 async fn set_states(
     colls: &Collections,
     s: &mut ClientSession,
-    states: &[(broker_core::storage::ClientId, u64, PacketState)],
+    states: &[(ClientId, u64, PacketState)],
+    stored: &Stored,
 ) -> Result<(), Abort> {
     let mut state_branches = Vec::with_capacity(states.len());
     let mut packet_id_branches = Vec::with_capacity(states.len());
-    let mut keys: std::collections::BTreeMap<&str, Vec<i64>> = Default::default();
     for (client, seq, state) in states {
         let seq = to_i64(*seq, "sequence number")?;
-        keys.entry(&**client).or_default().push(seq);
         let (state, packet_id) = match state {
             PacketState::Queued => (STATE_QUEUED, Bson::String("$$REMOVE".into())),
             PacketState::Released { packet_id } => {
@@ -318,8 +353,68 @@ async fn set_states(
     } }];
     colls
         .packets
-        .update_many(any_of(by_client(field::SEQ, keys)), pipeline)
+        .update_many(
+            any_of(stored_entries(
+                stored,
+                states.iter().map(|(c, s, _)| (c, s)),
+            )),
+            pipeline,
+        )
         .session(&mut *s)
         .await?;
     Ok(())
+}
+
+/// Entries one transaction removes when a long queue is purged.
+pub(crate) const PURGE_CHUNK: usize = 1_000;
+
+/// The front of a purged queue longer than [`PURGE_CHUNK`]: its oldest
+/// `PURGE_CHUNK` entries removed (bodies released as by `Remove`) in a
+/// transaction of their own, before the batch that purges it. A queue of
+/// 100,000 entries purged inside the batch would make one transaction
+/// delete 100,000 documents and update as many bodies, past what a server
+/// lets one transaction hold ("transaction too large"), and fail every
+/// other client's operation merged into that batch, on every retry.
+///
+/// A queue of at most `PURGE_CHUNK` entries is left alone (`Ok(0)`): the
+/// batch purges it atomically with the rest. Returns the entries removed.
+pub(crate) struct PurgeFront<'c> {
+    pub client: &'c ClientId,
+}
+
+#[async_trait]
+impl TxnBody for PurgeFront<'_> {
+    type Output = usize;
+
+    async fn run(&mut self, colls: &Collections, s: &mut ClientSession) -> Result<usize, Abort> {
+        let limit = PURGE_CHUNK + 1;
+        let mut cursor = colls
+            .packets
+            .find(doc! { field::CLIENT: &**self.client })
+            .sort(doc! { field::SEQ: 1 })
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .projection(doc! { field::ID: 0, field::SEQ: 1 })
+            .batch_size(u32::try_from(limit).unwrap_or(READ_BATCH))
+            .session(&mut *s)
+            .await?;
+        let mut ops = Vec::with_capacity(limit);
+        while let Some(doc) = cursor.next(&mut *s).await {
+            let mut doc = doc?;
+            ops.push(PacketOp::Remove {
+                client: self.client.clone(),
+                seq: Fields::new(&mut doc, "packets").u64(field::SEQ)?,
+            });
+        }
+        if ops.len() <= PURGE_CHUNK {
+            return Ok(0);
+        }
+        ops.truncate(PURGE_CHUNK);
+        WriteBatch {
+            ops: &ops,
+            careful: false,
+        }
+        .run(colls, s)
+        .await?;
+        Ok(ops.len())
+    }
 }

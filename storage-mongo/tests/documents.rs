@@ -339,3 +339,53 @@ async fn many_state_changes_in_one_batch() {
             .expect("count");
     assert_eq!(stray, 0, "queued entries kept a PUBREL packet id");
 }
+
+/// A purge of a queue several times longer than what one transaction
+/// removes: the queue goes whole, its bodies with it, and the operations
+/// merged into the same batch (another session's enqueue, the purged
+/// session's new entry) are all applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_purge_goes_whole_with_the_rest_of_its_batch() {
+    let f = Fixture::new("purge").await;
+    let storage = f.store.storage();
+    let n = 2_500u64;
+    storage
+        .packets
+        .write((1..=n).map(|i| enqueue(i, "big", i)).collect())
+        .await
+        .expect("fill the long queue");
+    storage
+        .packets
+        .write(vec![enqueue(n + 1, "other", 1)])
+        .await
+        .expect("another session's entry");
+    storage
+        .packets
+        .write(vec![
+            enqueue(n + 2, "other", 2),
+            PacketOp::Purge {
+                client: Arc::from("big"),
+            },
+            enqueue(n + 3, "big", 1),
+        ])
+        .await
+        .expect("the batch with the purge");
+    let seqs = |page: Vec<broker_core::storage::QueuedPacket>| {
+        page.iter()
+            .map(|p| (p.seq, p.message.id))
+            .collect::<Vec<_>>()
+    };
+    let big = storage.packets.read_queue("big", None, 10_000).await;
+    assert_eq!(seqs(big.expect("read big")), vec![(1, n + 3)]);
+    let other = storage.packets.read_queue("other", None, 10).await;
+    assert_eq!(
+        seqs(other.expect("read other")),
+        vec![(1, n + 1), (2, n + 2)]
+    );
+    let bodies =
+        f.db.collection::<Document>("messages")
+            .count_documents(doc! {})
+            .await
+            .expect("count bodies");
+    assert_eq!(bodies, 3, "the purged entries' bodies went with them");
+}

@@ -191,6 +191,12 @@ fn connect_label(code: v5::ConnectAckReason) -> ConnectLabel {
 
 /// Serve one client on `stream` until it ends. `transport` names it in
 /// logs, events and hooks.
+///
+/// Every step that is not the idle wait is awaited boxed: a future is as
+/// large as the largest step it contains, and this one lives as long as
+/// the connection, so inline steps (the handshake, attach, detach) would
+/// cost every idle connection their size for its whole life. A box per
+/// step is an allocation per connection, not per packet.
 pub(crate) async fn handle<S>(core: Arc<Core>, stream: S, transport: Peer)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -217,11 +223,11 @@ where
         protocol,
         mut connect,
         bridge,
-    } = match read_connect(&core, &mut framed, &mut write, deadline).await {
+    } = match Box::pin(read_connect(&core, &mut framed, &mut write, deadline)).await {
         Ok(h) => h,
         Err(reason) => {
             refused(None, ConnectLabel::Protocol, reason);
-            linger(&core, &mut framed, Some(&mut write)).await;
+            Box::pin(linger(&core, &mut framed, Some(&mut write))).await;
             return;
         }
     };
@@ -234,27 +240,27 @@ where
     {
         Ok(w) => w,
         Err((code, why)) => {
-            let reason = refuse(&mut write, protocol, code, &why).await;
+            let reason = Box::pin(refuse(&mut write, protocol, code, &why)).await;
             refused(Some(&named), connect_label(code), reason);
-            linger(&core, &mut framed, Some(&mut write)).await;
+            Box::pin(linger(&core, &mut framed, Some(&mut write))).await;
             return;
         }
     };
-    let auth = match authenticate(
+    let auth = match Box::pin(authenticate(
         &core,
         &mut framed,
         &mut write,
         &named,
         &mut connect,
         deadline,
-    )
+    ))
     .await
     {
         Ok(a) => a,
         Err(reason) => {
             // Enhanced authentication's refusals, whatever their code.
             refused(Some(&named), ConnectLabel::NotAuthorized, reason);
-            linger(&core, &mut framed, Some(&mut write)).await;
+            Box::pin(linger(&core, &mut framed, Some(&mut write))).await;
             return;
         }
     };
@@ -289,7 +295,7 @@ where
         authenticated: auth.is_some(),
         bridge,
     };
-    let attached = match core.attach(request).await {
+    let attached = match Box::pin(core.attach(request)).await {
         Ok(a) => a,
         Err(e) => {
             use v5::ConnectAckReason as R;
@@ -302,9 +308,9 @@ where
             if let AttachError::Storage(e) = &e {
                 warn!(%peer, client = %named, error = %e.report(), "cannot open session: storage failed");
             }
-            let reason = refuse(&mut write, protocol, code, &e.to_string()).await;
+            let reason = Box::pin(refuse(&mut write, protocol, code, &e.to_string())).await;
             refused(Some(&named), connect_label(code), reason);
-            linger(&core, &mut framed, Some(&mut write)).await;
+            Box::pin(linger(&core, &mut framed, Some(&mut write))).await;
             return;
         }
     };
@@ -355,7 +361,7 @@ where
                 .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         }
         Err(_) => {
-            link.detach(false, "write of CONNACK failed").await;
+            Box::pin(link.detach(false, "write of CONNACK failed")).await;
             return;
         }
     }
@@ -399,9 +405,7 @@ where
         bridge,
     );
     let keep_alive = Duration::from_millis(u64::from(keep_alive) * 1500);
-    let close = reader
-        .run(&mut framed, keep_alive, &kick, stop_writer.clone())
-        .await;
+    let close = Box::pin(reader.run(&mut framed, keep_alive, &kick, stop_writer.clone())).await;
 
     // Say why (MQTT 5), then close the socket; a client that does not read
     // does not hold the connection open.
@@ -409,7 +413,7 @@ where
         Protocol::V5 => close.disconnect_packet(),
         Protocol::V3 => None,
     };
-    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, reader.close(goodbye)).await;
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, Box::pin(reader.close(goodbye))).await;
     let link = reader.into_link();
     if tokio::time::timeout(GOODBYE_TIMEOUT, &mut writer)
         .await
@@ -418,8 +422,7 @@ where
         stop_writer.cancel();
         let _ = writer.await;
     }
-    link.detach(close.publishes_will(), &close.to_string())
-        .await;
+    Box::pin(link.detach(close.publishes_will(), &close.to_string())).await;
     core.stats().disconnects.bump(close.label() as usize);
     match &close {
         Close::Violation(..) | Close::Storage(_) => {
@@ -429,7 +432,12 @@ where
     }
     if close.lingers() {
         // The writer has shut the write side after its last packet.
-        linger::<_, tokio::io::WriteHalf<S>>(&core, &mut framed, None).await;
+        Box::pin(linger::<_, tokio::io::WriteHalf<S>>(
+            &core,
+            &mut framed,
+            None,
+        ))
+        .await;
     }
 }
 
