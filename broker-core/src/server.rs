@@ -100,11 +100,19 @@ impl Broker {
 
     /// Serve one MQTT client on `stream` (any byte stream: TCP, TLS,
     /// WebSocket) until it ends.
-    pub async fn serve<S>(&self, stream: S, peer: Peer)
+    ///
+    /// A plain function returning the connection's future rather than an
+    /// `async fn` wrapping it, which would carry `stream` and `peer` a
+    /// second time for the connection's whole life.
+    pub fn serve<S>(
+        &self,
+        stream: S,
+        peer: Peer,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        connection::handle(self.core().clone(), stream, peer).await
+        connection::handle(self.core().clone(), stream, peer)
     }
 
     /// Resolves once the broker begins to shut down: listeners stop accepting.

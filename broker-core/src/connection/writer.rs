@@ -1,4 +1,5 @@
-//! The writer task: control packets first, then the link's outbox in order.
+//! The writer: control packets first, then the link's outbox in order. It
+//! runs as a second future of the connection's task, beside the reader.
 
 use std::num::NonZeroU32;
 
