@@ -114,6 +114,24 @@ fn scenario_name(r: &RunResult) -> String {
     )
 }
 
+/// A scenario name short enough for an axis label, keeping what tells
+/// the rows of one scenario apart: `fan-out QoS 1 (1 → 50, 16384 B)` is
+/// `fan-out q1 1→50 16K`.
+fn short_name(name: &str) -> String {
+    let (head, shape) = name.split_once(" (").unwrap_or((name, ""));
+    let head = head.replace(" QoS ", " q");
+    let (shape, rest) = shape.split_once(')').unwrap_or((shape, ""));
+    let Some((flow, payload)) = shape.split_once(", ") else {
+        return head;
+    };
+    let payload = match payload.trim_end_matches(" B").parse::<u64>() {
+        Ok(b) if b >= 1024 && b % 1024 == 0 => format!("{}K", b / 1024),
+        Ok(b) => format!("{b}B"),
+        Err(_) => payload.to_owned(),
+    };
+    format!("{head} {} {payload}{rest}", flow.replace(" → ", "→"))
+}
+
 /// How a persistent run spreads its messages: every message to every
 /// subscriber, or one topic (one session) per message.
 fn persistent_pattern(r: &RunResult) -> String {
@@ -315,7 +333,9 @@ fn throughput_chart(path: &Path, runs: &[&RunResult], labels: &[String]) -> Resu
     let rows = by_scenario(runs.iter().copied());
     let names: Vec<&String> = rows.keys().collect();
     let top = runs.iter().map(|r| r.delivered_per_s).fold(1.0, f64::max) * 1.15;
-    let root = SVGBackend::new(path, (1100, 520)).into_drawing_area();
+    // At least 130 px per group, so that the axis labels do not overlap.
+    let width = 1100.max(130 * names.len() as u32 + 100);
+    let root = SVGBackend::new(path, (width, 520)).into_drawing_area();
     root.fill(&WHITE)?;
     let groups = names.len().max(1) as f64;
     let mut chart = ChartBuilder::on(&root)
@@ -338,7 +358,7 @@ fn throughput_chart(path: &Path, runs: &[&RunResult], labels: &[String]) -> Resu
             }
             names
                 .get(x.floor() as usize)
-                .map(|n| n.split(" (").next().unwrap_or(n).to_owned())
+                .map(|n| short_name(n))
                 .unwrap_or_default()
         })
         .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
@@ -453,4 +473,26 @@ fn latency_chart(path: &Path, runs: &[&RunResult], labels: &[String]) -> Result<
     root.present()
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_name;
+
+    #[test]
+    fn axis_labels_keep_what_tells_rows_apart() {
+        assert_eq!(
+            short_name("fan-out QoS 1 (1 → 50, 16384 B)"),
+            "fan-out q1 1→50 16K"
+        );
+        assert_eq!(
+            short_name("fan-in QoS 0 (4 → 1, 64 B)"),
+            "fan-in q0 4→1 64B"
+        );
+        assert_eq!(
+            short_name("pairs QoS 1 (1 → 1, 64 B) at 2000 msg/s"),
+            "pairs q1 1→1 64B at 2000 msg/s"
+        );
+        assert_eq!(short_name("conn"), "conn");
+    }
 }

@@ -156,8 +156,13 @@ pub fn latency_histogram() -> Histogram<u64> {
 /// Everything one subscriber measured.
 #[derive(Debug, Clone)]
 pub struct SubscriberStats {
-    /// Per stream id; `None` for streams never seen.
-    pub streams: Vec<Option<StreamTrack>>,
+    /// Per stream id, for the streams that delivered anything: sparse, as
+    /// a run with a topic per session has streams = publishers x sessions,
+    /// and a dense table per subscriber would be quadratic (24 GB at
+    /// 10,000 sessions).
+    pub streams: std::collections::HashMap<u32, StreamTrack>,
+    /// Stream ids run from 0 to this (exclusive).
+    pub nstreams: usize,
     /// Latency of deliveries whose payload was sent in the measured window, µs.
     pub latency_us: Histogram<u64>,
     /// Every PUBLISH of this run received (duplicates included).
@@ -180,7 +185,8 @@ impl SubscriberStats {
     /// Empty stats for a run with `streams` streams.
     pub fn new(streams: usize) -> SubscriberStats {
         SubscriberStats {
-            streams: vec![None; streams],
+            streams: std::collections::HashMap::new(),
+            nstreams: streams,
             latency_us: latency_histogram(),
             delivered: 0,
             delivered_in_window: 0,
@@ -199,28 +205,24 @@ impl SubscriberStats {
             self.foreign += 1;
             return None;
         }
-        let Some(slot) = self.streams.get_mut(stream as usize) else {
+        if stream as usize >= self.nstreams {
             self.unexpected += 1;
             return None;
-        };
+        }
         self.delivered += 1;
         self.first_ns.get_or_insert(now_ns);
         self.last_ns = Some(now_ns);
-        Some(slot.get_or_insert_with(StreamTrack::default).record(seq))
+        Some(self.streams.entry(stream).or_default().record(seq))
     }
 
     /// The track of `stream`, if anything arrived on it.
     pub fn track(&self, stream: u32) -> Option<&StreamTrack> {
-        self.streams.get(stream as usize).and_then(Option::as_ref)
+        self.streams.get(&stream)
     }
 
     /// Distinct deliveries over all streams.
     pub fn distinct(&self) -> u64 {
-        self.streams
-            .iter()
-            .flatten()
-            .map(StreamTrack::distinct)
-            .sum()
+        self.streams.values().map(StreamTrack::distinct).sum()
     }
 }
 
@@ -260,7 +262,7 @@ pub fn account(
 ) -> Accounting {
     let mut a = Accounting::default();
     for (sub, wanted) in subscribers.iter().zip(routes) {
-        for track in sub.streams.iter().flatten() {
+        for track in sub.streams.values() {
             a.duplicates += track.duplicates;
             a.order_violations += track.order_violations;
         }

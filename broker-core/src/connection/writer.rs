@@ -50,6 +50,10 @@ pub(super) async fn run<S>(
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
     let mut aliases = OutboundAliases::new(topic_alias_max);
+    // One cancellation future for the whole run, not one per turn (each
+    // registers a waiter under the token's lock).
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let mut last = None;
         while let Ok(c) = control.try_recv() {
@@ -89,7 +93,7 @@ pub(super) async fn run<S>(
                         return;
                     }
                 }
-                _ = stop.cancelled() => return,
+                _ = &mut stopped => return,
             }
             buf.clear();
             if buf.capacity() > 4 * WRITE_BUDGET {
@@ -112,11 +116,11 @@ pub(super) async fn run<S>(
                     return;
                 }
             }
-            _ = stop.cancelled() => return,
+            _ = &mut stopped => return,
         }
         tokio::select! {
             biased;
-            _ = stop.cancelled() => {
+            _ = &mut stopped => {
                 let _ = write.flush().await;
                 return;
             }
