@@ -96,9 +96,10 @@ impl Reader {
         // Back-pressure: stop reading while this many acknowledgements wait.
         let max_pending = usize::from(self.link.core().config().receive_maximum);
         // Made once and polled again on every turn of the loop: a fresh
-        // cancellation future or timer per packet registers (and
-        // unregisters) a waiter under a lock each time, which was a tenth
-        // of the broker's time in a QoS 0 fan-in.
+        // cancellation future or timer per packet registers and
+        // unregisters a waiter (a timer entry) under a lock each time
+        // (the `Notified` drops alone were 1.6 % of the broker's samples
+        // in a QoS 0 fan-in).
         let kicked = kick.cancelled();
         let shutting_down = shutdown.cancelled();
         let stopped = writer_stopped.cancelled();
