@@ -207,8 +207,9 @@ impl Reader {
     /// One packet from the client. Every branch that awaits more than a
     /// send is boxed: this future is part of the reader loop's, which an
     /// idle connection holds for its whole life, and inline it would be as
-    /// large as the largest branch (2.5 KB, the publish path). A box per
-    /// PUBLISH received costs less than a kilobyte per idle client.
+    /// large as the largest branch (2.5 KB, the publish path). The price is
+    /// one allocation per PUBLISH received, for 1.8 KB less held by every
+    /// idle connection.
     async fn on_packet(&mut self, packet: v5::Packet) -> Result<(), Close> {
         match packet {
             v5::Packet::Publish(p) => Box::pin(self.on_publish(*p)).await?,
