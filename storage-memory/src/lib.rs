@@ -56,8 +56,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use broker_core::message::{Message, MessageId, Seq};
 use broker_core::storage::{
-    ClientId, Delivery, PacketOp, PacketState, PacketStore, QueuedPacket, RetainedStore,
-    SessionRecord, Storage, StorageError, StorageResult, StoredSession, StoredWill,
+    ClientId, Delivery, PacketOp, PacketState, PacketStore, QueueBounds, QueuedPacket,
+    RetainedStore, SessionRecord, Storage, StorageError, StorageResult, StoredSession, StoredWill,
     SubscriptionRecord, SubscriptionStore,
 };
 use broker_core::subscription::SubscriptionOptions;
@@ -308,6 +308,18 @@ impl PacketStore for MemoryStore {
             });
         }
         Ok(out)
+    }
+
+    async fn queue_bounds(&self, client: &str) -> StorageResult<QueueBounds> {
+        let packets = self.packets.lock();
+        Ok(packets
+            .queues
+            .get(client)
+            .map(|q| QueueBounds {
+                len: q.entries.len() as u64,
+                last: q.entries.keys().next_back().copied(),
+            })
+            .unwrap_or_default())
     }
 
     async fn incoming_qos2(&self, client: &str) -> StorageResult<Vec<u16>> {

@@ -153,8 +153,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use broker_core::message::{Message, MessageId, Seq};
 use broker_core::storage::{
-    BodyCache, PacketOp, PacketStore, QueuedPacket, RetainedStore, SessionRecord, Storage,
-    StorageError, StorageResult, StoredSession, StoredWill, SubscriptionRecord, SubscriptionStore,
+    BodyCache, PacketOp, PacketStore, QueueBounds, QueuedPacket, RetainedStore, SessionRecord,
+    Storage, StorageError, StorageResult, StoredSession, StoredWill, SubscriptionRecord,
+    SubscriptionStore,
 };
 use broker_core::topic;
 use futures::TryStreamExt;
@@ -856,6 +857,37 @@ impl PacketStore for MongoStore {
                 StorageError::corrupt(format!(
                     "a queue entry of client {client:?} points at a message body that is not stored"
                 ))
+            })
+        })
+        .await
+    }
+
+    async fn queue_bounds(&self, client: &str) -> StorageResult<QueueBounds> {
+        self.guard("a read of a queue's length", async {
+            let pipeline = vec![
+                doc! { "$match": { field::CLIENT: client } },
+                doc! { "$group": {
+                    "_id": null,
+                    "len": { "$sum": 1 },
+                    "last": { "$max": format!("${}", field::SEQ) },
+                } },
+            ];
+            let docs: Vec<Document> = self
+                .colls
+                .packets
+                .aggregate(pipeline)
+                .await
+                .map_err(storage_error)?
+                .try_collect()
+                .await
+                .map_err(storage_error)?;
+            let Some(mut d) = docs.into_iter().next() else {
+                return Ok(QueueBounds::default());
+            };
+            let f = Fields::new(&mut d, "packets");
+            Ok(QueueBounds {
+                len: f.u64("len")?,
+                last: f.opt_u64("last")?,
             })
         })
         .await

@@ -172,8 +172,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use broker_core::message::{Message, MessageId, Seq};
 use broker_core::storage::{
-    BodyCache, PacketOp, PacketStore, QueuedPacket, RetainedStore, SessionRecord, Storage,
-    StorageError, StorageResult, StoredSession, StoredWill, SubscriptionRecord, SubscriptionStore,
+    BodyCache, PacketOp, PacketStore, QueueBounds, QueuedPacket, RetainedStore, SessionRecord,
+    Storage, StorageError, StorageResult, StoredSession, StoredWill, SubscriptionRecord,
+    SubscriptionStore,
 };
 use broker_core::topic;
 use bytes::Bytes;
@@ -1104,6 +1105,28 @@ impl PacketStore for RedisStore {
             });
         }
         Ok(out)
+    }
+
+    async fn queue_bounds(&self, client: &str) -> StorageResult<QueueBounds> {
+        let mut conn = self.conn.clone();
+        let queue = self.keys.queue(client);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("ZCARD")
+            .arg(&queue)
+            .cmd("ZRANGE")
+            .arg(&queue)
+            .arg(-1)
+            .arg(-1)
+            .arg("WITHSCORES");
+        let (len, last): (u64, Vec<(String, f64)>) = self.call(pipe.query_async(&mut conn)).await?;
+        let last = match last.first() {
+            None => None,
+            Some((member, _)) => Some(member.parse::<Seq>().map_err(|_| {
+                corrupt(&format!("queue of {client:?}"), format!("seq {member:?}"))
+            })?),
+        };
+        Ok(QueueBounds { len, last })
     }
 
     async fn incoming_qos2(&self, client: &str) -> StorageResult<Vec<u16>> {

@@ -76,8 +76,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use broker_core::message::{Message, MessageId, Seq};
 use broker_core::storage::{
-    PacketOp, PacketStore, QueuedPacket, RetainedStore, SessionRecord, Storage, StorageResult,
-    StoredSession, StoredWill, SubscriptionRecord, SubscriptionStore,
+    PacketOp, PacketStore, QueueBounds, QueuedPacket, RetainedStore, SessionRecord, Storage,
+    StorageResult, StoredSession, StoredWill, SubscriptionRecord, SubscriptionStore,
 };
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
@@ -252,6 +252,13 @@ impl PacketStore for SqliteStore {
         let client = client.to_owned();
         self.worker
             .call(move |db| sql::read_queue(&db.conn, &mut db.cache, &client, after, limit))
+            .await
+    }
+
+    async fn queue_bounds(&self, client: &str) -> StorageResult<QueueBounds> {
+        let client = client.to_owned();
+        self.worker
+            .call(move |db| sql::queue_bounds(&db.conn, &client))
             .await
     }
 

@@ -6,8 +6,8 @@ use std::sync::{Arc, LazyLock};
 
 use broker_core::message::{Message, MessageId, Seq};
 use broker_core::storage::{
-    BodyCache, PacketOp, QueueTarget, QueuedPacket, SessionRecord, StoredSession, StoredWill,
-    SubscriptionRecord,
+    BodyCache, PacketOp, QueueBounds, QueueTarget, QueuedPacket, SessionRecord, StoredSession,
+    StoredWill, SubscriptionRecord,
 };
 use broker_core::topic;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -228,6 +228,18 @@ fn purge(conn: &Connection, client: &str) -> rusqlite::Result<()> {
 }
 
 /// Up to `limit` entries of a queue after `after`, in sequence order.
+/// Length and last seq of a queue: a range of the primary key, no body read.
+pub(crate) fn queue_bounds(conn: &Connection, client: &str) -> rusqlite::Result<QueueBounds> {
+    let mut stmt =
+        conn.prepare_cached("SELECT count(*), max(seq) FROM packets WHERE client = ?1")?;
+    stmt.query_row(params![client], |r| {
+        Ok(QueueBounds {
+            len: r.get::<_, i64>(0)? as u64,
+            last: r.get::<_, Option<i64>>(1)?.map(|s| s as u64),
+        })
+    })
+}
+
 pub(crate) fn read_queue(
     conn: &Connection,
     cache: &mut BodyCache,

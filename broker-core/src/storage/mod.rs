@@ -445,6 +445,26 @@ pub struct QueuedPacket {
     pub state: PacketState,
 }
 
+/// How long a stored queue is and where it ends: what the broker reads of
+/// a queue at start, so that the entries themselves stay in the store until
+/// the session's client comes back (see [`PacketStore::queue_bounds`]).
+///
+/// ```
+/// use broker_core::storage::QueueBounds;
+/// let empty = QueueBounds::default();
+/// assert_eq!((empty.len, empty.last), (0, None));
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueBounds {
+    /// Entries in the queue, in flight included.
+    pub len: u64,
+    /// The greatest sequence number in it; `None` when it is empty.
+    pub last: Option<Seq>,
+}
+
+/// Entries the default [`PacketStore::queue_bounds`] reads per page.
+const BOUNDS_PAGE: usize = 1000;
+
 /// Per-session queues of QoS 1/2 messages (Mosca's `packets` collection).
 #[async_trait]
 pub trait PacketStore: Send + Sync + 'static {
@@ -459,6 +479,25 @@ pub trait PacketStore: Send + Sync + 'static {
         after: Option<Seq>,
         limit: usize,
     ) -> StorageResult<Vec<QueuedPacket>>;
+
+    /// The length and last sequence number of `client`'s queue, without
+    /// its entries: the broker reads this of every queue at start and the
+    /// entries only when their session's client is back. The default reads
+    /// the queue page by page; adapters answer it with one query.
+    async fn queue_bounds(&self, client: &str) -> StorageResult<QueueBounds> {
+        let mut bounds = QueueBounds::default();
+        loop {
+            let page = self.read_queue(client, bounds.last, BOUNDS_PAGE).await?;
+            let Some(last) = page.last() else {
+                return Ok(bounds);
+            };
+            bounds.last = Some(last.seq);
+            bounds.len += page.len() as u64;
+            if page.len() < BOUNDS_PAGE {
+                return Ok(bounds);
+            }
+        }
+    }
 
     /// Packet ids of incoming QoS 2 messages of `client` awaiting PUBREL.
     async fn incoming_qos2(&self, client: &str) -> StorageResult<Vec<u16>>;

@@ -73,8 +73,8 @@ use crate::storage::Storage;
 pub use queue::{
     batch_atomic_visibility, batch_order, body_handed_over, fan_out_enqueue, incoming_qos2,
     last_message_id_monotonic, message_properties_round_trip, paging, purge_only_that_session,
-    queue_isolation, queue_order_concurrent, remove_in_middle, remove_unknown_is_noop,
-    seq_numeric_order, set_state_released,
+    queue_bounds, queue_isolation, queue_order_concurrent, remove_in_middle,
+    remove_unknown_is_noop, seq_numeric_order, set_state_released,
 };
 pub use retained::{
     retained_properties_round_trip, retained_set_replace_delete, retained_wildcards,
@@ -135,6 +135,7 @@ macro_rules! conformance_tests {
                 remove_in_middle,
                 remove_unknown_is_noop,
                 paging,
+                queue_bounds,
                 set_state_released,
                 purge_only_that_session,
                 incoming_qos2,

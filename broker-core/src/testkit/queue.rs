@@ -11,7 +11,7 @@ use super::support::{
 };
 use super::StoreFactory;
 use crate::message::{MessageId, QoS, Seq};
-use crate::storage::{ClientId, Delivery, PacketOp, PacketState, QueueTarget};
+use crate::storage::{ClientId, Delivery, PacketOp, PacketState, QueueBounds, QueueTarget};
 
 /// Ordering under concurrency: 10,000 messages across 100 sessions, written
 /// by 8 tasks at once in batches of 1 to 16 operations, one message in ten
@@ -472,6 +472,63 @@ pub async fn remove_in_middle<F: StoreFactory + ?Sized>(factory: &F) {
         seqs(&read_all(&storage, &b).await),
         (1..=10).collect::<Vec<_>>(),
         "another session with the same seqs was affected"
+    );
+    factory.close(storage).await;
+}
+
+/// `queue_bounds` gives a queue's length and its greatest seq, compared as
+/// numbers (10 after 9, 2^40 after both), through removals at either end,
+/// a state change and a purge; an unknown or emptied queue has none, and
+/// another session's queue does not count.
+pub async fn queue_bounds<F: StoreFactory + ?Sized>(factory: &F) {
+    let storage = factory.open().await;
+    let a = client("bounds");
+    let other = client("bounds-other");
+    let bounds = |len: u64, last: Option<Seq>| QueueBounds { len, last };
+    let read = |c: ClientId| {
+        let storage = storage.clone();
+        async move { ok(storage.packets.queue_bounds(&c).await, "queue_bounds") }
+    };
+    assert_eq!(read(a.clone()).await, bounds(0, None), "an unknown queue");
+
+    let big: Seq = 1 << 40;
+    let mut ops: Vec<PacketOp> = [2, 9, 10, big]
+        .iter()
+        .map(|s| enqueue_one(&a, *s, *s))
+        .collect();
+    ops.push(enqueue_one(&other, big + 5, big + 5));
+    write(&storage, ops, "enqueue").await;
+    assert_eq!(read(a.clone()).await, bounds(4, Some(big)), "four entries");
+    assert_eq!(read(other.clone()).await, bounds(1, Some(big + 5)));
+
+    write(&storage, vec![remove(&a, big)], "remove the last").await;
+    assert_eq!(
+        read(a.clone()).await,
+        bounds(3, Some(10)),
+        "10 is after 9 as a number"
+    );
+    write(
+        &storage,
+        vec![
+            remove(&a, 2),
+            set_state(&a, 9, PacketState::Released { packet_id: 9 }),
+        ],
+        "remove the first, release one",
+    )
+    .await;
+    assert_eq!(read(a.clone()).await, bounds(2, Some(10)));
+
+    write(
+        &storage,
+        vec![PacketOp::Purge { client: a.clone() }],
+        "purge",
+    )
+    .await;
+    assert_eq!(read(a.clone()).await, bounds(0, None), "after a purge");
+    assert_eq!(
+        read(other.clone()).await,
+        bounds(1, Some(big + 5)),
+        "another session's queue after a purge"
     );
     factory.close(storage).await;
 }
