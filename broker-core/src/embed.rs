@@ -200,6 +200,8 @@ pub struct StatsSnapshot {
     pub connections_over_rate: u64,
     /// Store writes that failed.
     pub storage_errors: u64,
+    /// Reads of a page of a stored queue that failed (each is retried).
+    pub page_read_errors: u64,
     /// Clients attached now.
     pub clients_connected: u64,
     /// The most clients attached at once.
@@ -230,7 +232,10 @@ pub struct SessionInfo {
     pub expiry_secs: Option<u64>,
     /// Messages queued, in flight included.
     pub queued: usize,
-    /// Bytes charged for them.
+    /// Of those, the ones still in the store only (restored at start and
+    /// not read yet: read page by page once the client is back).
+    pub queued_in_store: usize,
+    /// Bytes charged for the queued messages in memory.
     pub queued_bytes: usize,
     /// Deliveries sent and not yet acknowledged.
     pub in_flight: usize,
@@ -276,7 +281,9 @@ pub struct Metrics {
     pub sessions_offline: u64,
     /// Messages queued in every session (in flight included).
     pub queued_messages: u64,
-    /// Bytes charged for them.
+    /// Of those, the ones still in the store only (not read since the start).
+    pub queued_in_store: u64,
+    /// Bytes charged for the queued messages in memory.
     pub queued_bytes: u64,
     /// Deliveries sent and not yet acknowledged.
     pub in_flight: u64,
@@ -332,6 +339,7 @@ fn session_info(s: &Session) -> SessionInfo {
         persistent: st.persistent(),
         expiry_secs: st.expiry_secs(),
         queued: st.queue_len(),
+        queued_in_store: st.unread_len(),
         queued_bytes: st.queued_bytes(),
         in_flight: st.in_flight(),
         subscriptions: subscription_qos.iter().map(|(f, _)| f.clone()).collect(),
@@ -438,6 +446,7 @@ impl Broker {
             connections_over_limit: get(&s.connections_over_limit),
             connections_over_rate: get(&s.connections_over_rate),
             storage_errors: get(&s.storage_errors),
+            page_read_errors: get(&s.page_read_errors),
             clients_connected: get(&s.clients_connected),
             clients_maximum: get(&s.clients_maximum),
             authentication_failures: get(&s.authentication_failures),
@@ -464,6 +473,7 @@ impl Broker {
             sessions_online: 0,
             sessions_offline: 0,
             queued_messages: 0,
+            queued_in_store: 0,
             queued_bytes: 0,
             in_flight: 0,
             commit_batch_ops: s.histograms.commit_ops.snapshot(1.0),
@@ -487,6 +497,7 @@ impl Broker {
                 None => m.sessions_offline += 1,
             }
             m.queued_messages += st.queue_len() as u64;
+            m.queued_in_store += st.unread_len() as u64;
             m.queued_bytes += st.queued_bytes() as u64;
             m.in_flight += st.in_flight() as u64;
         }

@@ -27,6 +27,7 @@ use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::broker::paging;
 use crate::broker::{
     Core, Granted, Origin, SessionExpiry, Stats, SubscribeRefusal, Unsubscribed, Will,
 };
@@ -703,10 +704,15 @@ impl Outbox {
     /// Messages the delivery authorization denies are dropped here, as if
     /// delivered. Returns true when it stopped at the budget with more to send.
     pub(crate) fn take(&mut self, budget: usize, out: &mut Vec<Outgoing>) -> bool {
-        let more = self
-            .session
-            .lock()
-            .next_outgoing(self.max_inflight, budget, out, &mut self.ops);
+        let (more, page) = {
+            let mut st = self.session.lock();
+            let more = st.next_outgoing(self.max_inflight, budget, out, &mut self.ops);
+            let ahead = self.max_inflight + paging::READ_AHEAD;
+            (more, st.page_wanted(ahead, paging::PAGE))
+        };
+        if let Some(request) = page {
+            self.core.read_page(self.session.clone(), request);
+        }
         if let Some(hook) = &self.core.hooks().authorize {
             out.retain(|o| {
                 let Outgoing::Publish {

@@ -12,6 +12,16 @@
 //!
 //! Packet ids are per-connection in-flight state mapped to sequence numbers;
 //! they are never used to find a stored message.
+//!
+//! # Queues left in the store
+//! A session restored at start holds none of its stored entries, only how
+//! many there are and the last one's seq ([`Unread`]). Its queue in memory
+//! is then the entries read so far (seqs up to the cursor) and those queued
+//! since the start (after the stored ones); the store's part lies between,
+//! so the rule above covers it: nothing is sent past the cursor until the
+//! pages behind it are read, which [`SessionState::page_wanted`] asks for
+//! as the client's window drains. Memory holds the online sessions'
+//! windows, not the backlog.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -23,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{BrokerConfig, OverflowPolicy};
 use crate::hooks::ClientInfo;
 use crate::message::{now_ms, Message, MessageId, QoS, Seq};
-use crate::storage::{ClientId, Delivery, PacketOp, PacketState, QueuedPacket};
+use crate::storage::{ClientId, Delivery, PacketOp, PacketState, QueueBounds, QueuedPacket};
 use crate::subscription::SubscriptionOptions;
 
 /// Delivery state of one queue entry.
@@ -163,6 +173,42 @@ pub enum Enqueued {
     Skipped,
 }
 
+/// The stored entries of a restored session that are not read yet: every
+/// entry with a seq in `(cursor, until]` is in the store and none is in the
+/// queue, which holds those up to `cursor` and those after `until`.
+#[derive(Debug)]
+struct Unread {
+    /// The last seq read (0 before the first page; seqs start at 1).
+    cursor: Seq,
+    /// The last seq in the store at start.
+    until: Seq,
+    /// Entries still in the store (counted against `max_queued_messages`;
+    /// their bytes are charged as they are read).
+    len: usize,
+    /// How many of those the `drop-oldest` policy evicted: the first this
+    /// many not in flight are dropped as they are read.
+    evicted: usize,
+    /// A page read is under way (at most one at a time).
+    reading: bool,
+}
+
+/// A page of a session's stored queue to read: up to `limit` entries after `after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PageRequest {
+    /// Read entries with a greater seq (`None`: from the first).
+    pub(crate) after: Option<Seq>,
+    /// At most this many.
+    pub(crate) limit: usize,
+}
+
+/// Where the `drop-oldest` policy takes its victim from.
+enum Victim {
+    /// The queue entry at this index.
+    At(usize),
+    /// The oldest of the entries still in the store.
+    Unread,
+}
+
 /// Mutable state of a session, behind its lock. Its fields are private:
 /// the methods below keep the invariants (queue order, byte accounting,
 /// in-flight count and packet ids agree), so no caller has to.
@@ -204,6 +250,8 @@ pub(crate) struct SessionState {
     queued_bytes: usize,
     in_flight: usize,
     packet_ids: HashMap<u16, Seq>,
+    /// Stored entries not read yet (a session restored at start).
+    unread: Option<Unread>,
 }
 
 /// A client's session. Shared by the router (which queues into it) and the
@@ -239,6 +287,7 @@ impl Session {
                 queued_bytes: 0,
                 in_flight: 0,
                 packet_ids: HashMap::new(),
+                unread: None,
             }),
             client_id,
             wake: Notify::new(),
@@ -252,12 +301,19 @@ impl Session {
 }
 
 impl SessionState {
-    /// Number of queued entries (in flight included).
+    /// Number of queued entries (in flight included), those still in the store too.
     pub fn queue_len(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.unread.as_ref().map_or(0, |u| u.len)
     }
 
-    /// Bytes charged for the queued entries (see [`ENTRY_OVERHEAD`]).
+    /// Of [`queue_len`](Self::queue_len), the entries still in the store
+    /// only (a restored session whose client has not read them yet).
+    pub fn unread_len(&self) -> usize {
+        self.unread.as_ref().map_or(0, |u| u.len)
+    }
+
+    /// Bytes charged for the queued entries in memory (see [`ENTRY_OVERHEAD`];
+    /// entries still in the store are charged once read).
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes
     }
@@ -462,8 +518,121 @@ impl SessionState {
         self.connection.is_some()
     }
 
-    /// Restore an entry read from the packet store (at start). Entries must come in `Seq` order.
+    /// Restore an entry read from the packet store at the end of the queue.
+    /// Entries must come in `Seq` order.
+    #[cfg(test)]
     pub fn restore_entry(&mut self, p: QueuedPacket) {
+        let e = self.restored(p);
+        self.push(e);
+    }
+
+    /// A session restored at start: its stored queue is `bounds` long and
+    /// stays in the store until read page by page ([`Self::page_wanted`]).
+    pub fn restore_unread(&mut self, bounds: QueueBounds) {
+        let Some(until) = bounds.last.filter(|_| bounds.len > 0) else {
+            return;
+        };
+        self.next_seq = self.next_seq.max(until + 1);
+        self.unread = Some(Unread {
+            cursor: 0,
+            until,
+            len: usize::try_from(bounds.len).unwrap_or(usize::MAX),
+            evicted: 0,
+            reading: false,
+        });
+    }
+
+    /// Whether some of the stored queue is not read yet.
+    pub(crate) fn has_unread(&self) -> bool {
+        self.unread.is_some()
+    }
+
+    /// The next page to read from the store whether the session is online
+    /// or not (`None` while another read is under way, or nothing is left).
+    pub(crate) fn page_wanted_offline(&mut self, limit: usize) -> Option<PageRequest> {
+        let u = self.unread.as_mut().filter(|u| !u.reading)?;
+        u.reading = true;
+        Some(PageRequest {
+            after: (u.cursor > 0).then_some(u.cursor),
+            limit,
+        })
+    }
+
+    /// The next page to read from the store, if the session is online and
+    /// fewer than `ahead` entries read are left in its queue (in flight
+    /// included); the read is then under way until [`Self::load_page`] or
+    /// [`Self::page_failed`].
+    pub(crate) fn page_wanted(&mut self, ahead: usize, limit: usize) -> Option<PageRequest> {
+        let u = self.unread.as_ref()?;
+        let read = self.queue.partition_point(|e| e.seq <= u.cursor);
+        if self.connection.is_none() || read >= ahead {
+            return None;
+        }
+        self.page_wanted_offline(limit)
+    }
+
+    /// A page asked for by `request` was read: its entries go into the
+    /// queue in front of those queued since the start (the ones the
+    /// `drop-oldest` policy evicted meanwhile are dropped, their removal
+    /// pushed to `ops`). A page for another request (the session was
+    /// cleared since) is ignored. The store's part ends with a short page
+    /// or an entry queued since the start.
+    pub(crate) fn load_page(
+        &mut self,
+        request: PageRequest,
+        page: Vec<QueuedPacket>,
+        ops: &mut Vec<PacketOp>,
+    ) {
+        let Some(u) = self.unread.as_mut() else {
+            return;
+        };
+        if !u.reading || request.after.unwrap_or(0) != u.cursor {
+            return;
+        }
+        u.reading = false;
+        let (until, mut done) = (u.until, page.len() < request.limit);
+        let mut read = Vec::with_capacity(page.len());
+        for p in page {
+            let Some(u) = self.unread.as_mut() else { break };
+            if p.seq > until {
+                done = true;
+                break;
+            }
+            u.cursor = p.seq;
+            if u.evicted > 0 && p.state == PacketState::Queued {
+                u.evicted -= 1;
+                ops.push(PacketOp::Remove {
+                    client: self.client.clone(),
+                    seq: p.seq,
+                });
+                continue;
+            }
+            u.len = u.len.saturating_sub(1);
+            read.push(self.restored(p));
+        }
+        // Between the entries read before and those queued since the start.
+        let at = self.queue.partition_point(|e| e.seq <= until);
+        let after = self.queue.split_off(at);
+        for e in read {
+            self.push(e);
+        }
+        self.queue.extend(after);
+        if done {
+            self.unread = None;
+        }
+    }
+
+    /// The read of `request` failed: a later [`Self::page_wanted`] asks again.
+    pub(crate) fn page_failed(&mut self, request: PageRequest) {
+        if let Some(u) = self.unread.as_mut() {
+            if u.reading && request.after.unwrap_or(0) == u.cursor {
+                u.reading = false;
+            }
+        }
+    }
+
+    /// An entry read from the store, with its in-flight state taken up.
+    fn restored(&mut self, p: QueuedPacket) -> Entry {
         let state = match p.state {
             PacketState::Queued => EntryState::Ready,
             PacketState::Released { packet_id } => {
@@ -476,7 +645,7 @@ impl SessionState {
             }
         };
         self.next_seq = self.next_seq.max(p.seq + 1);
-        self.push(Entry {
+        Entry {
             seq: p.seq,
             message: p.message,
             delivery: p.delivery,
@@ -484,7 +653,7 @@ impl SessionState {
             // It may have been sent before the restart: retransmit with DUP=1.
             ever_sent: true,
             state,
-        });
+        }
     }
 
     /// Offer a message to this session. `store` says whether the entry will be
@@ -537,7 +706,7 @@ impl SessionState {
         }
         let needed = cost(&message);
         loop {
-            let over = if self.queue.len() >= config.max_queued_messages {
+            let over = if self.queue_len() >= config.max_queued_messages {
                 DropReason::Messages
             } else if self.queued_bytes + needed > config.max_queued_bytes {
                 DropReason::Bytes
@@ -547,23 +716,24 @@ impl SessionState {
             // QoS 0 never evicts: it is the first to go past the byte limit.
             let evict = config.overflow_policy == OverflowPolicy::DropOldest
                 && !(over == DropReason::Bytes && delivery.qos == QoS::AtMostOnce);
-            // Entries in flight stay: the client may be acting on them.
-            let victim = evict
-                .then(|| {
-                    self.queue.iter().position(|e| {
-                        matches!(e.state, EntryState::Ready | EntryState::Pending)
-                            && !(e.state == EntryState::Pending && e.stored)
-                    })
-                })
-                .flatten();
+            let victim = evict.then(|| self.oldest_evictable()).flatten();
             self.dropped += 1;
             self.last_drop = Some(over);
-            match victim.and_then(|i| self.remove_at(i)) {
-                Some(e) if e.stored => ops.push(PacketOp::Remove {
-                    client: self.client.clone(),
-                    seq: e.seq,
-                }),
-                Some(_) => {}
+            match victim {
+                Some(Victim::At(i)) => match self.remove_at(i) {
+                    Some(e) if e.stored => ops.push(PacketOp::Remove {
+                        client: self.client.clone(),
+                        seq: e.seq,
+                    }),
+                    Some(_) => {}
+                    None => return Enqueued::Dropped(over),
+                },
+                Some(Victim::Unread) => {
+                    if let Some(u) = self.unread.as_mut() {
+                        u.len -= 1;
+                        u.evicted += 1;
+                    }
+                }
                 None => return Enqueued::Dropped(over),
             }
         }
@@ -587,6 +757,31 @@ impl SessionState {
             self.push(entry);
         }
         Enqueued::Queued(seq)
+    }
+
+    /// The entry `drop-oldest` evicts: the oldest one not in flight (the
+    /// client may be acting on those) and not being written, looking at
+    /// the entries read, then those still in the store, then those queued
+    /// since the start.
+    fn oldest_evictable(&self) -> Option<Victim> {
+        let evictable = |e: &Entry| {
+            matches!(e.state, EntryState::Ready | EntryState::Pending)
+                && !(e.state == EntryState::Pending && e.stored)
+        };
+        let Some(u) = &self.unread else {
+            return self.queue.iter().position(evictable).map(Victim::At);
+        };
+        let read = self.queue.partition_point(|e| e.seq <= u.cursor);
+        if let Some(i) = self.queue.range(..read).position(evictable) {
+            return Some(Victim::At(i));
+        }
+        if u.len > 0 {
+            return Some(Victim::Unread);
+        }
+        self.queue
+            .range(read..)
+            .position(evictable)
+            .map(|i| Victim::At(read + i))
     }
 
     fn index_of(&self, seq: Seq) -> Option<usize> {
@@ -629,13 +824,15 @@ impl SessionState {
         let now = now_ms();
         let mut taken = 0usize;
         let gate = self.gates.first_key_value().map(|(g, _)| *g);
+        // Nothing past what was read of the store's part (see `Unread`).
+        let unread_from = self.unread.as_ref().map(|u| u.cursor + 1);
         let mut i = 0;
         while i < self.queue.len() {
             if taken >= budget {
                 return true;
             }
             let e = &mut self.queue[i];
-            if gate.is_some_and(|g| e.seq >= g) {
+            if gate.is_some_and(|g| e.seq >= g) || unread_from.is_some_and(|u| e.seq >= u) {
                 break;
             }
             match e.state {
@@ -876,6 +1073,7 @@ impl SessionState {
         self.queued_bytes = 0;
         self.packet_ids.clear();
         self.in_flight = 0;
+        self.unread = None;
     }
 }
 
@@ -1134,5 +1332,116 @@ mod tests {
         out.clear();
         st2.next_outgoing(32, usize::MAX, &mut out, &mut ops);
         assert_eq!(ids(&out), vec![Some(2), Some(3)]);
+    }
+
+    fn stored(seq: Seq) -> QueuedPacket {
+        QueuedPacket {
+            seq,
+            message: msg(seq as u32),
+            delivery: Delivery::new(QoS::AtLeastOnce),
+            state: PacketState::Queued,
+        }
+    }
+
+    fn bounds(len: u64, last: Seq) -> QueueBounds {
+        QueueBounds {
+            len,
+            last: Some(last),
+        }
+    }
+
+    #[test]
+    fn a_queue_left_in_the_store_is_sent_only_as_far_as_it_is_read() {
+        let cfg = BrokerConfig::default();
+        let s = Session::new("c".into(), true, None);
+        let mut st = s.lock();
+        st.restore_unread(bounds(3, 3));
+        assert_eq!(st.page_wanted(10, 2), None, "offline: nothing is read");
+        drop(st);
+        online(&s);
+        let mut st = s.lock();
+        let mut ops = vec![];
+        // Published after the start: seq 4, behind the stored three.
+        assert_eq!(
+            st.enqueue(entry(4, false), &cfg, &mut ops),
+            Enqueued::Queued(4)
+        );
+        assert_eq!((st.queue_len(), st.unread_len()), (4, 3));
+        let mut out = vec![];
+        st.next_outgoing(32, usize::MAX, &mut out, &mut ops);
+        assert!(
+            out.is_empty(),
+            "nothing overtakes what is still in the store"
+        );
+
+        let first = st.page_wanted(10, 2).expect("a page");
+        assert_eq!(first.after, None);
+        assert_eq!(st.page_wanted(10, 2), None, "one read at a time");
+        st.load_page(first, vec![stored(1), stored(2)], &mut ops);
+        st.next_outgoing(32, usize::MAX, &mut out, &mut ops);
+        assert_eq!(payloads(&out), vec!["1", "2"], "seq 4 waits for seq 3");
+        assert_eq!(st.unread_len(), 1);
+
+        let second = st.page_wanted(10, 2).expect("the next page");
+        assert_eq!(second.after, Some(2));
+        // The store also has seq 4 by now: it is not read twice.
+        st.load_page(second, vec![stored(3), stored(4)], &mut ops);
+        assert!(
+            !st.has_unread(),
+            "an entry queued since the start ends the store's part"
+        );
+        out.clear();
+        st.next_outgoing(32, usize::MAX, &mut out, &mut ops);
+        assert_eq!(payloads(&out), vec!["3", "4"]);
+        assert_eq!(st.queue_len(), 4);
+        assert!(ops.is_empty());
+    }
+
+    #[test]
+    fn drop_oldest_takes_from_the_store_part_before_newer_entries() {
+        let cfg = BrokerConfig {
+            max_queued_messages: 3,
+            overflow_policy: OverflowPolicy::DropOldest,
+            ..BrokerConfig::default()
+        };
+        let s = Session::new("c".into(), true, None);
+        online(&s);
+        let mut st = s.lock();
+        let mut ops = vec![];
+        st.restore_unread(bounds(2, 2));
+        st.enqueue(entry(3, false), &cfg, &mut ops);
+        assert_eq!(
+            st.enqueue(entry(4, false), &cfg, &mut ops),
+            Enqueued::Queued(4)
+        );
+        assert_eq!((st.queue_len(), st.unread_len(), st.dropped()), (3, 1, 1));
+        assert!(ops.is_empty(), "removed from the store once read");
+        let page = st.page_wanted(10, 10).expect("a page");
+        st.load_page(page, vec![stored(1), stored(2)], &mut ops);
+        assert!(
+            matches!(ops.as_slice(), [PacketOp::Remove { seq: 1, .. }]),
+            "the oldest stored entry goes: {ops:?}"
+        );
+        let mut out = vec![];
+        st.next_outgoing(32, usize::MAX, &mut out, &mut ops);
+        assert_eq!(payloads(&out), vec!["2", "3", "4"]);
+    }
+
+    #[test]
+    fn a_page_for_a_cleared_session_is_dropped() {
+        let s = Session::new("c".into(), true, None);
+        online(&s);
+        let mut st = s.lock();
+        st.restore_unread(bounds(5, 5));
+        let page = st.page_wanted(10, 10).expect("a page");
+        st.clear();
+        let mut ops = vec![];
+        st.load_page(page, vec![stored(1), stored(2)], &mut ops);
+        assert_eq!((st.queue_len(), st.queued_bytes()), (0, 0));
+        // A failed read is asked again.
+        st.restore_unread(bounds(5, 5));
+        let page = st.page_wanted(10, 10).expect("a page");
+        st.page_failed(page);
+        assert_eq!(st.page_wanted(10, 10), Some(page));
     }
 }

@@ -185,3 +185,143 @@ async fn relayed_qos2_ids_and_delivery_packet_ids_survive_a_restart() {
     assert!(more.is_err(), "delivered once");
     broker.shutdown().await;
 }
+
+/// Publish `n` QoS 1 messages `0..n` on `topic`, each durable before the next.
+async fn publish_numbered(broker: &Broker, topic: &str, range: std::ops::Range<usize>) {
+    for i in range {
+        broker
+            .publish(Message::new(topic, i.to_string(), QoS::AtLeastOnce, false))
+            .await
+            .expect("durable publish");
+    }
+}
+
+#[tokio::test]
+async fn a_restart_leaves_queues_in_the_store_until_their_clients_return() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("broker.db").display());
+    let broker = start(&url).await;
+    for (id, filter) in [("dev-a", "dev/a/#"), ("dev-b", "dev/b/#")] {
+        let mut c = broker
+            .connect(ClientOptions::persistent(id))
+            .await
+            .expect("attach");
+        c.subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        c.disconnect().await;
+    }
+    publish_numbered(&broker, "dev/a/cmd", 0..2500).await;
+    publish_numbered(&broker, "dev/b/cmd", 0..10).await;
+    stop(broker).await;
+
+    let broker = start(&url).await;
+    let a = broker.session("dev-a").expect("restored");
+    assert_eq!(
+        (a.queued, a.queued_in_store, a.queued_bytes),
+        (2500, 2500, 0),
+        "restored with its queue's length only: nothing read, nothing held"
+    );
+    assert_eq!(broker.metrics().queued_in_store, 2510);
+    // Published after the start: queued behind what is in the store.
+    publish_numbered(&broker, "dev/a/cmd", 2500..2505).await;
+    assert_eq!(broker.session("dev-a").expect("session").queued, 2505);
+
+    let mut device = broker
+        .connect(ClientOptions::persistent("dev-a").max_inflight(10))
+        .await
+        .expect("resume");
+    assert!(device.session_present());
+    for i in 0..2505 {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(10), device.recv())
+            .await
+            .expect("bounded")
+            .expect("delivery");
+        assert_eq!(
+            String::from_utf8_lossy(&m.message().payload),
+            i.to_string(),
+            "in order across pages and into what came after the start"
+        );
+        device.ack(&m);
+        if i == 100 {
+            let s = broker.session("dev-a").expect("session");
+            assert!(
+                s.queued_in_store >= 500 && s.queued - s.queued_in_store <= 1600,
+                "read page by page as the client drains, not whole: {} queued, {} in the store",
+                s.queued,
+                s.queued_in_store
+            );
+        }
+    }
+    let a = broker.session("dev-a").expect("session");
+    assert_eq!((a.queued, a.queued_in_store), (0, 0));
+    let b = broker.session("dev-b").expect("session");
+    assert_eq!(
+        (b.queued, b.queued_in_store),
+        (10, 10),
+        "an offline session's queue stays in the store"
+    );
+    let more = tokio::time::timeout(std::time::Duration::from_millis(200), device.recv()).await;
+    assert!(more.is_err(), "nothing twice");
+    drop(device);
+    stop(broker).await;
+
+    // What was acknowledged is gone from the store; the rest is still there.
+    let broker = start(&url).await;
+    assert_eq!(broker.session("dev-a").expect("session").queued, 0);
+    assert_eq!(broker.session("dev-b").expect("session").queued, 10);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_discarded_shared_member_hands_on_what_is_still_in_the_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("broker.db").display());
+    let broker = start(&url).await;
+    for id in ["worker-1", "worker-2"] {
+        let mut c = broker
+            .connect(ClientOptions::persistent(id))
+            .await
+            .expect("attach");
+        c.subscribe("$share/g/jobs", QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        c.disconnect().await;
+    }
+    publish_numbered(&broker, "jobs", 0..20).await;
+    stop(broker).await;
+
+    let broker = start(&url).await;
+    let queued = |id: &str| broker.session(id).map(|s| (s.queued, s.queued_in_store));
+    assert_eq!(queued("worker-1"), Some((10, 10)), "one job in two each");
+    assert_eq!(queued("worker-2"), Some((10, 10)));
+    // A clean start discards worker-1's session: its jobs, still in the
+    // store, go to the other member.
+    let fresh = broker
+        .connect(ClientOptions::persistent("worker-1").clean_start(true))
+        .await
+        .expect("attach");
+    assert!(!fresh.session_present());
+    assert_eq!(queued("worker-2").map(|(q, _)| q), Some(20));
+
+    let mut worker = broker
+        .connect(ClientOptions::persistent("worker-2"))
+        .await
+        .expect("resume");
+    let mut got = Vec::new();
+    for _ in 0..20 {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(10), worker.recv())
+            .await
+            .expect("bounded")
+            .expect("delivery");
+        got.push(
+            String::from_utf8_lossy(&m.message().payload)
+                .parse::<usize>()
+                .expect("number"),
+        );
+        worker.ack(&m);
+    }
+    got.sort_unstable();
+    assert_eq!(got, (0..20).collect::<Vec<_>>(), "every job once");
+    broker.shutdown().await;
+}

@@ -10,7 +10,8 @@
 //!   subscriptions included) and queueing it for each session in one store batch;
 //! - [`subscriptions`]: subscribe and unsubscribe, with the broker's limits;
 //! - [`retained`]: retained messages, and their delivery on subscribe;
-//! - [`restore`]: sessions, subscriptions and queues read back at start.
+//! - [`restore`]: sessions and subscriptions read back at start, queues' bounds only;
+//! - [`paging`]: stored queues read in page by page as their clients drain them.
 //!
 //! The publish path is split in two so that ordering never depends on storage
 //! latency: [`Core::route`] runs synchronously, in the publisher's packet
@@ -20,6 +21,7 @@
 //! acknowledgement waits for the commit.
 
 mod expiry;
+pub(crate) mod paging;
 mod registry;
 mod restore;
 mod retained;
@@ -57,8 +59,6 @@ pub use subscriptions::SubscribeRefusal;
 pub(crate) use subscriptions::{Granted, Unsubscribed};
 pub(crate) use wills::Will;
 
-/// Entries read per page when restoring a queue from the store.
-const RESTORE_PAGE: usize = 1000;
 /// Stripes of the per-client lifecycle lock (connect, disconnect, expiry).
 const LIFECYCLE_STRIPES: usize = 64;
 /// How long a new connection waits for the one it takes over to close.
@@ -123,6 +123,8 @@ pub(crate) struct Stats {
     pub(crate) connections_over_rate: AtomicU64,
     /// Storage writes that failed.
     pub(crate) storage_errors: AtomicU64,
+    /// Reads of a stored queue's page that failed (each is retried).
+    pub(crate) page_read_errors: AtomicU64,
     /// Clients attached now.
     pub(crate) clients_connected: AtomicU64,
     /// The most clients attached at once.

@@ -252,6 +252,16 @@ impl Core {
         while session.lock().has_pending() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
+        // What shared subscriptions chose the session for may still be in
+        // the store: read it in so that it can go to another member.
+        let shared = session
+            .lock()
+            .subscriptions()
+            .keys()
+            .any(|f| f.starts_with("$share/"));
+        if shared {
+            self.read_whole(session).await?;
+        }
         self.redistribute(session, |_| true, true).await?;
         let persistent = {
             let mut st = session.lock();

@@ -1,12 +1,14 @@
-//! At start: every stored session, its subscriptions (into the trie) and
-//! its queue, read back page by page in sequence order.
+//! At start: every stored session and its subscriptions (into the trie),
+//! and of its queue only the length and last seq: the entries stay in the
+//! store until the session's client is back (see `paging`), so start time
+//! and memory do not grow with the backlog.
 
 use std::sync::Arc;
 
 use tracing::{info, warn};
 
 use super::routing::insert_subscription;
-use super::{Core, RESTORE_PAGE};
+use super::Core;
 use crate::message::now_ms;
 use crate::session::Session;
 use crate::storage::{ClientId, StorageResult};
@@ -38,26 +40,9 @@ impl Core {
                         .schedule(&id, since.saturating_add(secs.saturating_mul(1000)));
                 }
             }
-            let mut after = None;
-            loop {
-                let page = self
-                    .storage
-                    .packets
-                    .read_queue(&id, after, RESTORE_PAGE)
-                    .await?;
-                let Some(last) = page.last() else { break };
-                after = Some(last.seq);
-                let full = page.len() == RESTORE_PAGE;
-                let mut st = session.lock();
-                for p in page {
-                    st.restore_entry(p);
-                    messages += 1;
-                }
-                drop(st);
-                if !full {
-                    break;
-                }
-            }
+            let bounds = self.storage.packets.queue_bounds(&id).await?;
+            messages += bounds.len as usize;
+            session.lock().restore_unread(bounds);
             {
                 let mut trie = self.trie.write();
                 let mut st = session.lock();
@@ -84,7 +69,7 @@ impl Core {
         if sessions > 0 {
             info!(
                 sessions,
-                messages, "restored persistent sessions from storage"
+                messages, "restored persistent sessions from storage (queues are read as their clients come back)"
             );
         }
         Ok(())

@@ -59,6 +59,7 @@ fn session_json(s: &SessionInfo) -> Value {
         "persistent": s.persistent,
         "expiry_secs": s.expiry_secs,
         "queued": s.queued,
+        "queued_in_store": s.queued_in_store,
         "queued_bytes": s.queued_bytes,
         "in_flight": s.in_flight,
         "subscriptions": s.subscription_qos.iter()

@@ -256,8 +256,14 @@ impl Collector for Snapshot {
         )?;
         gauge(
             out,
+            "broker_queued_in_store_messages",
+            "Of the queued messages, those still in the store only (not read since the start)",
+            m.queued_in_store,
+        )?;
+        gauge(
+            out,
             "broker_queued_bytes",
-            "Bytes charged for the queued messages",
+            "Bytes charged for the queued messages in memory",
             m.queued_bytes,
         )?;
         gauge(
@@ -319,6 +325,12 @@ impl Collector for Snapshot {
             "broker_storage_errors",
             "Store writes that failed",
             s.storage_errors,
+        )?;
+        counter(
+            out,
+            "broker_page_read_errors",
+            "Reads of a page of a stored queue that failed (each is retried)",
+            s.page_read_errors,
         )?;
         counter(
             out,
