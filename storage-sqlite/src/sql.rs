@@ -18,15 +18,24 @@ use crate::rows::{
 };
 
 /// Apply a batch of packet-store operations, in order.
+///
+/// References released by the batch's removals are counted per body and
+/// applied once at its end (`Released`): the acknowledgements of a message
+/// fanned out to ten sessions, in one batch, update and check its body
+/// once instead of ten times. Only the batch's own transaction sees the
+/// counts in between, and a body re-referenced later in the batch (a
+/// shared subscription's hand-over) is kept since only the final count
+/// decides.
 pub(crate) fn apply(conn: &Connection, ops: &[PacketOp]) -> rusqlite::Result<()> {
     let mut last_id = None;
+    let mut released = Released::default();
     for op in ops {
         match op {
             PacketOp::Enqueue { message, targets } => {
-                enqueue(conn, message, targets)?;
+                enqueue(conn, message, targets, &mut released)?;
                 last_id = last_id.max(Some(message.id as i64));
             }
-            PacketOp::Remove { client, seq } => remove(conn, client, *seq)?,
+            PacketOp::Remove { client, seq } => remove(conn, client, *seq, &mut released)?,
             PacketOp::SetState { client, seq, state } => {
                 let (state, packet_id) = state_params(*state);
                 conn.prepare_cached(
@@ -34,7 +43,7 @@ pub(crate) fn apply(conn: &Connection, ops: &[PacketOp]) -> rusqlite::Result<()>
                 )?
                 .execute(params![&**client, *seq as i64, state, packet_id])?;
             }
-            PacketOp::Purge { client } => purge(conn, client)?,
+            PacketOp::Purge { client } => purge(conn, client, &mut released)?,
             PacketOp::IncomingQos2Received { client, packet_id } => {
                 conn.prepare_cached(
                     "INSERT OR IGNORE INTO incoming_qos2 (client, packet_id) VALUES (?1, ?2)",
@@ -54,6 +63,7 @@ pub(crate) fn apply(conn: &Connection, ops: &[PacketOp]) -> rusqlite::Result<()>
             }
         }
     }
+    released.apply(conn)?;
     // Once per batch, not per message.
     if let Some(id) = last_id {
         conn.prepare_cached(
@@ -64,14 +74,44 @@ pub(crate) fn apply(conn: &Connection, ops: &[PacketOp]) -> rusqlite::Result<()>
     Ok(())
 }
 
-fn enqueue(conn: &Connection, message: &Message, targets: &[QueueTarget]) -> rusqlite::Result<()> {
-    // The body once, however many targets; an id already stored (a shared
-    // subscription handing the message over) keeps its row.
+/// References to bodies released during a batch, applied at its end.
+#[derive(Default)]
+struct Released(HashMap<i64, i64>);
+
+impl Released {
+    fn add(&mut self, id: i64, n: i64) {
+        *self.0.entry(id).or_default() += n;
+    }
+
+    /// Lower each body's count; drop those no entry references any more.
+    fn apply(self, conn: &Connection) -> rusqlite::Result<()> {
+        for (id, n) in self.0 {
+            conn.prepare_cached("UPDATE messages SET refs = refs - ?2 WHERE id = ?1")?
+                .execute([id, n])?;
+            conn.prepare_cached("DELETE FROM messages WHERE id = ?1 AND refs <= 0")?
+                .execute([id])?;
+        }
+        Ok(())
+    }
+}
+
+fn enqueue(
+    conn: &Connection,
+    message: &Message,
+    targets: &[QueueTarget],
+    released: &mut Released,
+) -> rusqlite::Result<()> {
+    // The body once, with its references, however many targets; an id
+    // already stored (a shared subscription handing the message over)
+    // keeps its row and gains the references.
     let mut stmt = conn.prepare_cached(&format!(
         "INSERT INTO messages ({MESSAGE_COLUMNS}, refs) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 0) ON CONFLICT (id) DO NOTHING"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+             ON CONFLICT (id) DO UPDATE SET refs = refs + excluded.refs"
     ))?;
-    bind_message(&mut stmt, message)?;
+    bind_message_at(&mut stmt, 1, message)?;
+    stmt.raw_bind_parameter(MESSAGE_COLUMN_COUNT + 1, targets.len() as i64)?;
+    stmt.raw_execute()?;
     let id = message.id as i64;
     let mut replaced = Vec::new();
     let mut chunks = targets.chunks_exact(ROWS_PER_INSERT);
@@ -85,9 +125,8 @@ fn enqueue(conn: &Connection, message: &Message, targets: &[QueueTarget]) -> rus
     for t in chunks.remainder() {
         insert_entry(conn, id, t, &mut replaced)?;
     }
-    add_refs(conn, id, targets.len() as i64)?;
     for old in replaced {
-        add_refs(conn, old, -1)?;
+        released.add(old, 1);
     }
     Ok(())
 }
@@ -188,29 +227,23 @@ fn is_constraint(e: &rusqlite::Error) -> bool {
     e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation)
 }
 
-/// Change a body's reference count by `delta`; drop it when none is left.
-fn add_refs(conn: &Connection, id: i64, delta: i64) -> rusqlite::Result<()> {
-    conn.prepare_cached("UPDATE messages SET refs = refs + ?2 WHERE id = ?1")?
-        .execute([id, delta])?;
-    if delta < 0 {
-        conn.prepare_cached("DELETE FROM messages WHERE id = ?1 AND refs <= 0")?
-            .execute([id])?;
-    }
-    Ok(())
-}
-
-fn remove(conn: &Connection, client: &str, seq: Seq) -> rusqlite::Result<()> {
+fn remove(
+    conn: &Connection,
+    client: &str,
+    seq: Seq,
+    released: &mut Released,
+) -> rusqlite::Result<()> {
     let removed = conn
         .prepare_cached("DELETE FROM packets WHERE client = ?1 AND seq = ?2 RETURNING message_id")?
         .query_row(params![client, seq as i64], |r| r.get::<_, i64>(0))
         .optional()?;
     if let Some(id) = removed {
-        add_refs(conn, id, -1)?;
+        released.add(id, 1);
     }
     Ok(())
 }
 
-fn purge(conn: &Connection, client: &str) -> rusqlite::Result<()> {
+fn purge(conn: &Connection, client: &str, released: &mut Released) -> rusqlite::Result<()> {
     let counts: Vec<(i64, i64)> = conn
         .prepare_cached(
             "SELECT message_id, count(*) FROM packets WHERE client = ?1 GROUP BY message_id",
@@ -220,7 +253,7 @@ fn purge(conn: &Connection, client: &str) -> rusqlite::Result<()> {
     conn.prepare_cached("DELETE FROM packets WHERE client = ?1")?
         .execute([client])?;
     for (id, n) in counts {
-        add_refs(conn, id, -n)?;
+        released.add(id, n);
     }
     conn.prepare_cached("DELETE FROM incoming_qos2 WHERE client = ?1")?
         .execute([client])?;
