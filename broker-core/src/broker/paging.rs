@@ -96,6 +96,7 @@ impl Core {
             let Some(request) = request else {
                 // A page read for the last connection is under way.
                 if tokio::time::Instant::now() >= deadline {
+                    warn!(client = %session.client_id, left = session.lock().unread_len(), "the store did not answer in time: queued messages of a discarded session not handed to other members of its shared subscriptions");
                     return Ok(());
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
