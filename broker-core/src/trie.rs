@@ -43,17 +43,90 @@ impl<K, V> std::fmt::Debug for SubscriptionTree<K, V> {
 struct Node<K, V> {
     children: HashMap<Box<str>, Node<K, V>>,
     /// Filters ending exactly at this level.
-    here: HashMap<K, V>,
+    here: Held<K, V>,
     /// Filters ending with `#` after this level.
-    multi: HashMap<K, V>,
+    multi: Held<K, V>,
 }
 
 impl<K, V> Default for Node<K, V> {
     fn default() -> Self {
         Node {
             children: HashMap::new(),
-            here: HashMap::new(),
-            multi: HashMap::new(),
+            here: Held::default(),
+            multi: Held::default(),
+        }
+    }
+}
+
+/// Subscribers past which a filter's keys go into a hash map.
+const FEW: usize = 8;
+
+/// The keys subscribed with one filter at one node. Most filters have one
+/// subscriber (a device's own topic): a vector of one pair is 72 bytes
+/// where a hash map takes 48 inline and about 300 for its first entry,
+/// which was a fifth of an offline session's memory. Past [`FEW`] keys a
+/// hash map, so a topic with thousands of subscribers stays O(1) per change.
+enum Held<K, V> {
+    Few(Vec<(K, V)>),
+    // Boxed so that a node carries two of these in 24 bytes each, not 48:
+    // the map's extra allocation is paid only by filters past `FEW`.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashMap<K, V>>),
+}
+
+impl<K, V> Default for Held<K, V> {
+    fn default() -> Self {
+        Held::Few(Vec::new())
+    }
+}
+
+impl<K: Hash + Eq, V> Held<K, V> {
+    fn is_empty(&self) -> bool {
+        match self {
+            Held::Few(v) => v.is_empty(),
+            Held::Many(m) => m.is_empty(),
+        }
+    }
+
+    fn insert(&mut self, key: K, value: V) -> Option<V> {
+        let few = match self {
+            Held::Many(m) => return m.insert(key, value),
+            Held::Few(v) => v,
+        };
+        if let Some((_, old)) = few.iter_mut().find(|(k, _)| *k == key) {
+            return Some(std::mem::replace(old, value));
+        }
+        if few.len() < FEW {
+            // One slot at a time: `push` would allocate four at first.
+            few.reserve_exact(1);
+            few.push((key, value));
+            return None;
+        }
+        let mut many: HashMap<K, V> = std::mem::take(few).into_iter().collect();
+        many.insert(key, value);
+        *self = Held::Many(Box::new(many));
+        None
+    }
+
+    fn remove(&mut self, key: &K) -> Option<V> {
+        match self {
+            Held::Many(m) => m.remove(key),
+            Held::Few(v) => {
+                let i = v.iter().position(|(k, _)| k == key)?;
+                let (_, value) = v.swap_remove(i);
+                if v.is_empty() {
+                    // Give the allocation back with the last subscriber.
+                    *v = Vec::new();
+                }
+                Some(value)
+            }
+        }
+    }
+
+    fn for_each(&self, mut f: impl FnMut(&K, &V)) {
+        match self {
+            Held::Few(v) => v.iter().for_each(|(k, val)| f(k, val)),
+            Held::Many(m) => m.iter().for_each(|(k, val)| f(k, val)),
         }
     }
 }
@@ -70,7 +143,7 @@ impl<K, V> Drop for Node<K, V> {
     }
 }
 
-impl<K, V> Node<K, V> {
+impl<K: Hash + Eq, V> Node<K, V> {
     fn is_empty(&self) -> bool {
         self.children.is_empty() && self.here.is_empty() && self.multi.is_empty()
     }
@@ -183,7 +256,7 @@ impl<K: Hash + Eq + Clone, V> SubscriptionTree<K, V> {
             }
         }
         let held = if multi { &node.multi } else { &node.here };
-        held.iter().for_each(|(k, v)| f(k, v));
+        held.for_each(&mut f);
     }
 
     /// Call `f` for every (key, value) whose filter matches the topic name.
@@ -197,10 +270,10 @@ impl<K: Hash + Eq + Clone, V> SubscriptionTree<K, V> {
         let mut stack = vec![(&self.root, 0usize, !dollar)];
         while let Some((node, depth, wildcards)) = stack.pop() {
             if wildcards {
-                node.multi.iter().for_each(|(k, v)| f(k, v));
+                node.multi.for_each(&mut f);
             }
             let Some(level) = levels.get(depth) else {
-                node.here.iter().for_each(|(k, v)| f(k, v));
+                node.here.for_each(&mut f);
                 continue;
             };
             if wildcards {
@@ -221,7 +294,7 @@ mod tests {
     use crate::topic::matches;
     use proptest::prelude::*;
 
-    fn hits(t: &SubscriptionTree<u32, ()>, name: &str) -> Vec<u32> {
+    fn hits<V>(t: &SubscriptionTree<u32, V>, name: &str) -> Vec<u32> {
         let mut v = vec![];
         t.matches(name, |k, _| v.push(*k));
         v.sort();
@@ -290,6 +363,44 @@ mod tests {
         assert_eq!(t.root.children["a"].children.len(), 1);
         assert!(t.remove("a/b", &2).is_some());
         assert!(t.root.is_empty());
+    }
+
+    #[test]
+    fn many_keys_on_one_filter_move_to_a_map_and_stay_right() {
+        let mut t = SubscriptionTree::new();
+        for k in 0..20u32 {
+            assert!(t.insert("a/b", k, k).is_none());
+        }
+        assert_eq!(t.insert("a/b", 3, 300), Some(3), "a key replaces its value");
+        assert!(matches!(
+            t.root.children["a"].children["b"].here,
+            Held::Many(_)
+        ));
+        for k in (0..20u32).step_by(2) {
+            assert_eq!(t.remove("a/b", &k), Some(k));
+        }
+        assert_eq!(hits(&t, "a/b"), (1..20).step_by(2).collect::<Vec<u32>>());
+        let mut three = None;
+        t.subscribers("a/b", |k, v| {
+            if *k == 3 {
+                three = Some(*v);
+            }
+        });
+        assert_eq!(three, Some(300));
+        for k in (1..20u32).step_by(2) {
+            assert!(t.remove("a/b", &k).is_some());
+        }
+        assert!(t.is_empty() && t.root.is_empty());
+
+        // Few: a key is found, replaced and removed among others.
+        let mut t = SubscriptionTree::new();
+        for k in 0..5u32 {
+            t.insert("x", k, k);
+        }
+        assert_eq!(t.insert("x", 2, 20), Some(2));
+        assert_eq!(t.remove("x", &0), Some(0));
+        assert_eq!(t.remove("x", &0), None);
+        assert_eq!(hits(&t, "x"), vec![1, 2, 3, 4]);
     }
 
     proptest! {
