@@ -86,12 +86,20 @@ impl Reads {
 /// What was stored before the batch, as far as it was read.
 #[derive(Debug, Default)]
 pub(crate) struct Stored {
-    /// Message id of each stored entry read.
-    pub entries: HashMap<Key, MessageId>,
+    /// Each stored entry read.
+    pub entries: HashMap<Key, StoredEntry>,
     /// Body ids known to be stored.
     pub bodies: HashSet<MessageId>,
-    /// `_id` of each stored entry read: what deletes and updates select by.
-    pub doc_ids: HashMap<Key, mongodb::bson::Bson>,
+}
+
+/// One stored entry as read before a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoredEntry {
+    /// The body it references.
+    pub message: MessageId,
+    /// Its document's `_id`: what deletes and updates select by (`None`
+    /// only for a document without one, which the server never returns).
+    pub doc_id: Option<mongodb::bson::Bson>,
 }
 
 /// A queue entry the batch writes.
@@ -197,12 +205,12 @@ impl<'s, 'a> Player<'s, 'a> {
     fn new(stored: &'s Stored) -> Self {
         let mut stored_by_client: HashMap<ClientId, Vec<Seq>> = HashMap::new();
         let mut stored_bodies = stored.bodies.clone();
-        for ((client, seq), message) in &stored.entries {
+        for ((client, seq), entry) in &stored.entries {
             stored_by_client
                 .entry(client.clone())
                 .or_default()
                 .push(*seq);
-            stored_bodies.insert(*message);
+            stored_bodies.insert(entry.message);
         }
         Player {
             stored,
@@ -224,8 +232,8 @@ impl<'s, 'a> Player<'s, 'a> {
     fn slot(&mut self, key: &Key) -> &mut Slot<'a> {
         if !self.slots.contains_key(key) {
             let initial = match self.stored.entries.get(key) {
-                Some(&message) if !self.purged.contains(&key.0) => Slot::Stored {
-                    message,
+                Some(entry) if !self.purged.contains(&key.0) => Slot::Stored {
+                    message: entry.message,
                     state: None,
                 },
                 _ => Slot::Absent,
@@ -460,10 +468,15 @@ mod tests {
         Stored {
             entries: entries
                 .iter()
-                .map(|(client, seq, m)| ((c(client), *seq), *m))
+                .map(|(client, seq, m)| {
+                    let entry = StoredEntry {
+                        message: *m,
+                        doc_id: None,
+                    };
+                    ((c(client), *seq), entry)
+                })
                 .collect(),
             bodies: HashSet::new(),
-            doc_ids: HashMap::new(),
         }
     }
 

@@ -9,7 +9,7 @@ use broker_core::storage::{ClientId, PacketOp, PacketState};
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::ClientSession;
 
-use crate::batch::{self, Plan, Reads, Stored};
+use crate::batch::{self, Plan, Reads, Stored, StoredEntry};
 use crate::documents::{
     body_doc, entry_doc, field, to_i64, will_doc, Fields, STATE_QUEUED, STATE_RELEASED,
 };
@@ -136,10 +136,9 @@ async fn read_stored(
             let Some(client) = clients.get(client.as_str()).cloned() else {
                 continue;
             };
-            if let Some(doc_id) = doc_id {
-                stored.doc_ids.insert((client.clone(), seq), doc_id);
-            }
-            stored.entries.insert((client, seq), message);
+            stored
+                .entries
+                .insert((client, seq), StoredEntry { message, doc_id });
         }
     }
     if !reads.bodies.is_empty() {
@@ -180,7 +179,11 @@ fn stored_entries<'k>(
     let mut ids = Vec::new();
     let mut unknown: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
     for (client, seq) in keys {
-        match stored.doc_ids.get(&(client.clone(), *seq)) {
+        match stored
+            .entries
+            .get(&(client.clone(), *seq))
+            .and_then(|e| e.doc_id.as_ref())
+        {
             Some(id) => ids.push(id.clone()),
             None => unknown
                 .entry(&**client)
