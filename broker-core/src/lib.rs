@@ -54,6 +54,7 @@ mod group_commit;
 mod link;
 mod metrics;
 mod session;
+mod small_map;
 mod sys;
 mod trie;
 

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{BrokerConfig, OverflowPolicy};
 use crate::hooks::ClientInfo;
 use crate::message::{now_ms, Message, MessageId, QoS, Seq};
+use crate::small_map::SmallMap;
 use crate::storage::{ClientId, Delivery, PacketOp, PacketState, QueueBounds, QueuedPacket};
 use crate::subscription::SubscriptionOptions;
 
@@ -223,7 +224,7 @@ pub(crate) struct SessionState {
     /// When the last connection ended (ms since epoch), `None` while connected.
     disconnected_at_ms: Option<u64>,
     /// Subscriptions by filter.
-    subscriptions: HashMap<String, SubscriptionOptions>,
+    subscriptions: SmallMap<String, SubscriptionOptions>,
     /// Incoming QoS 2 packet ids awaiting PUBREL.
     incoming_qos2: HashSet<u16>,
     /// The connection attached, if online.
@@ -274,7 +275,7 @@ impl Session {
                 persistent,
                 expiry_secs,
                 disconnected_at_ms: None,
-                subscriptions: HashMap::new(),
+                subscriptions: SmallMap::default(),
                 incoming_qos2: HashSet::new(),
                 connection: None,
                 pending_will: None,
@@ -412,7 +413,7 @@ impl SessionState {
     }
 
     /// The session's subscriptions, by filter.
-    pub fn subscriptions(&self) -> &HashMap<String, SubscriptionOptions> {
+    pub(crate) fn subscriptions(&self) -> &SmallMap<String, SubscriptionOptions> {
         &self.subscriptions
     }
 

@@ -8,6 +8,8 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 
+use crate::small_map::SmallMap;
+
 /// Topic filters of many subscribers, each filter held at most once per key.
 ///
 /// No operation recurses on the number of levels: insert, remove, match and
@@ -42,91 +44,18 @@ impl<K, V> std::fmt::Debug for SubscriptionTree<K, V> {
 
 struct Node<K, V> {
     children: HashMap<Box<str>, Node<K, V>>,
-    /// Filters ending exactly at this level.
-    here: Held<K, V>,
+    /// Filters ending exactly at this level (most hold one key: a small map).
+    here: SmallMap<K, V>,
     /// Filters ending with `#` after this level.
-    multi: Held<K, V>,
+    multi: SmallMap<K, V>,
 }
 
 impl<K, V> Default for Node<K, V> {
     fn default() -> Self {
         Node {
             children: HashMap::new(),
-            here: Held::default(),
-            multi: Held::default(),
-        }
-    }
-}
-
-/// Subscribers past which a filter's keys go into a hash map.
-const FEW: usize = 8;
-
-/// The keys subscribed with one filter at one node. Most filters have one
-/// subscriber (a device's own topic): a vector of one pair is 72 bytes
-/// where a hash map takes 48 inline and about 300 for its first entry,
-/// which was a fifth of an offline session's memory. Past [`FEW`] keys a
-/// hash map, so a topic with thousands of subscribers stays O(1) per change.
-enum Held<K, V> {
-    Few(Vec<(K, V)>),
-    // Boxed so that a node carries two of these in 24 bytes each, not 48:
-    // the map's extra allocation is paid only by filters past `FEW`.
-    #[allow(clippy::box_collection)]
-    Many(Box<HashMap<K, V>>),
-}
-
-impl<K, V> Default for Held<K, V> {
-    fn default() -> Self {
-        Held::Few(Vec::new())
-    }
-}
-
-impl<K: Hash + Eq, V> Held<K, V> {
-    fn is_empty(&self) -> bool {
-        match self {
-            Held::Few(v) => v.is_empty(),
-            Held::Many(m) => m.is_empty(),
-        }
-    }
-
-    fn insert(&mut self, key: K, value: V) -> Option<V> {
-        let few = match self {
-            Held::Many(m) => return m.insert(key, value),
-            Held::Few(v) => v,
-        };
-        if let Some((_, old)) = few.iter_mut().find(|(k, _)| *k == key) {
-            return Some(std::mem::replace(old, value));
-        }
-        if few.len() < FEW {
-            // One slot at a time: `push` would allocate four at first.
-            few.reserve_exact(1);
-            few.push((key, value));
-            return None;
-        }
-        let mut many: HashMap<K, V> = std::mem::take(few).into_iter().collect();
-        many.insert(key, value);
-        *self = Held::Many(Box::new(many));
-        None
-    }
-
-    fn remove(&mut self, key: &K) -> Option<V> {
-        match self {
-            Held::Many(m) => m.remove(key),
-            Held::Few(v) => {
-                let i = v.iter().position(|(k, _)| k == key)?;
-                let (_, value) = v.swap_remove(i);
-                if v.is_empty() {
-                    // Give the allocation back with the last subscriber.
-                    *v = Vec::new();
-                }
-                Some(value)
-            }
-        }
-    }
-
-    fn for_each(&self, mut f: impl FnMut(&K, &V)) {
-        match self {
-            Held::Few(v) => v.iter().for_each(|(k, val)| f(k, val)),
-            Held::Many(m) => m.iter().for_each(|(k, val)| f(k, val)),
+            here: SmallMap::default(),
+            multi: SmallMap::default(),
         }
     }
 }
@@ -256,7 +185,7 @@ impl<K: Hash + Eq + Clone, V> SubscriptionTree<K, V> {
             }
         }
         let held = if multi { &node.multi } else { &node.here };
-        held.for_each(&mut f);
+        held.iter().for_each(|(k, v)| f(k, v));
     }
 
     /// Call `f` for every (key, value) whose filter matches the topic name.
@@ -270,10 +199,10 @@ impl<K: Hash + Eq + Clone, V> SubscriptionTree<K, V> {
         let mut stack = vec![(&self.root, 0usize, !dollar)];
         while let Some((node, depth, wildcards)) = stack.pop() {
             if wildcards {
-                node.multi.for_each(&mut f);
+                node.multi.iter().for_each(|(k, v)| f(k, v));
             }
             let Some(level) = levels.get(depth) else {
-                node.here.for_each(&mut f);
+                node.here.iter().for_each(|(k, v)| f(k, v));
                 continue;
             };
             if wildcards {
@@ -374,7 +303,7 @@ mod tests {
         assert_eq!(t.insert("a/b", 3, 300), Some(3), "a key replaces its value");
         assert!(matches!(
             t.root.children["a"].children["b"].here,
-            Held::Many(_)
+            SmallMap::Many(_)
         ));
         for k in (0..20u32).step_by(2) {
             assert_eq!(t.remove("a/b", &k), Some(k));
