@@ -52,6 +52,10 @@ pub struct BrokerConfig {
     pub max_queued_messages: usize,
     /// What to do when that limit is reached.
     pub overflow_policy: OverflowPolicy,
+    /// Entries read from the store at a time for a session restored at
+    /// start, as its client drains it (the next page is read when fewer
+    /// than the client's window and half a page are left).
+    pub queue_page: usize,
     /// Queue QoS 0 messages for offline persistent sessions (off by default, as in MQTT 3.1.1 practice).
     pub queue_qos0_offline: bool,
     /// Seconds a persistent session of an MQTT 3.1.1 client outlives its
@@ -174,6 +178,7 @@ impl Default for BrokerConfig {
             max_inflight: 32,
             max_queued_messages: 100_000,
             overflow_policy: OverflowPolicy::DropNew,
+            queue_page: 1000,
             queue_qos0_offline: false,
             session_expiry_secs: None,
             max_session_expiry_secs: None,
@@ -204,6 +209,9 @@ impl BrokerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_inflight == 0 || self.max_inflight > u16::MAX as usize {
             return Err(invalid("max_inflight", "must be between 1 and 65535"));
+        }
+        if self.queue_page == 0 || self.queue_page > u16::MAX as usize {
+            return Err(invalid("queue_page", "must be between 1 and 65535"));
         }
         if self.max_queued_messages == 0 {
             return Err(invalid("max_queued_messages", "must be at least 1"));

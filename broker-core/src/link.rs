@@ -707,8 +707,9 @@ impl Outbox {
         let (more, page) = {
             let mut st = self.session.lock();
             let more = st.next_outgoing(self.max_inflight, budget, out, &mut self.ops);
-            let ahead = self.max_inflight + paging::READ_AHEAD;
-            (more, st.page_wanted(ahead, paging::PAGE))
+            let page = self.core.config().queue_page;
+            let ahead = paging::read_ahead(page, self.max_inflight);
+            (more, st.page_wanted(ahead, page))
         };
         if let Some(request) = page {
             self.core.read_page(self.session.clone(), request);

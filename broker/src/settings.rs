@@ -785,6 +785,10 @@ mod tests {
         let cli = Cli::parse_from(["broker", "--max-inflight", "0"]);
         let err = format!("{:#}", Settings::load(cli).unwrap_err());
         assert!(err.contains("max_inflight"), "{err}");
+        std::fs::write(&path, "[broker]\nqueue_page = 0\n").unwrap();
+        let cli = Cli::parse_from(["broker", "--config", path.to_str().unwrap()]);
+        let err = format!("{:#}", Settings::load(cli).unwrap_err());
+        assert!(err.contains("queue_page"), "{err}");
     }
 
     fn resolve(text: &str, args: &[&str]) -> anyhow::Result<Settings> {

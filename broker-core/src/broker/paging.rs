@@ -6,8 +6,9 @@
 //! session being discarded is read whole first when it has shared
 //! subscriptions, so that what they chose it for goes to another member.
 //!
-//! Memory: at most the client's in-flight window plus [`PAGE`] and a half
-//! of read entries per online session, none for an offline one.
+//! Memory: at most the client's in-flight window plus a page and a half
+//! (`queue_page`, 1,000 by default) of read entries per online session,
+//! none for an offline one that has not come back since the start.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,12 +19,11 @@ use super::{Core, Stats};
 use crate::session::{PageRequest, Session};
 use crate::storage::StorageResult;
 
-/// Entries read from the store per page.
-pub(crate) const PAGE: usize = 1000;
-
-/// A page is read when fewer entries read than the client's window and
-/// this many are left in its queue.
-pub(crate) const READ_AHEAD: usize = PAGE / 2;
+/// How many read entries, in flight included, a session with `max_inflight`
+/// may have left in its queue before the next page is read.
+pub(crate) fn read_ahead(page: usize, max_inflight: usize) -> usize {
+    max_inflight + page.div_ceil(2)
+}
 
 /// Backoff between retries of a page read that failed.
 const RETRY_FIRST: Duration = Duration::from_millis(50);
@@ -91,7 +91,7 @@ impl Core {
                 if !st.has_unread() {
                     return Ok(());
                 }
-                st.page_wanted_offline(PAGE)
+                st.page_wanted_offline(self.config.queue_page)
             };
             let Some(request) = request else {
                 // A page read for the last connection is under way.

@@ -152,6 +152,9 @@ impl Harness {
     pub async fn start(backend: Backend, case: &Case) -> Result<Harness, String> {
         let config = BrokerConfig {
             max_inflight: case.max_inflight,
+            // Queues restored at a restart are read two entries at a time,
+            // so that every case with a restart crosses pages.
+            queue_page: 2,
             ..BrokerConfig::default()
         };
         let mut h = Harness {
