@@ -1,7 +1,7 @@
 //! How values are written into Redis strings and hash fields.
 //!
 //! Hot-path values (message bodies, queue entries) use a small binary format
-//! with the payload as raw bytes at the end, so that a body is one `HGET`
+//! with the payload as raw bytes at the end, so that a body is one `GET`
 //! and decoding it copies nothing of the payload. Session records and
 //! subscription options, read once at start, are JSON for readability.
 //!
@@ -249,9 +249,27 @@ pub(crate) fn decode_will(blob: Bytes) -> Result<StoredWill, String> {
     })
 }
 
-/// A queue entry for message `id`, in the queued state.
-pub(crate) fn encode_entry(id: MessageId, d: &Delivery) -> Vec<u8> {
-    let mut out = Vec::with_capacity(24 + d.share.as_ref().map_or(0, String::len));
+/// Width of the reference count that starts a queued message's body (in
+/// `msg:{id}`): that many decimal digits, zero-padded, rewritten in place.
+pub(crate) const REFS_WIDTH: usize = 10;
+
+/// The body of a queued message as stored in `msg:{id}`: its reference
+/// count is read and rewritten by the write script; this strips it.
+pub(crate) fn queued_body(blob: Bytes) -> Result<Bytes, String> {
+    match blob.get(..REFS_WIDTH) {
+        Some(refs) if refs.iter().all(u8::is_ascii_digit) => Ok(blob.slice(REFS_WIDTH..)),
+        _ => Err(format!(
+            "does not start with a {REFS_WIDTH}-digit reference count"
+        )),
+    }
+}
+
+/// A queue entry, the member of the queue's sorted set: sequence number
+/// `seq`, message `id`, the queued state and the delivery.
+pub(crate) fn encode_member(seq: u64, id: MessageId, d: &Delivery) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + d.share.as_ref().map_or(0, String::len));
+    out.extend_from_slice(seq.to_string().as_bytes());
+    out.push(b':');
     out.extend_from_slice(id.to_string().as_bytes());
     out.extend_from_slice(b"::");
     let mut flags = 0;
@@ -305,8 +323,20 @@ fn parse_decimal<T: std::str::FromStr>(b: &[u8], what: &str) -> Result<T, String
         .ok_or_else(|| format!("bad {what} {:?}", String::from_utf8_lossy(b)))
 }
 
-/// Decode an entry written by [`encode_entry`] (and maybe `SetState`).
-pub(crate) fn decode_entry(b: &[u8]) -> Result<Entry, String> {
+/// The sequence number of a queue member, before its first `:`.
+pub(crate) fn member_seq(b: &[u8]) -> Result<u64, String> {
+    let (seq, _) = decimal_field(b, "seq")?;
+    parse_decimal(seq, "seq")
+}
+
+/// Decode a member written by [`encode_member`] (and maybe `SetState`).
+pub(crate) fn decode_member(b: &[u8]) -> Result<(u64, Entry), String> {
+    let (seq, rest) = decimal_field(b, "seq")?;
+    Ok((parse_decimal(seq, "seq")?, decode_entry(rest)?))
+}
+
+/// Decode the part of a member after its seq.
+fn decode_entry(b: &[u8]) -> Result<Entry, String> {
     let (id, rest) = decimal_field(b, "message id")?;
     let message_id = parse_decimal(id, "message id")?;
     let (state, delivery) = decimal_field(rest, "state")?;
@@ -472,7 +502,7 @@ mod tests {
     }
 
     #[test]
-    fn entry_round_trip_and_state() {
+    fn member_round_trip_and_state() {
         let rich = Delivery {
             qos: QoS::ExactlyOnce,
             retain: true,
@@ -480,28 +510,40 @@ mod tests {
             share: Some("$share/grüppe/a:b/+/#".into()),
         };
         for d in [rich, Delivery::new(QoS::AtMostOnce)] {
-            let e = encode_entry(42, &d);
+            let e = encode_member(9, 42, &d);
             let want = Entry {
                 message_id: 42,
                 delivery: d.clone(),
                 state: PacketState::Queued,
             };
-            assert_eq!(decode_entry(&e), Ok(want));
+            assert_eq!(decode_member(&e), Ok((9, want)));
+            assert_eq!(member_seq(&e), Ok(9));
             // What the write script does for SetState.
-            let released = [&b"42:"[..], b"65535", &e[3..]].concat();
+            let released = [&b"9:42:"[..], b"65535", &e[5..]].concat();
             assert_eq!(
-                decode_entry(&released).map(|e| e.state),
+                decode_member(&released).map(|(_, e)| e.state),
                 Ok(PacketState::Released { packet_id: 65535 })
             );
         }
         for bad in [
             &b""[..],
-            b"x::\x01\x00\x00",
-            b"1:\x01",
-            b"1:70000:\x01\x00\x00",
-            b"1::\x07\x00\x00",
+            b"1:x::\x01\x00\x00",
+            b"x:1::\x01\x00\x00",
+            b"1:1:\x01",
+            b"1:1:70000:\x01\x00\x00",
+            b"1:1::\x07\x00\x00",
+            b"1::\x01\x00\x00",
         ] {
-            assert!(decode_entry(bad).is_err(), "{bad:?} decoded");
+            assert!(decode_member(bad).is_err(), "{bad:?} decoded");
+        }
+    }
+
+    #[test]
+    fn queued_bodies_start_with_their_reference_count() {
+        let body = Bytes::from_static(b"0000000003\x01rest");
+        assert_eq!(queued_body(body).as_deref(), Ok(&b"\x01rest"[..]));
+        for bad in [&b""[..], b"000000003", b"00000000x3\x01"] {
+            assert!(queued_body(Bytes::from_static(bad)).is_err(), "{bad:?}");
         }
     }
 

@@ -65,7 +65,7 @@ pub enum OpenError {
     /// does not read.
     #[error(
         "the keys under prefix `{prefix}` at {url} are in layout version {found}, \
-         this broker reads version {LAYOUT_VERSION}"
+         this broker reads version {LAYOUT_VERSION} (and upgrades version 1)"
     )]
     Layout {
         /// The URL, password hidden.
@@ -74,6 +74,21 @@ pub enum OpenError {
         prefix: String,
         /// The version found in `{prefix}layout`.
         found: String,
+    },
+    /// The prefix is in layout 1 and its upgrade to the current layout
+    /// failed part way; it resumes at the next open (see the `upgrade`
+    /// module), and no broker of an earlier version opens it meanwhile.
+    #[error(
+        "the keys under prefix `{prefix}` at {url} could not be upgraded to layout version \
+         {LAYOUT_VERSION}: {source}; the upgrade resumes where it stopped at the next start"
+    )]
+    Upgrade {
+        /// The URL, password hidden.
+        url: String,
+        /// The key prefix.
+        prefix: String,
+        /// Why.
+        source: StorageError,
     },
     /// Another broker holds the prefix's lease (see the `lease` module):
     /// it renewed it while this one waited, or it never expires.

@@ -10,7 +10,7 @@
 //! [`topic::matches`] for retained lookups. It passes the conformance suite
 //! of `broker_core::testkit`.
 //!
-//! # Key layout (version 1)
+//! # Key layout (version 2)
 //! Every key starts with the configured prefix `P` (default `mqtt:`, see
 //! [`RedisOptions::prefix`]). The keys mirror Mosca's collections, plus one
 //! hash per message so that a body is stored once however many sessions it
@@ -18,11 +18,10 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P layout` | string | `1`, the layout version; a prefix holding another version is refused at open. |
+//! | `P layout` | string | `2`, the layout version; a prefix in version 1 is upgraded at open (see below), one holding another version is refused. |
 //! | `P last_message_id` | string | the high-water mark of message ids (decimal), raised by every enqueue, never lowered. |
-//! | `P msg:{id}` | hash | one message body: `body` (binary, payload as raw bytes, see below) and `refs`, the number of queue entries pointing at it. The key goes when `refs` reaches 0. |
-//! | `P queue:{client}` | sorted set | the session's queue order: member and score are the seq (decimal). |
-//! | `P entries:{client}` | hash | seq → entry `"{message id}:{state}:{delivery}"`: the body it references, the state (empty for queued, the PUBREL packet id when released) and the delivery (QoS, retain, subscription ids, shared group) in binary. |
+//! | `P msg:{id}` | string | one message body: the number of queue entries pointing at it in 10 zero-padded decimal digits, rewritten in place, then the body (binary, payload as raw bytes, see below). The key goes with its last reference. |
+//! | `P queue:{client}` | sorted set | the session's queue: score the seq, member the entry `"{seq}:{message id}:{state}:{delivery}"`: the body it references, the state (empty for queued, the PUBREL packet id when released) and the delivery (QoS, retain, subscription ids, shared group) in binary. |
 //! | `P qos2in:{client}` | set | incoming QoS 2 packet ids awaiting PUBREL. |
 //! | `P sessions` | hash | client id → session record (JSON: `expiry_secs`, `disconnected_at_ms`). |
 //! | `P sub:{client}` | hash | topic filter → subscription options (JSON). |
@@ -59,10 +58,12 @@
 //! ```
 //! `varint` is unsigned LEB128; `bytes` is a varint length and the bytes.
 //!
-//! A queue entry (in `entries:{client}`) is `{message id}:{state}:{delivery}`:
-//! the id in decimal, which the Lua scripts read to count references; the
-//! state, empty when queued or the PUBREL packet id in decimal when
-//! released, rewritten in place by `SetState`; and the delivery:
+//! A queue entry (a member of `queue:{client}`) is
+//! `{seq}:{message id}:{state}:{delivery}`: the seq in decimal, which makes
+//! the member unique and is also its score; the id in decimal, which the
+//! Lua scripts read to count references; the state, empty when queued or
+//! the PUBREL packet id in decimal when released, rewritten by `SetState`
+//! (the member at that score replaced); and the delivery:
 //! ```text
 //! u8      QoS
 //! u8      flags: 1 retain, 2 shared
@@ -70,14 +71,19 @@
 //! ...     the shared subscription (`$share/...`): every remaining byte, if flag 2
 //! ```
 //!
+//! Layout 1 (before 2026-12) kept bodies in hashes and each queue's
+//! entries in a hash beside its sorted set of seqs: about twice the memory
+//! per queued message. A broker opening a prefix in layout 1 upgrades it in
+//! place before serving, resumably (the `upgrade` module).
+//!
 //! # How order is kept
 //! A queue's order is its sorted set's score, the sequence number the core
-//! assigned, read with `ZRANGEBYSCORE (after +inf LIMIT 0 n`. Entries are
-//! never moved to be updated: `SetState` rewrites the state inside the
-//! entry's hash field, and nothing is ever popped and pushed again (the
-//! `LREM` + `RPUSH` of Mosca's Redis backend, which sent unacknowledged
-//! messages after newer ones). Seqs and ids stay below 2^53, so scores are
-//! exact.
+//! assigned, read with `ZRANGEBYSCORE (after +inf LIMIT 0 n`. An entry
+//! keeps its score when it is updated: `SetState` replaces the member at
+//! that score by one with the new state, and nothing is ever popped and
+//! pushed at the back (the `LREM` + `RPUSH` of Mosca's Redis backend,
+//! which sent unacknowledged messages after newer ones). Seqs and ids stay
+//! below 2^53, so scores are exact.
 //!
 //! # Atomicity and round trips
 //! [`PacketStore::write`] sends the whole batch to one Lua script (one
@@ -162,6 +168,7 @@ mod error;
 mod lease;
 mod options;
 mod scripts;
+mod upgrade;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -284,7 +291,7 @@ use lease::Lease;
 use scripts::Scripts;
 
 /// Version of the key layout this crate reads and writes (`P layout`).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Sequence numbers and message ids stay below this (the contract), so
 /// Redis scores and Lua numbers hold them exactly.
@@ -347,7 +354,7 @@ impl Durability {
     }
 }
 
-/// Key names under the prefix; see the [crate documentation](crate#key-layout-version-1).
+/// Key names under the prefix; see the [crate documentation](crate#key-layout-version-2).
 struct Keys {
     prefix: String,
 }
@@ -361,9 +368,6 @@ impl Keys {
     }
     fn queue(&self, client: &str) -> String {
         self.tagged("queue", client)
-    }
-    fn entries(&self, client: &str) -> String {
-        self.tagged("entries", client)
     }
     fn qos2in(&self, client: &str) -> String {
         self.tagged("qos2in", client)
@@ -478,16 +482,15 @@ impl RedisStore {
                     url: shown.clone(),
                     source,
                 })?;
-            let durability = setup(&mut conn, &keys, &scripts, &shown).await?;
-            Ok::<_, OpenError>((durability, conn))
+            let found = setup(&mut conn, &keys, &scripts, &shown).await?;
+            Ok::<_, OpenError>((found, conn))
         };
-        let (durability, mut plain) =
-            tokio::time::timeout(limit, setup)
-                .await
-                .map_err(|_| OpenError::Timeout {
-                    url: shown.clone(),
-                    timeout: limit,
-                })??;
+        let ((durability, upgrade), mut plain) = tokio::time::timeout(limit, setup)
+            .await
+            .map_err(|_| OpenError::Timeout {
+                url: shown.clone(),
+                timeout: limit,
+            })??;
         // Not within `limit`: a dead holder's lease is waited for, up to its TTL.
         let lease = lease::acquire(
             &mut plain,
@@ -542,7 +545,7 @@ impl RedisStore {
                 durability.describe()
             ),
         }
-        Ok(RedisStore {
+        let store = RedisStore {
             conn,
             keys,
             scripts,
@@ -556,7 +559,19 @@ impl RedisStore {
             cache: Mutex::new(BodyCache::default()),
             lease,
             connect_url,
-        })
+        };
+        if upgrade {
+            // Dropping the store on failure gives the lease back.
+            store
+                .upgrade_from_1()
+                .await
+                .map_err(|source| OpenError::Upgrade {
+                    url: store.url.clone(),
+                    prefix: store.keys.prefix.clone(),
+                    source,
+                })?;
+        }
+        Ok(store)
     }
 
     /// How this store's lease stands: a node that must not serve once
@@ -797,7 +812,8 @@ impl RedisStore {
             return Ok(m);
         }
         let blob = blob.ok_or_else(|| corrupt(what, format!("body of message {id} is missing")))?;
-        let m = codec::decode_message(Bytes::from(blob))
+        let m = codec::queued_body(Bytes::from(blob))
+            .and_then(codec::decode_message)
             .map_err(|e| corrupt(&format!("{what}, body of message {id}"), e))?;
         if m.id != id {
             return Err(corrupt(
@@ -835,13 +851,14 @@ impl RedisStore {
 }
 
 /// Checks and loads at open, on a plain connection: layout version,
-/// persistence settings, scripts.
+/// persistence settings, scripts. Also says whether the prefix is in
+/// layout 1, to be upgraded once the lease is taken.
 async fn setup(
     conn: &mut MultiplexedConnection,
     keys: &Keys,
     scripts: &Scripts,
     url: &str,
-) -> Result<Durability, OpenError> {
+) -> Result<(Durability, bool), OpenError> {
     let failed = |source| OpenError::Setup {
         url: url.to_owned(),
         source,
@@ -858,13 +875,17 @@ async fn setup(
         .await
         .map_err(failed)?;
     let found = found.unwrap_or_default();
-    if found != LAYOUT_VERSION.to_string() {
+    let upgrade = if found == LAYOUT_VERSION.to_string() {
+        false
+    } else if found == "1" || found == upgrade::UPGRADING {
+        true
+    } else {
         return Err(OpenError::Layout {
             url: url.to_owned(),
             prefix: keys.prefix.clone(),
             found,
         });
-    }
+    };
     // CONFIG may be disabled (managed Redis): then the durability is unknown.
     let config: RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
         .arg("GET")
@@ -888,7 +909,7 @@ async fn setup(
     for script in scripts.all() {
         script.load_async(conn).await.map_err(failed)?;
     }
-    Ok(durability)
+    Ok((durability, upgrade))
 }
 
 /// `(maxmemory, maxmemory-policy)` when Redis may evict keys: a limit is
@@ -1009,10 +1030,11 @@ impl PacketStore for RedisStore {
                         .arg(codec::encode_message(message))
                         .arg(targets.len());
                     for t in targets {
-                        script
-                            .arg(&*t.client)
-                            .arg(t.seq)
-                            .arg(codec::encode_entry(message.id, &t.delivery));
+                        script.arg(&*t.client).arg(t.seq).arg(codec::encode_member(
+                            t.seq,
+                            message.id,
+                            &t.delivery,
+                        ));
                     }
                 }
                 PacketOp::Remove { client, seq } => {
@@ -1066,7 +1088,6 @@ impl PacketStore for RedisStore {
         let mut script = self.scripts.read_queue.prepare_invoke();
         script
             .key(self.keys.queue(client))
-            .key(self.keys.entries(client))
             .arg(min)
             .arg(limit)
             .arg(self.keys.msg_prefix());
@@ -1075,23 +1096,19 @@ impl PacketStore for RedisStore {
 
         let what = format!("queue of {client:?}");
         let items = array(reply, &what)?;
-        if items.len() % 3 != 0 {
-            return Err(corrupt(&what, "reply is not seq, entry, body triples"));
+        if items.len() % 2 != 0 {
+            return Err(corrupt(&what, "reply is not entry, body pairs"));
         }
-        let mut out = Vec::with_capacity(items.len() / 3);
+        let mut out = Vec::with_capacity(items.len() / 2);
         let mut it = items.into_iter();
-        while let (Some(seq), Some(entry), Some(body)) = (it.next(), it.next(), it.next()) {
-            let seq = bulk(seq, &what)?.unwrap_or_default();
-            let seq: Seq = std::str::from_utf8(&seq)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| {
-                    corrupt(&what, format!("seq {:?}", String::from_utf8_lossy(&seq)))
-                })?;
-            let entry = bulk(entry, &what)?
-                .ok_or_else(|| corrupt(&what, format!("seq {seq} is queued but has no entry")))?;
-            let entry = codec::decode_entry(&entry)
-                .map_err(|e| corrupt(&format!("{what}, entry {seq}"), e))?;
+        while let (Some(member), Some(body)) = (it.next(), it.next()) {
+            let member = bulk(member, &what)?.unwrap_or_default();
+            let (seq, entry) = codec::decode_member(&member).map_err(|e| {
+                corrupt(
+                    &format!("{what}, entry {:?}", String::from_utf8_lossy(&member)),
+                    e,
+                )
+            })?;
             let message = self.body(
                 entry.message_id,
                 bulk(body, &what)?,
@@ -1117,14 +1134,14 @@ impl PacketStore for RedisStore {
             .cmd("ZRANGE")
             .arg(&queue)
             .arg(-1)
-            .arg(-1)
-            .arg("WITHSCORES");
-        let (len, last): (u64, Vec<(String, f64)>) = self.call(pipe.query_async(&mut conn)).await?;
+            .arg(-1);
+        let (len, last): (u64, Vec<Vec<u8>>) = self.call(pipe.query_async(&mut conn)).await?;
         let last = match last.first() {
             None => None,
-            Some((member, _)) => Some(member.parse::<Seq>().map_err(|_| {
-                corrupt(&format!("queue of {client:?}"), format!("seq {member:?}"))
-            })?),
+            Some(member) => Some(
+                codec::member_seq(member)
+                    .map_err(|e| corrupt(&format!("queue of {client:?}"), e))?,
+            ),
         };
         Ok(QueueBounds { len, last })
     }

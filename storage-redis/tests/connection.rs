@@ -96,7 +96,7 @@ async fn bad_urls_and_foreign_layouts_are_refused() {
         .arg(format!("{prefix}layout"))
         .query(&mut conn)
         .expect("GET");
-    assert_eq!(layout, "1");
+    assert_eq!(layout, "2");
     // `clear` keeps the lease, which the store still holds; `close` releases it.
     store.clear().await.expect("clear");
     let keys = |conn: &mut redis::Connection| {
@@ -176,12 +176,14 @@ async fn fan_out_stores_the_body_once_and_clear_empties_the_prefix() {
         .write((0..SESSIONS - 1).map(remove).collect())
         .await
         .expect("remove all but one");
-    let refs: Option<u64> = redis::cmd("HGET")
+    // The body's first ten bytes are its reference count.
+    let refs: String = redis::cmd("GETRANGE")
         .arg(&body_key)
-        .arg("refs")
+        .arg(0)
+        .arg(9)
         .query(&mut conn)
-        .expect("HGET");
-    assert_eq!(refs, Some(1), "references left on the body");
+        .expect("GETRANGE");
+    assert_eq!(refs, "0000000001", "references left on the body");
     store
         .write(vec![remove(SESSIONS - 1)])
         .await
@@ -210,4 +212,81 @@ async fn fan_out_stores_the_body_once_and_clear_empties_the_prefix() {
     .await
     .expect("destroy");
     assert_eq!(store.used_bytes().await.expect("used_bytes"), 0);
+}
+
+/// What a queued message costs in Redis beside its payload, in the two
+/// shapes that matter: a topic per device (one message queued for each of
+/// many sessions, so every session's queue is small) and one deep queue
+/// (past Redis's compact encodings). Printed for BENCHMARKS.md; the bound
+/// lies between layout 2's figures (about 205 bytes each) and layout 1's
+/// (about 460 and 400), so a layout back at the old cost fails here.
+#[tokio::test]
+async fn a_queued_message_costs_half_what_it_did_in_layout_1() {
+    use std::sync::Arc;
+
+    use broker_core::message::{Message, QoS};
+    use broker_core::storage::{Delivery, PacketOp, PacketStore, QueueTarget};
+
+    const DEVICES: u64 = 200;
+    const DEEP: u64 = 2000;
+    const PAYLOAD: usize = 64;
+    // A prefix as short as a real one (`mqtt:`): key names count too.
+    let cleanup = Cleanup {
+        url: redis_url(),
+        prefix: format!("e{}:", std::process::id()),
+    };
+    let store = RedisStore::open(
+        &cleanup.url,
+        options(&cleanup.prefix, Duration::from_secs(5)),
+    )
+    .await
+    .expect("open");
+    let enqueue = |id: u64, client: String, seq: u64| {
+        let mut m = Message::new(
+            format!("devices/{client}"),
+            vec![7u8; PAYLOAD],
+            QoS::AtLeastOnce,
+            false,
+        );
+        m.id = id;
+        PacketOp::Enqueue {
+            message: Arc::new(m),
+            targets: vec![QueueTarget {
+                client: Arc::from(client),
+                seq,
+                delivery: Delivery::new(QoS::AtLeastOnce),
+            }],
+        }
+    };
+    let empty = store.used_bytes().await.expect("used_bytes");
+    store
+        .write(
+            (1..=DEVICES)
+                .map(|i| enqueue(i, format!("device-{i:05}"), 1))
+                .collect(),
+        )
+        .await
+        .expect("one message per device");
+    let devices = store.used_bytes().await.expect("used_bytes");
+    store
+        .write(
+            (1..=DEEP)
+                .map(|i| enqueue(DEVICES + i, "deep".to_owned(), i))
+                .collect(),
+        )
+        .await
+        .expect("a deep queue");
+    let deep = store.used_bytes().await.expect("used_bytes");
+    let per_device = (devices - empty) / DEVICES - PAYLOAD as u64;
+    let per_deep = (deep - devices) / DEEP - PAYLOAD as u64;
+    eprintln!(
+        "a {PAYLOAD}-byte message queued costs, beside its payload: {per_device} bytes with a \
+         queue per device ({DEVICES} sessions), {per_deep} in one queue of {DEEP}"
+    );
+    assert!(per_device < 300, "{per_device} bytes per device message");
+    assert!(
+        per_deep < 300,
+        "{per_deep} bytes per message of a deep queue"
+    );
+    store.close().await;
 }
