@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod hooks;
 pub mod http;
 pub mod inspect;
+pub mod memory;
 pub mod migrate;
 pub mod passwd;
 pub mod serve;

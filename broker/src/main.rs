@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     init_logs(&log_settings(&cli), if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_park(return_memory_when_idle)
+        .on_thread_park(broker::memory::on_worker_park)
         .build()
     {
         Ok(r) => r,
@@ -81,30 +81,6 @@ fn init_logs(log: &LogSettings, default_level: &str) {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
-}
-
-/// Hand freed memory back to the kernel when a worker thread goes idle, at
-/// most once a second per thread. mimalloc keeps freed pages for reuse and
-/// purges them only as the thread that owns them keeps allocating, so the
-/// memory of a slow consumer that left stayed in the broker's RSS (+24 MiB
-/// in `scripts/hostile`) until traffic came back.
-fn return_memory_when_idle() {
-    use std::cell::Cell;
-    use std::time::{Duration, Instant};
-    thread_local! {
-        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
-    }
-    LAST.with(|last| {
-        let now = Instant::now();
-        if last
-            .get()
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-        {
-            last.set(Some(now));
-            // SAFETY: mi_collect only walks this thread's own heap.
-            unsafe { libmimalloc_sys::mi_collect(false) };
-        }
-    });
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

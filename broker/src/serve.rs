@@ -45,6 +45,7 @@ where
         builder = builder.authorize(hook);
     }
     let broker = builder.start().await?;
+    let _watched = crate::memory::Watched::new(&broker);
     let webhook = match &settings.webhook {
         Some(w) => match broker_http_hooks::Webhook::start(&broker, &w.config()) {
             Ok(hook) => Some(hook),
