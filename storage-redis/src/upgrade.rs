@@ -109,12 +109,13 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Step 2: every `msg:{id}` still a hash becomes a string.
+    /// Step 2: every `msg:{id}` still a hash becomes a string (the script
+    /// leaves those already converted).
     async fn upgrade_bodies(&self, done: &mut Upgraded) -> StorageResult<()> {
         let pattern = format!("{}msg:*", glob_escape(&self.keys.prefix));
         let mut cursor = 0u64;
         loop {
-            let (next, keys) = self.scan_type(cursor, &pattern, "hash").await?;
+            let (next, keys) = self.scan_matching(cursor, &pattern).await?;
             if !keys.is_empty() {
                 let mut script = self.scripts.upgrade_bodies.prepare_invoke();
                 script.arg(&self.keys.prefix).arg(self.lease.token());
@@ -139,7 +140,7 @@ impl RedisStore {
         let pattern = format!("{}*", glob_escape(&tag));
         let mut cursor = 0u64;
         loop {
-            let (next, keys) = self.scan_type(cursor, &pattern, "hash").await?;
+            let (next, keys) = self.scan_matching(cursor, &pattern).await?;
             for key in keys {
                 let Some(client) = key.strip_prefix(tag.as_bytes()) else {
                     continue;
@@ -197,12 +198,13 @@ impl RedisStore {
         }
     }
 
-    /// One `SCAN` step over keys matching `pattern` of Redis type `kind`.
-    async fn scan_type(
+    /// One `SCAN` step over keys matching `pattern`. Not `SCAN ... TYPE`
+    /// (Redis 6): the scripts check each key's type themselves, so the
+    /// upgrade runs on any Redis the store runs on.
+    async fn scan_matching(
         &self,
         cursor: u64,
         pattern: &str,
-        kind: &str,
     ) -> StorageResult<(u64, Vec<Vec<u8>>)> {
         let mut conn = self.conn.clone();
         let mut cmd = redis::cmd("SCAN");
@@ -210,9 +212,7 @@ impl RedisStore {
             .arg("MATCH")
             .arg(pattern)
             .arg("COUNT")
-            .arg(STEP)
-            .arg("TYPE")
-            .arg(kind);
+            .arg(STEP);
         let reply: Value = self.call(cmd.query_async(&mut conn)).await?;
         scan_reply(reply, "SCAN")
     }
