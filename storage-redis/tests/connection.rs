@@ -222,10 +222,8 @@ async fn fan_out_stores_the_body_once_and_clear_empties_the_prefix() {
 /// (about 460 and 400), so a layout back at the old cost fails here.
 #[tokio::test]
 async fn a_queued_message_costs_half_what_it_did_in_layout_1() {
-    use std::sync::Arc;
-
     use broker_core::message::{Message, QoS};
-    use broker_core::storage::{Delivery, PacketOp, PacketStore, QueueTarget};
+    use broker_core::storage::PacketStore;
 
     const DEVICES: u64 = 200;
     const DEEP: u64 = 2000;
@@ -242,21 +240,9 @@ async fn a_queued_message_costs_half_what_it_did_in_layout_1() {
     .await
     .expect("open");
     let enqueue = |id: u64, client: String, seq: u64| {
-        let mut m = Message::new(
-            format!("devices/{client}"),
-            vec![7u8; PAYLOAD],
-            QoS::AtLeastOnce,
-            false,
-        );
-        m.id = id;
-        PacketOp::Enqueue {
-            message: Arc::new(m),
-            targets: vec![QueueTarget {
-                client: Arc::from(client),
-                seq,
-                delivery: Delivery::new(QoS::AtLeastOnce),
-            }],
-        }
+        let topic = format!("devices/{client}");
+        let m = Message::new(topic, vec![7u8; PAYLOAD], QoS::AtLeastOnce, false);
+        common::enqueue_one(m, id, &client, seq)
     };
     let empty = store.used_bytes().await.expect("used_bytes");
     store

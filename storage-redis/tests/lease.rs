@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use broker_core::message::{Message, QoS};
 use broker_core::storage::{
-    Delivery, PacketOp, PacketStore, QueueTarget, RetainedStore, SessionRecord, StorageError,
-    SubscriptionStore,
+    PacketOp, PacketStore, RetainedStore, SessionRecord, StorageError, SubscriptionStore,
 };
 use common::{connect, free_port, redis_url, unique_prefix, Cleanup, HOW_TO_START};
 use storage_redis::{OpenError, RedisOptions, RedisStore};
@@ -38,16 +37,8 @@ fn host() -> String {
 }
 
 fn enqueue(id: u64, client: &str, seq: u64) -> PacketOp {
-    let mut m = Message::new("lease/t", format!("body {id}"), QoS::AtLeastOnce, false);
-    m.id = id;
-    PacketOp::Enqueue {
-        message: Arc::new(m),
-        targets: vec![QueueTarget {
-            client: Arc::from(client),
-            seq,
-            delivery: Delivery::new(QoS::AtLeastOnce),
-        }],
-    }
+    let m = Message::new("lease/t", format!("body {id}"), QoS::AtLeastOnce, false);
+    common::enqueue_one(m, id, client, seq)
 }
 
 fn assert_lease_error<T: std::fmt::Debug>(r: Result<T, StorageError>, want: &str, what: &str) {

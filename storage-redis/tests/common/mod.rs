@@ -98,3 +98,23 @@ impl Drop for Cleanup {
         }
     }
 }
+
+/// `message` (its id set to `id`) queued for `client` at `seq`, QoS 1.
+pub fn enqueue_one(
+    mut message: broker_core::message::Message,
+    id: u64,
+    client: &str,
+    seq: u64,
+) -> broker_core::storage::PacketOp {
+    use broker_core::message::QoS;
+    use broker_core::storage::{Delivery, PacketOp, QueueTarget};
+    message.id = id;
+    PacketOp::Enqueue {
+        message: std::sync::Arc::new(message),
+        targets: vec![QueueTarget {
+            client: std::sync::Arc::from(client),
+            seq,
+            delivery: Delivery::new(QoS::AtLeastOnce),
+        }],
+    }
+}
