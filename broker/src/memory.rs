@@ -7,10 +7,10 @@
 //! things, each at most so often per thread:
 //! - once a second, a light collection (`mi_collect(false)`): what a slow
 //!   consumer's buffers left (+24 MiB in `scripts/hostile` before);
-//! - when the broker holds [`SHRINK`] connections fewer than when this
+//! - when the broker holds 256 connections (`SHRINK`) fewer than when this
 //!   thread last looked, a full one (`mi_collect(true)`), at most every
-//!   [`FORCE_EVERY`]: after 19,000 idle connections closed, RSS went back
-//!   to 23-26 MB from 165 MB instead of staying at 62-74 MB (BENCHMARKS.md,
+//!   100 ms (`FORCE_EVERY`): after 19,000 idle connections closed, RSS went back
+//!   to 18-42 MB from 165 MB instead of staying at 62-74 MB (BENCHMARKS.md,
 //!   "Idle connections"). A full collection walks the thread's whole heap,
 //!   which is why it waits for a drop in connections rather than running
 //!   every second on a busy broker.
@@ -26,10 +26,10 @@ use broker_core::Broker;
 
 /// Connections fewer than at a thread's last look that make its next park
 /// run a full collection.
-pub const SHRINK: usize = 256;
+const SHRINK: usize = 256;
 
 /// Least time between two full collections on one thread.
-pub const FORCE_EVERY: Duration = Duration::from_millis(100);
+const FORCE_EVERY: Duration = Duration::from_millis(100);
 
 /// Least time between two light collections on one thread.
 const LIGHT_EVERY: Duration = Duration::from_secs(1);

@@ -13,7 +13,7 @@
 //! # Key layout (version 2)
 //! Every key starts with the configured prefix `P` (default `mqtt:`, see
 //! [`RedisOptions::prefix`]). The keys mirror Mosca's collections, plus one
-//! hash per message so that a body is stored once however many sessions it
+//! string per message so that a body is stored once however many sessions it
 //! is queued for:
 //!
 //! | key | type | holds |
@@ -378,6 +378,10 @@ impl Keys {
     fn msg_prefix(&self) -> String {
         self.key("msg:")
     }
+    /// The `SCAN` pattern of every key under the prefix.
+    fn all(&self) -> String {
+        format!("{}*", glob_escape(&self.prefix))
+    }
 }
 
 /// Whether Redis answers, so that losing and regaining it is logged once
@@ -586,7 +590,7 @@ impl RedisStore {
     }
 
     /// Publish `value` (for a cluster: where this broker serves) for
-    /// [`RedisStore::leader`] to read, fenced by the lease: it fails once
+    /// [`LeaderLookup::leader`] to read, fenced by the lease: it fails once
     /// another broker owns the prefix. Replaced by the next owner's.
     pub async fn advertise(&self, value: &str) -> StorageResult<()> {
         let mut conn = self.conn.clone();
@@ -690,9 +694,10 @@ impl RedisStore {
     /// `SCAN`: slow on a large store, never used by the broker itself.
     pub async fn used_bytes(&self) -> StorageResult<u64> {
         let mut total = 0;
+        let all = self.keys.all();
         let mut cursor = 0u64;
         loop {
-            let (next, keys) = self.scan(cursor).await?;
+            let (next, keys) = self.scan(cursor, &all).await?;
             if !keys.is_empty() {
                 let mut pipe = redis::pipe();
                 for k in &keys {
@@ -715,9 +720,10 @@ impl RedisStore {
     pub async fn clear(&self) -> StorageResult<()> {
         self.lease.check()?;
         let keep = [self.keys.key("owner"), self.keys.key("lease")];
+        let all = self.keys.all();
         let mut cursor = 0u64;
         loop {
-            let (next, mut keys) = self.scan(cursor).await?;
+            let (next, mut keys) = self.scan(cursor, &all).await?;
             keys.retain(|k| !keep.iter().any(|keep| keep.as_bytes() == k.as_slice()));
             if !keys.is_empty() {
                 let mut conn = self.conn.clone();
@@ -732,13 +738,14 @@ impl RedisStore {
         }
     }
 
-    /// One `SCAN` step over the keys under the prefix.
-    async fn scan(&self, cursor: u64) -> StorageResult<(u64, Vec<Vec<u8>>)> {
+    /// One `SCAN` step over the keys matching `pattern` (a glob under the
+    /// prefix, e.g. [`Keys::all`]).
+    async fn scan(&self, cursor: u64, pattern: &str) -> StorageResult<(u64, Vec<Vec<u8>>)> {
         let mut conn = self.conn.clone();
         let mut cmd = redis::cmd("SCAN");
         cmd.arg(cursor)
             .arg("MATCH")
-            .arg(format!("{}*", glob_escape(&self.keys.prefix)))
+            .arg(pattern)
             .arg("COUNT")
             .arg(1000);
         self.call(cmd.query_async(&mut conn)).await

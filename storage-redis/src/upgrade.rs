@@ -23,14 +23,15 @@
 //! connection at any point leaves each key either in layout 1 or in
 //! layout 2, and the next open (seeing `1` or [`UPGRADING`]) does the
 //! rest; nothing is read from the prefix before step 4 ends. Every script
-//! checks the lease first, as every write of the store does.
+//! checks the lease first, as every write of the store does, and checks
+//! each key's type itself (no `SCAN ... TYPE`, which needs Redis 6), so
+//! the upgrade runs on any Redis the store runs on.
 
 use std::time::{Duration, Instant};
 
 use broker_core::storage::StorageResult;
-use redis::Value;
 
-use crate::{array, bulk, glob_escape, RedisStore};
+use crate::{glob_escape, RedisStore};
 
 /// `P layout` while an upgrade from layout 1 is under way.
 pub(crate) const UPGRADING: &str = "1-to-2";
@@ -115,7 +116,7 @@ impl RedisStore {
         let pattern = format!("{}msg:*", glob_escape(&self.keys.prefix));
         let mut cursor = 0u64;
         loop {
-            let (next, keys) = self.scan_matching(cursor, &pattern).await?;
+            let (next, keys) = self.scan(cursor, &pattern).await?;
             if !keys.is_empty() {
                 let mut script = self.scripts.upgrade_bodies.prepare_invoke();
                 script.arg(&self.keys.prefix).arg(self.lease.token());
@@ -140,7 +141,7 @@ impl RedisStore {
         let pattern = format!("{}*", glob_escape(&tag));
         let mut cursor = 0u64;
         loop {
-            let (next, keys) = self.scan_matching(cursor, &pattern).await?;
+            let (next, keys) = self.scan(cursor, &pattern).await?;
             for key in keys {
                 let Some(client) = key.strip_prefix(tag.as_bytes()) else {
                     continue;
@@ -167,8 +168,8 @@ impl RedisStore {
                 let mut conn = self.conn.clone();
                 let mut cmd = redis::cmd("HSCAN");
                 cmd.arg(key).arg(cursor).arg("COUNT").arg(STEP);
-                let reply: Value = self.call(cmd.query_async(&mut conn)).await?;
-                let (next, fields) = scan_reply(reply, "HSCAN of a layout 1 queue")?;
+                let (next, fields): (u64, Vec<Vec<u8>>) =
+                    self.call(cmd.query_async(&mut conn)).await?;
                 // HSCAN returns field, value, field, value...: the seqs are the fields.
                 for chunk in fields.chunks(2 * STEP) {
                     let mut script = self.scripts.upgrade_queue.prepare_invoke();
@@ -197,41 +198,4 @@ impl RedisStore {
             }
         }
     }
-
-    /// One `SCAN` step over keys matching `pattern`. Not `SCAN ... TYPE`
-    /// (Redis 6): the scripts check each key's type themselves, so the
-    /// upgrade runs on any Redis the store runs on.
-    async fn scan_matching(
-        &self,
-        cursor: u64,
-        pattern: &str,
-    ) -> StorageResult<(u64, Vec<Vec<u8>>)> {
-        let mut conn = self.conn.clone();
-        let mut cmd = redis::cmd("SCAN");
-        cmd.arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(STEP);
-        let reply: Value = self.call(cmd.query_async(&mut conn)).await?;
-        scan_reply(reply, "SCAN")
-    }
-}
-
-/// A `SCAN`/`HSCAN` reply: the next cursor and the items.
-fn scan_reply(reply: Value, what: &str) -> StorageResult<(u64, Vec<Vec<u8>>)> {
-    let mut parts = array(reply, what)?.into_iter();
-    let (Some(cursor), Some(items)) = (parts.next(), parts.next()) else {
-        return Err(crate::codec::corrupt(what, "not a cursor and a list"));
-    };
-    let cursor = bulk(cursor, what)?
-        .and_then(|c| std::str::from_utf8(&c).ok()?.parse().ok())
-        .ok_or_else(|| crate::codec::corrupt(what, "cursor is not a number"))?;
-    let mut out = Vec::new();
-    for item in array(items, what)? {
-        if let Some(b) = bulk(item, what)? {
-            out.push(b);
-        }
-    }
-    Ok((cursor, out))
 }

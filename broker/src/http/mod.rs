@@ -1,6 +1,6 @@
 //! The HTTP listener of `[http] bind` (or `--http-listen`): `/metrics`
 //! (Prometheus), `/health` and `/ready` (probes), and the admin API under
-//! `/api/v1/` ([`api`]).
+//! `/api/v1/` (`api`).
 //!
 //! Contract:
 //! - it starts before the broker, so that `/health` answers while a large
