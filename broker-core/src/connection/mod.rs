@@ -19,6 +19,7 @@
 //! is told why with a DISCONNECT reason code.
 
 mod aliases;
+mod duo;
 mod handshake;
 mod reader;
 mod writer;
@@ -466,8 +467,9 @@ where
     // an acknowledgement the reader queues is written by the task that is
     // already running, instead of waking another one (on this 2-core VM a
     // wake-up across tasks cost a context switch and tens of microseconds
-    // per message; BENCHMARKS.md, "Latency at 2,000 msg/s"). Every wake-up
-    // of the task polls both; each is cheap when it has nothing to do.
+    // per message; BENCHMARKS.md, "Latency at 2,000 msg/s"), and without
+    // waking this one either (see [`duo`]). Every wake-up of the task polls
+    // both; each is cheap when it has nothing to do.
     let mut writer = Box::pin(writer::run(
         write,
         writer::Outbound {
@@ -492,14 +494,9 @@ where
     );
     let keep_alive = Duration::from_millis(u64::from(keep_alive) * 1500);
     let close = {
+        // A failed write cancels `stop_writer`, which ends the reader.
         let mut reading = Box::pin(reader.run(&mut framed, keep_alive, &kick, stop_writer.clone()));
-        loop {
-            tokio::select! {
-                close = &mut reading => break close,
-                // A failed write cancels `stop_writer`, which ends the reader.
-                () = &mut writer, if !writer_done => writer_done = true,
-            }
-        }
+        duo::run(reading.as_mut(), writer.as_mut(), &mut writer_done).await
     };
 
     // Say why (MQTT 5), then close the socket; a client that does not read
