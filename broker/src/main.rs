@@ -18,7 +18,7 @@ use anyhow::Context;
 use clap::Parser;
 use tracing::error;
 
-use broker::settings::{Cli, Command, FileConfig, LogFormat, LogSettings, Settings};
+use broker::settings::{self, Cli, Command, FileConfig, LogFormat, LogSettings, Settings};
 use broker::storage_url;
 
 fn main() -> ExitCode {
@@ -29,8 +29,16 @@ fn main() -> ExitCode {
         cli.command,
         Some(Command::Sessions { .. } | Command::Retained { .. } | Command::Migrate { .. })
     );
-    init_logs(&log_settings(&cli), if quiet { "warn" } else { "info" });
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let file = config_file(&cli);
+    init_logs(
+        &file.as_ref().map(|f| f.log.clone()).unwrap_or_default(),
+        if quiet { "warn" } else { "info" },
+    );
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = settings::worker_threads(&cli, file.as_ref()) {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder
         .enable_all()
         .on_thread_park(broker::memory::on_worker_park)
         .build()
@@ -51,16 +59,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// The `[log]` table of the config file, read before anything else so that
-/// every line is in the chosen format. A file that cannot be read or parsed
-/// gives the defaults here; `Settings::load` reports why afterwards.
-fn log_settings(cli: &Cli) -> LogSettings {
+/// The config file, read before anything else so that every log line is
+/// in the chosen format and the runtime has the chosen threads. A file
+/// that cannot be read or parsed gives `None` here; `Settings::load`
+/// reports why afterwards.
+fn config_file(cli: &Cli) -> Option<FileConfig> {
     cli.config
         .as_ref()
         .and_then(|path| std::fs::read_to_string(path).ok())
         .and_then(|text| FileConfig::parse(&text).ok())
-        .map(|file| file.log)
-        .unwrap_or_default()
 }
 
 /// Logs to stderr, levels from `RUST_LOG` (default `default_level`).

@@ -66,6 +66,10 @@ pub struct Cli {
     /// admin API (`[http] bind`); none by default.
     #[arg(long, value_name = "ADDR")]
     pub http_listen: Option<String>,
+    /// Threads that serve connections (`worker_threads`; default: one per
+    /// CPU core).
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
 }
 
 /// The subcommands; without one the broker serves.
@@ -268,6 +272,8 @@ impl WebhookSettings {
 pub struct FileConfig {
     /// Listen addresses.
     pub listen: Option<Vec<String>>,
+    /// Threads that serve connections (default: one per CPU core).
+    pub worker_threads: Option<usize>,
     /// Storage URL.
     pub storage: Option<String>,
     /// Core settings (`[broker]` table).
@@ -615,6 +621,21 @@ pub struct Settings {
     pub bridges: Vec<broker_bridge::BridgeConfig>,
     /// `[cluster]`, checked against the storage URL and the listeners.
     pub cluster: Option<ClusterSettings>,
+    /// Threads that serve connections, when set (`None`: one per core).
+    pub worker_threads: Option<usize>,
+}
+
+/// Most threads `worker_threads` may ask for.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
+/// The runtime's thread count as the flags and the file ask for it, read
+/// before anything else (the runtime is built before [`Settings::load`]).
+/// `None` for the default, and for a value out of range, which
+/// [`Settings::load`] then reports.
+pub fn worker_threads(cli: &Cli, file: Option<&FileConfig>) -> Option<usize> {
+    cli.worker_threads
+        .or(file.and_then(|f| f.worker_threads))
+        .filter(|n| (1..=MAX_WORKER_THREADS).contains(n))
 }
 
 impl Settings {
@@ -658,6 +679,15 @@ impl Settings {
         }
         if let Err(e) = broker.validate() {
             bail!("{e}");
+        }
+        let worker_threads = cli.worker_threads.or(file.worker_threads);
+        if let Some(n) = worker_threads {
+            if !(1..=MAX_WORKER_THREADS).contains(&n) {
+                bail!(
+                    "worker_threads = {n}: must be 1 to {MAX_WORKER_THREADS} \
+                     (leave it out for one per CPU core)"
+                );
+            }
         }
         file.auth.validate(&broker)?;
         let mut http = file.http;
@@ -709,6 +739,7 @@ impl Settings {
             http,
             bridges,
             cluster: file.cluster,
+            worker_threads,
         })
     }
 }
@@ -794,6 +825,26 @@ mod tests {
     fn resolve(text: &str, args: &[&str]) -> anyhow::Result<Settings> {
         let cli = Cli::parse_from(std::iter::once("broker").chain(args.iter().copied()));
         Settings::resolve(cli, FileConfig::parse(text)?)
+    }
+
+    #[test]
+    fn worker_threads_from_the_file_or_the_flag_within_bounds() {
+        let s = resolve("worker_threads = 3\n", &[]).unwrap();
+        assert_eq!(s.worker_threads, Some(3));
+        let s = resolve("worker_threads = 3\n", &["--worker-threads", "1"]).unwrap();
+        assert_eq!(s.worker_threads, Some(1));
+        assert_eq!(resolve("", &[]).unwrap().worker_threads, None);
+        for bad in ["worker_threads = 0\n", "worker_threads = 1025\n"] {
+            let err = format!("{:#}", resolve(bad, &[]).unwrap_err());
+            assert!(err.contains("worker_threads"), "{err}");
+        }
+        // What the runtime is built with, before the settings are checked:
+        // a value out of range gives the default, and the check says why.
+        let file = FileConfig::parse("worker_threads = 0\n").unwrap();
+        let cli = Cli::parse_from(["broker"]);
+        assert_eq!(worker_threads(&cli, Some(&file)), None);
+        let cli = Cli::parse_from(["broker", "--worker-threads", "2"]);
+        assert_eq!(worker_threads(&cli, Some(&file)), Some(2));
     }
 
     #[test]

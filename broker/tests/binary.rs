@@ -50,8 +50,21 @@ fn run_failing(args: &[&str]) -> String {
 
 #[tokio::test]
 async fn serves_clients_and_stops_gracefully_on_sigterm() {
-    let (mut child, addr, lines, _dir) =
-        spawn(&["--listen", "127.0.0.1:0", "--storage", "memory://"]);
+    let (mut child, addr, lines, _dir) = spawn(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--storage",
+        "memory://",
+        "--worker-threads",
+        "1",
+    ]);
+    // The runtime has the one worker asked for.
+    let workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .expect("the broker's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("tokio-rt-worker"))
+        .count();
+    assert_eq!(workers, 1);
     let port: u16 = addr
         .rsplit(':')
         .next()
@@ -221,6 +234,7 @@ fn check_refuses_bad_configs_saying_why() {
         ("storage = \"ftp://x\"\n", "unknown storage URL scheme"),
         ("[http]\nbind = \"0.0.0.0:8080\"\n", "set `token` in [http]"),
         ("[http]\nbind = \"127.0.0.1\"\n", "[http] bind"),
+        ("worker_threads = 0\n", "worker_threads"),
     ] {
         let path = write("bad.toml", text);
         let (ok, out, err) = check(dir.path(), &["--config", &path]);
