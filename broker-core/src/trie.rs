@@ -42,10 +42,21 @@ impl<K, V> std::fmt::Debug for SubscriptionTree<K, V> {
     }
 }
 
+/// One level. 32 bytes: a device's own topic is a leaf holding one
+/// subscriber, and every leaf sits in its parent's hash table, so what a
+/// leaf does not need (children, `#` subscribers) is in a box it does not
+/// have. (Children and `multi` inline made a node 96 bytes, and a bucket of
+/// the parent's table 112: about 150 bytes per device with 100,000 of them.)
 struct Node<K, V> {
-    children: HashMap<Box<str>, Node<K, V>>,
     /// Filters ending exactly at this level (most hold one key: a small map).
     here: SmallMap<K, V>,
+    /// `None` while the node has no child and no `#` subscriber.
+    branch: Option<Box<Branch<K, V>>>,
+}
+
+/// What an inner node holds beside its own filters.
+struct Branch<K, V> {
+    children: HashMap<Box<str>, Node<K, V>>,
     /// Filters ending with `#` after this level.
     multi: SmallMap<K, V>,
 }
@@ -53,9 +64,8 @@ struct Node<K, V> {
 impl<K, V> Default for Node<K, V> {
     fn default() -> Self {
         Node {
-            children: HashMap::new(),
             here: SmallMap::default(),
-            multi: SmallMap::default(),
+            branch: None,
         }
     }
 }
@@ -65,22 +75,86 @@ impl<K, V> Drop for Node<K, V> {
     /// once per level. Each node popped here has no children left when it is
     /// dropped, so this `drop` never re-enters itself deeper than one level.
     fn drop(&mut self) {
-        let mut stack: Vec<Node<K, V>> = self.children.drain().map(|(_, n)| n).collect();
+        let Some(branch) = self.branch.as_mut() else {
+            return;
+        };
+        let mut stack: Vec<Node<K, V>> = branch.children.drain().map(|(_, n)| n).collect();
         while let Some(mut node) = stack.pop() {
-            stack.extend(node.children.drain().map(|(_, n)| n));
+            if let Some(b) = node.branch.as_mut() {
+                stack.extend(b.children.drain().map(|(_, n)| n));
+            }
         }
     }
 }
 
 impl<K: Hash + Eq, V> Node<K, V> {
+    fn child(&self, level: &str) -> Option<&Node<K, V>> {
+        self.branch.as_ref()?.children.get(level)
+    }
+
+    fn child_mut(&mut self, level: &str) -> Option<&mut Node<K, V>> {
+        self.branch.as_mut()?.children.get_mut(level)
+    }
+
+    fn child_or_new(&mut self, level: &str) -> &mut Node<K, V> {
+        self.branch_or_new()
+            .children
+            .entry(level.into())
+            .or_default()
+    }
+
+    fn branch_or_new(&mut self) -> &mut Branch<K, V> {
+        self.branch.get_or_insert_with(|| {
+            Box::new(Branch {
+                children: HashMap::new(),
+                multi: SmallMap::default(),
+            })
+        })
+    }
+
+    fn children_len(&self) -> usize {
+        self.branch.as_ref().map_or(0, |b| b.children.len())
+    }
+
+    fn multi(&self) -> Option<&SmallMap<K, V>> {
+        self.branch.as_ref().map(|b| &b.multi)
+    }
+
+    /// Remove `key` from `multi`; the branch goes once it holds nothing.
+    fn remove_multi(&mut self, key: &K) -> Option<V> {
+        let removed = self.branch.as_mut()?.multi.remove(key);
+        self.drop_empty_branch();
+        removed
+    }
+
+    /// Remove the child `level`; the branch goes once it holds nothing.
+    fn remove_child(&mut self, level: &str) {
+        if let Some(b) = self.branch.as_mut() {
+            b.children.remove(level);
+        }
+        self.drop_empty_branch();
+    }
+
+    fn drop_empty_branch(&mut self) {
+        if self
+            .branch
+            .as_ref()
+            .is_some_and(|b| b.children.is_empty() && b.multi.is_empty())
+        {
+            self.branch = None;
+        }
+    }
+
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.here.is_empty() && self.multi.is_empty()
+        self.here.is_empty() && self.branch.is_none()
     }
 
     /// Whether the node must stay when its child `via` goes: it holds a
     /// filter or another child.
     fn holds_more_than(&self, via: usize) -> bool {
-        !self.here.is_empty() || !self.multi.is_empty() || self.children.len() > via
+        !self.here.is_empty()
+            || self.multi().is_some_and(|m| !m.is_empty())
+            || self.children_len() > via
     }
 }
 
@@ -127,10 +201,10 @@ impl<K: Hash + Eq + Clone, V> SubscriptionTree<K, V> {
         let (levels, multi) = split_filter(filter);
         let mut node = &mut self.root;
         for level in levels {
-            node = node.children.entry(level.into()).or_default();
+            node = node.child_or_new(level);
         }
         let old = if multi {
-            node.multi.insert(key, value)
+            node.branch_or_new().multi.insert(key, value)
         } else {
             node.here.insert(key, value)
         };
@@ -153,10 +227,10 @@ impl<K: Hash + Eq + Clone, V> SubscriptionTree<K, V> {
             if depth == 0 || node.holds_more_than(1) {
                 cut = depth;
             }
-            node = node.children.get_mut(*level)?;
+            node = node.child_mut(level)?;
         }
         let removed = if multi {
-            node.multi.remove(key)
+            node.remove_multi(key)
         } else {
             node.here.remove(key)
         }?;
@@ -164,12 +238,12 @@ impl<K: Hash + Eq + Clone, V> SubscriptionTree<K, V> {
         if node.is_empty() && !levels.is_empty() {
             let mut parent = &mut self.root;
             for level in &levels[..cut] {
-                match parent.children.get_mut(*level) {
+                match parent.child_mut(level) {
                     Some(child) => parent = child,
                     None => return Some(removed),
                 }
             }
-            parent.children.remove(levels[cut]);
+            parent.remove_child(levels[cut]);
         }
         Some(removed)
     }
@@ -179,13 +253,19 @@ impl<K: Hash + Eq + Clone, V> SubscriptionTree<K, V> {
         let (levels, multi) = split_filter(filter);
         let mut node = &self.root;
         for level in levels {
-            match node.children.get(level) {
+            match node.child(level) {
                 Some(child) => node = child,
                 None => return,
             }
         }
-        let held = if multi { &node.multi } else { &node.here };
-        held.iter().for_each(|(k, v)| f(k, v));
+        let held = if multi {
+            node.multi()
+        } else {
+            Some(&node.here)
+        };
+        if let Some(held) = held {
+            held.iter().for_each(|(k, v)| f(k, v));
+        }
     }
 
     /// Call `f` for every (key, value) whose filter matches the topic name.
@@ -199,18 +279,20 @@ impl<K: Hash + Eq + Clone, V> SubscriptionTree<K, V> {
         let mut stack = vec![(&self.root, 0usize, !dollar)];
         while let Some((node, depth, wildcards)) = stack.pop() {
             if wildcards {
-                node.multi.iter().for_each(|(k, v)| f(k, v));
+                if let Some(multi) = node.multi() {
+                    multi.iter().for_each(|(k, v)| f(k, v));
+                }
             }
             let Some(level) = levels.get(depth) else {
                 node.here.iter().for_each(|(k, v)| f(k, v));
                 continue;
             };
             if wildcards {
-                if let Some(child) = node.children.get("+") {
+                if let Some(child) = node.child("+") {
                     stack.push((child, depth + 1, true));
                 }
             }
-            if let Some(child) = node.children.get(*level) {
+            if let Some(child) = node.child(level) {
                 stack.push((child, depth + 1, true));
             }
         }
@@ -285,13 +367,37 @@ mod tests {
         t.insert("a/b", 2, ());
         t.insert("a/x/#", 3, ());
         assert!(t.remove("a/b/c/d", &1).is_some());
-        let b = &t.root.children["a"].children["b"];
-        assert!(b.children.is_empty(), "the empty chain under a/b is gone");
+        let b = t.root.child("a").and_then(|a| a.child("b")).unwrap();
+        assert!(
+            b.branch.is_none(),
+            "the empty chain under a/b is gone, and its branch with it"
+        );
         assert_eq!(hits(&t, "a/b"), vec![2]);
         assert!(t.remove("a/x/#", &3).is_some());
-        assert_eq!(t.root.children["a"].children.len(), 1);
+        assert_eq!(t.root.child("a").unwrap().children_len(), 1);
         assert!(t.remove("a/b", &2).is_some());
         assert!(t.root.is_empty());
+    }
+
+    #[test]
+    fn a_leaf_is_small_and_a_hash_wildcard_gets_a_branch() {
+        assert_eq!(std::mem::size_of::<Node<String, u64>>(), 32);
+        let mut t = SubscriptionTree::new();
+        t.insert("d/1", 1u32, ());
+        t.insert("d/#", 2, ());
+        let d = t.root.child("d").unwrap();
+        assert!(
+            d.child("1").unwrap().branch.is_none(),
+            "a leaf has no branch"
+        );
+        assert_eq!(hits(&t, "d/1"), vec![1, 2]);
+        assert!(t.remove("d/#", &2).is_some());
+        assert_eq!(t.root.child("d").unwrap().children_len(), 1);
+        assert!(t.remove("d/1", &1).is_some());
+        assert!(
+            t.root.is_empty(),
+            "every branch pruned with its last filter"
+        );
     }
 
     #[test]
@@ -302,7 +408,7 @@ mod tests {
         }
         assert_eq!(t.insert("a/b", 3, 300), Some(3), "a key replaces its value");
         assert!(matches!(
-            t.root.children["a"].children["b"].here,
+            t.root.child("a").and_then(|a| a.child("b")).unwrap().here,
             SmallMap::Many(_)
         ));
         for k in (0..20u32).step_by(2) {
