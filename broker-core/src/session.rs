@@ -227,23 +227,17 @@ pub(crate) struct SessionState {
     subscriptions: SmallMap<String, SubscriptionOptions>,
     /// Incoming QoS 2 packet ids awaiting PUBREL.
     incoming_qos2: HashSet<u16>,
-    /// The connection attached, if online.
-    connection: Option<Attachment>,
+    /// The connection, the kick flag and the retained gates: what only an
+    /// online session has, boxed so that an offline one does not carry it.
+    online: Option<Box<Online>>,
     /// A will waiting for its delay (MQTT 5), with its id in the store;
     /// cancelled if the client comes back first.
     pending_will: Option<(CancellationToken, MessageId)>,
-    /// The connection an operator kicked (so it closes with "administrative
-    /// action", not "taken over"), until it detaches.
-    kicked: Option<u64>,
     /// Messages refused or evicted by the queue limit since the session began.
     dropped: u64,
     /// The limit behind the latest of those.
     last_drop: Option<DropReason>,
     next_seq: Seq,
-    /// Gates of subscriptions whose retained messages are being read (see
-    /// [`SessionState::open_gate`]), each with the end of its reserved
-    /// range: no entry at or after the first gate is sent.
-    gates: BTreeMap<Seq, Seq>,
     /// Ordered by `seq`, sent strictly from the front. Changed only through
     /// `push`, `remove_at` and `clear`, which keep `queued_bytes` equal to
     /// the sum of the entries' [`cost`].
@@ -253,6 +247,24 @@ pub(crate) struct SessionState {
     packet_ids: HashMap<u16, Seq>,
     /// Stored entries not read yet (a session restored at start).
     unread: Option<Unread>,
+}
+
+/// The part of a session's state that is set only while a connection is
+/// attached (or being taken over). The box is allocated when one field is
+/// set and freed when all are empty again (see [`SessionState::tidy_online`]):
+/// 72 bytes fewer for each offline session (the session's allocation goes
+/// from the allocator's 448-byte class to the 384-byte one).
+#[derive(Debug, Default)]
+struct Online {
+    /// The connection attached, if any.
+    connection: Option<Attachment>,
+    /// The connection an operator kicked (so it closes with "administrative
+    /// action", not "taken over"), until it detaches.
+    kicked: Option<u64>,
+    /// Gates of subscriptions whose retained messages are being read (see
+    /// [`SessionState::open_gate`]), each with the end of its reserved
+    /// range: no entry at or after the first gate is sent.
+    gates: BTreeMap<Seq, Seq>,
 }
 
 /// A client's session. Shared by the router (which queues into it) and the
@@ -277,13 +289,11 @@ impl Session {
                 disconnected_at_ms: None,
                 subscriptions: SmallMap::default(),
                 incoming_qos2: HashSet::new(),
-                connection: None,
+                online: None,
                 pending_will: None,
-                kicked: None,
                 dropped: 0,
                 last_drop: None,
                 next_seq: 1,
-                gates: BTreeMap::new(),
                 queue: VecDeque::new(),
                 queued_bytes: 0,
                 in_flight: 0,
@@ -357,28 +367,49 @@ impl SessionState {
     /// Close the attached connection on an operator's request; false when
     /// none is attached.
     pub fn kick(&mut self) -> bool {
-        let Some(c) = &self.connection else {
+        let Some(online) = self.online.as_mut() else {
             return false;
         };
-        self.kicked = Some(c.connection_id);
+        let Some(c) = &online.connection else {
+            return false;
+        };
+        online.kicked = Some(c.connection_id);
         c.kick.cancel();
         true
     }
 
     /// Whether connection `connection_id` was closed by [`SessionState::kick`].
     pub fn was_kicked(&self, connection_id: u64) -> bool {
-        self.kicked == Some(connection_id)
+        self.online
+            .as_ref()
+            .is_some_and(|o| o.kicked == Some(connection_id))
     }
 
     /// The attached connection, if any.
     pub fn connection(&self) -> Option<&Attachment> {
-        self.connection.as_ref()
+        self.online.as_ref()?.connection.as_ref()
+    }
+
+    /// The online part, allocated if need be.
+    fn online_mut(&mut self) -> &mut Online {
+        self.online.get_or_insert_with(Box::default)
+    }
+
+    /// Free the online part once it holds nothing.
+    fn tidy_online(&mut self) {
+        if self
+            .online
+            .as_ref()
+            .is_some_and(|o| o.connection.is_none() && o.kicked.is_none() && o.gates.is_empty())
+        {
+            self.online = None;
+        }
     }
 
     /// Attach a connection: the session is online, and what was in flight
     /// is owed again on it.
     pub fn attach(&mut self, attachment: Attachment) {
-        self.connection = Some(attachment);
+        self.online_mut().connection = Some(attachment);
         self.disconnected_at_ms = None;
         self.reset_in_flight();
     }
@@ -387,18 +418,16 @@ impl SessionState {
     /// when another connection is attached.
     pub fn detach(&mut self, connection_id: u64, now_ms: u64) -> bool {
         if self
-            .connection
-            .as_ref()
+            .connection()
             .is_none_or(|c| c.connection_id != connection_id)
         {
             return false;
         }
-        self.connection = None;
-        self.kicked = None;
+        // The connection, its kick flag and its gates go: retained messages
+        // still being read for the ended connection are not queued (see
+        // `enqueue_reserved`), nothing waits for them.
+        self.online = None;
         self.reset_in_flight();
-        // Retained messages still being read for the ended connection are
-        // not queued (see `enqueue_reserved`): nothing waits for them.
-        self.gates.clear();
         self.disconnected_at_ms = Some(now_ms);
         true
     }
@@ -406,10 +435,8 @@ impl SessionState {
     /// Detach whatever connection is attached, without waiting for it (it
     /// did not close in time after a takeover).
     pub fn force_detach(&mut self) {
-        self.connection = None;
-        self.kicked = None;
+        self.online = None;
         self.reset_in_flight();
-        self.gates.clear();
     }
 
     /// The session's subscriptions, by filter.
@@ -482,13 +509,17 @@ impl SessionState {
     pub fn open_gate(&mut self, slots: usize) -> Seq {
         let gate = self.next_seq;
         self.next_seq += slots as u64;
-        self.gates.insert(gate, self.next_seq);
+        let end = self.next_seq;
+        self.online_mut().gates.insert(gate, end);
         gate
     }
 
     /// The retained messages behind `gate` are queued: let the queue go on.
     pub fn close_gate(&mut self, gate: Seq) {
-        self.gates.remove(&gate);
+        if let Some(o) = self.online.as_mut() {
+            o.gates.remove(&gate);
+        }
+        self.tidy_online();
     }
 
     fn remove_at(&mut self, i: usize) -> Option<Entry> {
@@ -505,7 +536,7 @@ impl SessionState {
     /// Whether the session, offline, has outlived its expiry interval at `now_ms`.
     pub fn has_expired(&self, now_ms: u64) -> bool {
         match (
-            self.connection.is_none(),
+            self.connection().is_none(),
             self.expiry_secs,
             self.disconnected_at_ms,
         ) {
@@ -516,7 +547,7 @@ impl SessionState {
 
     /// Whether a connection is attached.
     pub fn is_online(&self) -> bool {
-        self.connection.is_some()
+        self.connection().is_some()
     }
 
     /// Restore an entry read from the packet store at the end of the queue.
@@ -566,7 +597,7 @@ impl SessionState {
     pub(crate) fn page_wanted(&mut self, ahead: usize, limit: usize) -> Option<PageRequest> {
         let u = self.unread.as_ref()?;
         let read = self.queue.partition_point(|e| e.seq <= u.cursor);
-        if self.connection.is_none() || read >= ahead {
+        if self.connection().is_none() || read >= ahead {
             return None;
         }
         self.page_wanted_offline(limit)
@@ -682,8 +713,9 @@ impl SessionState {
         ops: &mut Vec<PacketOp>,
     ) -> Enqueued {
         if !self
-            .gates
-            .get(&gate)
+            .online
+            .as_ref()
+            .and_then(|o| o.gates.get(&gate))
             .is_some_and(|&end| (gate..end).contains(&seq))
         {
             return Enqueued::Skipped;
@@ -824,7 +856,11 @@ impl SessionState {
     ) -> bool {
         let now = now_ms();
         let mut taken = 0usize;
-        let gate = self.gates.first_key_value().map(|(g, _)| *g);
+        let gate = self
+            .online
+            .as_ref()
+            .and_then(|o| o.gates.first_key_value())
+            .map(|(g, _)| *g);
         // Nothing past what was read of the store's part (see `Unread`).
         let unread_from = self.unread.as_ref().map(|u| u.cursor + 1);
         let mut i = 0;
@@ -1069,7 +1105,10 @@ impl SessionState {
     /// Drop every entry and subscription (the session is being discarded).
     pub fn clear(&mut self) {
         self.subscriptions.clear();
-        self.gates.clear();
+        if let Some(o) = self.online.as_mut() {
+            o.gates.clear();
+        }
+        self.tidy_online();
         self.queue.clear();
         self.queued_bytes = 0;
         self.packet_ids.clear();
@@ -1204,8 +1243,25 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_offline_session_carries_no_online_part() {
+        // The allocator's class for the session's `Arc`: 384 bytes, not 448.
+        assert!(std::mem::size_of::<Session>() + 16 <= 384);
+        let s = Session::new("c".into(), true, None);
+        online(&s);
+        let gate = s.lock().open_gate(2);
+        assert!(s.lock().kick());
+        assert!(s.lock().was_kicked(1));
+        assert!(s.lock().detach(1, 5));
+        assert!(s.lock().online.is_none(), "detach frees the online part");
+        assert!(!s.lock().was_kicked(1));
+        // A gate closed after the detach finds nothing and allocates nothing.
+        s.lock().close_gate(gate);
+        assert!(s.lock().online.is_none());
+    }
+
     fn online(s: &Session) {
-        s.lock().connection = Some(Attachment {
+        s.lock().online_mut().connection = Some(Attachment {
             connection_id: 1,
             kick: CancellationToken::new(),
             detached: CancellationToken::new(),

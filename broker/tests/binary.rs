@@ -58,13 +58,21 @@ async fn serves_clients_and_stops_gracefully_on_sigterm() {
         "--worker-threads",
         "1",
     ]);
-    // The runtime has the one worker asked for.
-    let workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))
-        .expect("the broker's threads")
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|name| name.starts_with("tokio-rt-worker"))
-        .count();
-    assert_eq!(workers, 1);
+    // The runtime has the one worker asked for. A new thread names itself
+    // once it first runs, which on a loaded machine can be after the
+    // broker's first log lines: look again for a while.
+    let workers = || {
+        std::fs::read_dir(format!("/proc/{}/task", child.id()))
+            .expect("the broker's threads")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with("tokio-rt-worker"))
+            .count()
+    };
+    let named = std::time::Instant::now() + Duration::from_secs(10);
+    while workers() < 1 && std::time::Instant::now() < named {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(workers(), 1);
     let port: u16 = addr
         .rsplit(':')
         .next()
