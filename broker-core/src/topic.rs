@@ -167,7 +167,7 @@ pub fn matches(filter: &str, name: &str) -> bool {
     matches_by(filter, name, |f, n| f == n)
 }
 
-/// [`matches`], with the comparison of a literal filter level and a name
+/// [`matches()`], with the comparison of a literal filter level and a name
 /// level given: what an ACL rule needs to substitute `%c` and `%u`.
 ///
 /// ```

@@ -194,7 +194,9 @@ impl Selection {
     }
 }
 
-/// A running webhook; see the [module documentation](self).
+/// A running webhook: one task POSTing the broker's events in batches, in
+/// order, never slowing the broker (events past its queue are dropped and
+/// counted).
 pub struct Webhook {
     task: JoinHandle<()>,
     counters: Arc<Counters>,

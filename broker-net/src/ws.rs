@@ -74,7 +74,7 @@ where
 /// The client's side, for bridges and load tools: upgrade `stream` (a TCP
 /// or TLS connection to a broker) to a WebSocket at `url` (`ws://HOST/PATH`
 /// or `wss://...`), offering the `mqtt` subprotocol. The result reads and
-/// writes MQTT bytes as [`accept`]'s does.
+/// writes MQTT bytes as the broker's side of a WebSocket listener does.
 pub async fn connect<S>(stream: S, url: &str) -> io::Result<WsStream<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
