@@ -26,6 +26,7 @@ mod writer;
 
 use std::fmt;
 use std::num::NonZeroU16;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -200,17 +201,28 @@ fn connect_label(code: v5::ConnectAckReason) -> ConnectLabel {
 /// the connection, so inline steps (the handshake, attach, detach) would
 /// cost every idle connection their size for its whole life. A box per
 /// step is an allocation per connection, not per packet.
-pub(crate) async fn handle<S>(core: Arc<Core>, stream: S, transport: Peer)
+///
+/// A plain function around an `async` block: an `async fn` would keep its
+/// arguments (the stream and the peer, 112 bytes) in its state for the
+/// connection's life after moving them into the handshake.
+pub(crate) fn handle<S>(
+    core: Arc<Core>,
+    stream: S,
+    transport: Peer,
+) -> impl std::future::Future<Output = ()> + Send + 'static
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     // The handshake's state (CONNECT, authentication, attach, CONNACK) is
     // freed once it is done; only `serve`'s stays for the connection's life.
-    // Bound by `let`, so that the boxed handshake future is dropped here
-    // rather than at the end of an `if let` around `serve`.
-    let opened = Box::pin(open(&core, stream, transport)).await;
-    if let Some(opened) = opened {
-        serve(core, opened).await;
+    let opening = Box::pin(open(core.clone(), stream, transport));
+    async move {
+        // Bound by `let`, so that the boxed handshake future is dropped
+        // here rather than at the end of an `if let` around `serve`.
+        let opened = opening.await;
+        if let Some(opened) = opened {
+            serve(core, opened).await;
+        }
     }
 }
 
@@ -232,11 +244,10 @@ struct Opened<S> {
 
 /// From the first byte to a sent CONNACK; `None` when the connection was
 /// refused or failed (logged, counted, and closed here).
-async fn open<S>(core: &Arc<Core>, stream: S, transport: Peer) -> Option<Box<Opened<S>>>
+async fn open<S>(core: Arc<Core>, stream: S, transport: Peer) -> Option<Box<Opened<S>>>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let core = core.clone();
     let peer = transport.addr;
     let (read, mut write) = tokio::io::split(stream);
     // Buffers start small and grow with the traffic: most connections of a
@@ -435,15 +446,30 @@ where
     }))
 }
 
-/// The connection's life after CONNACK: the reader and the writer until
-/// one of them ends it, then the goodbye, the detach and the linger.
-async fn serve<S>(core: Arc<Core>, opened: Box<Opened<S>>)
+/// What [`serve`] runs: the reader, the writer and what the goodbye needs.
+struct Running<S> {
+    peer: std::net::SocketAddr,
+    framed: FramedRead<tokio::io::ReadHalf<S>, MqttCodec>,
+    writer: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    reader: reader::Reader,
+    kick: CancellationToken,
+    stop_writer: CancellationToken,
+    client_id: crate::storage::ClientId,
+    protocol: Protocol,
+    keep_alive: Duration,
+}
+
+/// Build the reader and the writer from the handshake's result. Not part of
+/// `serve`'s `async` body: a local of that body whose address was taken (the
+/// link, borrowed here before it moves into the reader) keeps its slot in
+/// the connection's state for the connection's life, 320 bytes.
+fn start<S>(opened: Box<Opened<S>>) -> Running<S>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let Opened {
         peer,
-        mut framed,
+        framed,
         write,
         link,
         encoder,
@@ -454,12 +480,7 @@ where
         topic_alias_max,
         auth_method,
         bridge,
-    } = {
-        // Moved out in a block of its own: the box is freed at the end of
-        // the block, not kept (empty) for the connection's life.
-        let opened = opened;
-        *opened
-    };
+    } = *opened;
     let client_id = link.client_id().clone();
     let (control_tx, control_rx) = mpsc::channel(CONTROL_CAPACITY);
     let stop_writer = CancellationToken::new();
@@ -470,7 +491,7 @@ where
     // per message; BENCHMARKS.md, "Latency at 2,000 msg/s"), and without
     // waking this one either (see [`duo`]). Every wake-up of the task polls
     // both; each is cheap when it has nothing to do.
-    let mut writer = Box::pin(writer::run(
+    let writer = Box::pin(writer::run(
         write,
         writer::Outbound {
             encoder,
@@ -481,10 +502,8 @@ where
         control_rx,
         stop_writer.clone(),
     ));
-    let mut writer_done = false;
-
     let kick = link.kicked().clone();
-    let mut reader = reader::Reader::new(
+    let reader = reader::Reader::new(
         link,
         control_tx,
         protocol,
@@ -492,7 +511,37 @@ where
         auth_method,
         bridge,
     );
-    let keep_alive = Duration::from_millis(u64::from(keep_alive) * 1500);
+    Running {
+        peer,
+        framed,
+        writer,
+        reader,
+        kick,
+        stop_writer,
+        client_id,
+        protocol,
+        keep_alive: Duration::from_millis(u64::from(keep_alive) * 1500),
+    }
+}
+
+/// The connection's life after CONNACK: the reader and the writer until
+/// one of them ends it, then the goodbye, the detach and the linger.
+async fn serve<S>(core: Arc<Core>, opened: Box<Opened<S>>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let Running {
+        peer,
+        mut framed,
+        mut writer,
+        mut reader,
+        kick,
+        stop_writer,
+        client_id,
+        protocol,
+        keep_alive,
+    } = start(opened);
+    let mut writer_done = false;
     let close = {
         // A failed write cancels `stop_writer`, which ends the reader.
         let mut reading = Box::pin(reader.run(&mut framed, keep_alive, &kick, stop_writer.clone()));
@@ -519,7 +568,9 @@ where
             (&mut writer).await;
         }
     };
-    tokio::join!(saying, finishing);
+    // Boxed: inline, the two futures would be 432 bytes of every
+    // connection's state for its whole life.
+    Box::pin(async { tokio::join!(saying, finishing) }).await;
     drop(writer);
     let link = reader.into_link();
     Box::pin(link.detach(close.publishes_will(), &close.to_string())).await;
