@@ -92,20 +92,35 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use tokio::sync::mpsc;
 
-    /// A waker that counts its wakes.
-    #[derive(Default)]
-    struct Count(AtomicUsize);
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::Relaxed);
+    /// A waker that counts its wakes, and its count.
+    fn counting_waker() -> (Waker, Arc<AtomicUsize>) {
+        struct Count(Arc<AtomicUsize>);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
         }
+        let count = Arc::new(AtomicUsize::new(0));
+        (Waker::from(Arc::new(Count(count.clone()))), count)
+    }
+
+    /// A writer that counts what it receives until the channel closes, and its count.
+    fn counting_writer(
+        mut rx: mpsc::Receiver<u32>,
+    ) -> (impl Future<Output = ()> + Send, Arc<AtomicUsize>) {
+        let count = Arc::new(AtomicUsize::new(0));
+        let counted = count.clone();
+        let writer = async move {
+            while rx.recv().await.is_some() {
+                counted.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        (writer, count)
     }
 
     #[tokio::test]
     async fn a_hand_off_to_the_writer_does_not_wake_the_task() {
-        let (tx, mut rx) = mpsc::channel::<u32>(8);
-        let seen = Arc::new(AtomicUsize::new(0));
-        let seen_by_writer = seen.clone();
+        let (tx, rx) = mpsc::channel::<u32>(8);
         // The reader hands over three items, one per poll, then ends.
         let mut sent = 0;
         let mut reader = std::pin::pin!(poll_fn(move |cx| {
@@ -117,49 +132,39 @@ mod tests {
             cx.waker().wake_by_ref(); // the reader's own reason to run again
             Poll::Pending
         }));
-        let mut writer = std::pin::pin!(async move {
-            while rx.recv().await.is_some() {
-                seen_by_writer.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+        let (writer, seen) = counting_writer(rx);
+        let mut writer = std::pin::pin!(writer);
         let mut done = false;
         let mut pair = std::pin::pin!(run(reader.as_mut(), writer.as_mut(), &mut done));
-        let count = Arc::new(Count::default());
-        let waker = Waker::from(count.clone());
+        let (waker, wakes) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         for n in 1..=3 {
             assert!(pair.as_mut().poll(&mut cx).is_pending());
             // The writer took the item in the same poll ...
             assert_eq!(seen.load(Ordering::Relaxed), n);
             // ... and the only wake is the reader's own.
-            assert_eq!(count.0.load(Ordering::Relaxed), n);
+            assert_eq!(wakes.load(Ordering::Relaxed), n);
         }
         assert_eq!(pair.as_mut().poll(&mut cx), Poll::Ready(3));
     }
 
     #[tokio::test]
     async fn a_wake_from_elsewhere_wakes_the_task() {
-        let (tx, mut rx) = mpsc::channel::<u32>(8);
+        let (tx, rx) = mpsc::channel::<u32>(8);
         let mut reader = std::pin::pin!(futures::future::pending::<()>());
-        let got = Arc::new(AtomicUsize::new(0));
-        let got_by_writer = got.clone();
-        let mut writer = std::pin::pin!(async move {
-            while rx.recv().await.is_some() {
-                got_by_writer.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+        let (writer, got) = counting_writer(rx);
+        let mut writer = std::pin::pin!(writer);
         let mut done = false;
         {
             let mut pair = std::pin::pin!(run(reader.as_mut(), writer.as_mut(), &mut done));
-            let count = Arc::new(Count::default());
-            let waker = Waker::from(count.clone());
+            let (waker, wakes) = counting_waker();
             let mut cx = Context::from_waker(&waker);
             assert!(pair.as_mut().poll(&mut cx).is_pending());
-            assert_eq!(count.0.load(Ordering::Relaxed), 0);
+            assert_eq!(wakes.load(Ordering::Relaxed), 0);
             // Sent from another thread, outside any poll of the pair.
             let sent = std::thread::spawn(move || tx.try_send(7).is_ok()).join();
             assert!(matches!(sent, Ok(true)));
-            assert_eq!(count.0.load(Ordering::Relaxed), 1);
+            assert_eq!(wakes.load(Ordering::Relaxed), 1);
             // The sender is gone too: the writer ends, the reader goes on.
             assert!(pair.as_mut().poll(&mut cx).is_pending());
             assert_eq!(got.load(Ordering::Relaxed), 1);
