@@ -30,6 +30,10 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
         Some(path) => writeln!(out, "config {}: valid", path.display())?,
         None => writeln!(out, "no config file: defaults and flags are valid")?,
     }
+    match settings.worker_threads {
+        Some(n) => writeln!(out, "worker threads: {n}")?,
+        None => writeln!(out, "worker threads: one per CPU core")?,
+    }
     for l in &settings.listeners {
         if l.protocol.is_tls() {
             broker_net::TlsReload::load(l)

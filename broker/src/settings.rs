@@ -633,9 +633,12 @@ pub const MAX_WORKER_THREADS: usize = 1024;
 /// `None` for the default, and for a value out of range, which
 /// [`Settings::load`] then reports.
 pub fn worker_threads(cli: &Cli, file: Option<&FileConfig>) -> Option<usize> {
-    cli.worker_threads
-        .or(file.and_then(|f| f.worker_threads))
-        .filter(|n| (1..=MAX_WORKER_THREADS).contains(n))
+    asked_worker_threads(cli, file).filter(|n| (1..=MAX_WORKER_THREADS).contains(n))
+}
+
+/// `worker_threads` from the flag, else the file (unchecked).
+fn asked_worker_threads(cli: &Cli, file: Option<&FileConfig>) -> Option<usize> {
+    cli.worker_threads.or(file.and_then(|f| f.worker_threads))
 }
 
 impl Settings {
@@ -655,6 +658,7 @@ impl Settings {
 
     /// Merge `file` (already read) and the flags over the defaults, and check the result.
     pub fn resolve(cli: Cli, file: FileConfig) -> anyhow::Result<Settings> {
+        let worker_threads = asked_worker_threads(&cli, Some(&file));
         let mut broker = file.broker;
         if let Some(v) = cli.max_inflight {
             broker.max_inflight = v;
@@ -680,7 +684,6 @@ impl Settings {
         if let Err(e) = broker.validate() {
             bail!("{e}");
         }
-        let worker_threads = cli.worker_threads.or(file.worker_threads);
         if let Some(n) = worker_threads {
             if !(1..=MAX_WORKER_THREADS).contains(&n) {
                 bail!(

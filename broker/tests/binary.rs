@@ -198,6 +198,7 @@ fn check_says_what_it_would_listen_on_and_that_the_storage_opens() {
         "would listen on 127.0.0.1:8080 (ws): path /mqtt, anonymous clients allowed",
         "would serve HTTP on 127.0.0.1:9090 (/metrics, /health, /ready, /api/v1/): no token (loopback only)",
         "ACL file:",
+        "worker threads: one per CPU core",
         "storage sqlite://data/b.db: data/b.db does not exist yet; the broker creates it at start",
         "check passed",
     ] {
@@ -207,6 +208,11 @@ fn check_says_what_it_would_listen_on_and_that_the_storage_opens() {
         !dir.path().join("data").exists(),
         "check created the storage's directory or file"
     );
+    // A thread count that is set is reported as set.
+    let threads = dir.path().join("threads.toml");
+    std::fs::write(&threads, "storage = \"memory://\"\nworker_threads = 3\n").expect("config");
+    let (ok, out, err) = check(dir.path(), &["--config", threads.to_str().expect("path")]);
+    assert!(ok && out.contains("worker threads: 3"), "{out}{err}");
     // Nothing was bound: a broker on the same ports starts, and check on
     // its storage meanwhile says it is in use, without failing.
     let broker = common::BrokerProcess::start(dir.path(), &["--storage", "sqlite://data/b.db"]);
